@@ -2,10 +2,18 @@
 
     import attention_variants as av
     av.names(); fn = av.get("blockwise", block_q=256); av.spec("blockwise").flops(...)
-Importing this package registers every variant module below.
+
+Importing this package imports every public module in it, so a new variant is one file with
+one `@register(...)` decorator: nothing else to edit.
 """
 
-from attention_variants import blockwise, dense, xla  # noqa: F401  (registers the variants)
+import importlib
+import pkgutil
+
 from attention_variants.registry import Spec, get, names, register, spec
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Spec", "get", "names", "register", "spec"]

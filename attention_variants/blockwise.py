@@ -7,7 +7,7 @@ reference is `dense` (materialised scores under the same causal mask).
 
 from __future__ import annotations
 
-from attention_variants.common import check_causal_lengths
+from attention_variants.common import check_inputs
 from attention_variants.dense import causal_mask, reference, softmax_flops_causal
 from attention_variants.masks import causal_or_full
 from attention_variants.registry import register
@@ -28,6 +28,7 @@ def check(*, block_q, block_k):
     check=check,
     linear_in_length=True,
     mask=causal_mask,
+    examples=({"block_q": 16, "block_k": 8}, {"block_q": 8, "block_k": 32}),
 )
 def blockwise(
     q,
@@ -41,7 +42,7 @@ def blockwise(
     block_k=DEFAULTS.block_k,
 ):
     """Tiled softmax attention; tiles that no query can see are never computed."""
-    check_causal_lengths(q, k, causal)
+    check_inputs(q, k, v, segment_ids, causal)
     return tiled_attention(
         q,
         k,

@@ -10,7 +10,7 @@ import numpy as np
 from attention_variants.masks import Mask
 
 
-def check_inputs(q, k, v, segment_ids=None) -> None:
+def check_inputs(q, k, v, segment_ids=None, causal: bool = False) -> None:
     """Raises ValueError naming the dimensions when q, k, v, segment_ids break the contract."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
@@ -27,16 +27,13 @@ def check_inputs(q, k, v, segment_ids=None) -> None:
         raise ValueError(f"head dim H differs: q has H={H}, k/v have H={Hk}")
     if N % K:
         raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K}")
+    if causal and T != S:
+        raise ValueError(f"causal attention needs T == S, got T={T}, S={S}")
     if segment_ids is not None:
         if T != S:
             raise ValueError(f"segment_ids needs self-attention (T == S), got T={T}, S={S}")
         if segment_ids.shape != (B, T):
             raise ValueError(f"segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
-
-
-def check_causal_lengths(q, k, causal: bool) -> None:
-    if causal and q.shape[1] != k.shape[1]:
-        raise ValueError(f"causal attention needs T == S, got T={q.shape[1]}, S={k.shape[1]}")
 
 
 def default_scale(scale: float | None, head_dim: int) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from attention_variants.common import (
     causal_pairs,
-    check_causal_lengths,
+    check_inputs,
     softmax_attention,
     softmax_flops,
 )
@@ -23,7 +23,7 @@ def causal_mask(causal=True, **_):
 
 def reference(q, k, v, *, causal=True, segment_ids=None, scale=None):
     """Softmax attention under an explicit [T, S] causal mask (einsum, float32 statistics)."""
-    check_causal_lengths(q, k, causal)
+    check_inputs(q, k, v, segment_ids, causal)
     mask = causal_or_full(causal).dense(q.shape[1], k.shape[1]) if causal else None
     return softmax_attention(q, k, v, mask=mask, segment_ids=segment_ids, scale=scale)
 

@@ -6,6 +6,8 @@ A mask answers two questions:
   * `tile_visible(q_lo, q_hi, k_lo, k_hi)`: whether any query in [q_lo, q_hi] sees any key in
     [k_lo, k_hi] (inclusive bounds, numpy arrays). Kernels build their static tile schedule
     from it, so tiles that nobody sees are never computed.
+  * `tile_full(q_lo, q_hi, k_lo, k_hi)`: whether every query there sees every key there; such
+    tiles skip the mask. The default answers False (always mask), which is always correct.
 `dense(T, S)` materialises the [T, S] boolean mask: for references and tests only.
 """
 
@@ -26,6 +28,9 @@ class Mask:
     def tile_visible(self, q_lo, q_hi, k_lo, k_hi):
         return np.ones(np.broadcast(q_lo, k_lo).shape, bool)
 
+    def tile_full(self, q_lo, q_hi, k_lo, k_hi):
+        return self.tile_visible(q_lo, q_hi, k_lo, k_hi) if type(self) is Mask else False
+
     def dense(self, T: int, S: int) -> np.ndarray:
         return np.asarray(self.visible(np.arange(T)[:, None], np.arange(S)[None, :]))
 
@@ -39,6 +44,9 @@ class Causal(Mask):
 
     def tile_visible(self, q_lo, q_hi, k_lo, k_hi):
         return k_lo <= q_hi
+
+    def tile_full(self, q_lo, q_hi, k_lo, k_hi):
+        return k_hi <= q_lo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +74,12 @@ class Window(Mask):
         if self.causal:
             return near & (k_lo <= q_hi)
         return near & (k_lo < q_hi + self.window)
+
+    def tile_full(self, q_lo, q_hi, k_lo, k_hi):
+        near = k_lo > q_hi - self.window
+        if self.causal:
+            return near & (k_hi <= q_lo)
+        return near & (k_hi < q_lo + self.window)
 
 
 def causal_or_full(causal: bool) -> Mask:

@@ -32,7 +32,8 @@ class Spec:
     defaults: Mapping[str, Any]  # accepted options and their default values
     check: Callable[..., None] | None  # check(**options) raises ValueError on a bad value
     linear_in_length: bool  # time and memory grow O(T) (joins the long-context sweeps)
-    mask: Callable[..., Any] | None  # mask(T, S, causal=..., **options) -> bool [T, S] (tests)
+    mask: Callable[..., Any] | None  # mask(causal=..., **options) -> masks.Mask it applies
+    examples: tuple[Mapping[str, Any], ...]  # option sets the conformance suite also runs
 
     def options(self, **options: Any) -> dict[str, Any]:
         """Validates `options` and returns them merged over the defaults."""
@@ -48,6 +49,12 @@ class Spec:
             self.check(**merged)
         return merged
 
+    def bound_reference(self, **options: Any) -> Kernel:
+        """The reference with the options that change the math bound (tile sizes dropped)."""
+        params = inspect.signature(self.reference).parameters
+        merged = self.options(**options)
+        return functools.partial(self.reference, **{k: merged[k] for k in merged if k in params})
+
 
 _REGISTRY: dict[str, Spec] = {}
 
@@ -61,8 +68,18 @@ def register(
     check: Callable[..., None] | None = None,
     linear_in_length: bool = False,
     mask: Callable[..., Any] | None = None,
+    examples: tuple[Mapping[str, Any], ...] = (),
 ) -> Callable[[Kernel], Kernel]:
-    """Registers an attention kernel under `name` (see the module docstring for the contract)."""
+    """Registers an attention kernel under `name` (see the module docstring for the contract).
+
+    exact: the kernel is softmax attention under `mask(causal=..., **options)` and must equal
+      `dense` under that mask. reference: the same math written plainly, for the tests.
+    flops: useful forward FLOPs, flops(B, T, S, N, H, causal=..., **options).
+    check: check(**options) raises ValueError naming a bad option value (run by `get`).
+    linear_in_length: time and memory are O(T); such variants join the long sweeps.
+    examples: small option sets (tile sizes, say) under which the conformance suite runs the
+      kernel too, so that tiling and chunking are exercised at test sizes.
+    """
 
     def decorator(fn: Kernel) -> Kernel:
         if name in _REGISTRY:
@@ -77,7 +94,16 @@ def register(
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in CONTRACT_KEYWORDS
         }
         _REGISTRY[name] = Spec(
-            name, fn, reference, exact, flops, defaults, check, linear_in_length, mask
+            name,
+            fn,
+            reference,
+            exact,
+            flops,
+            defaults,
+            check,
+            linear_in_length,
+            mask,
+            tuple(examples),
         )
         return fn
 

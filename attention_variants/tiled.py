@@ -78,20 +78,11 @@ def make_schedule(mask: Mask, T: int, S: int, bq: int, bk: int, segmented: bool)
     k_hi = np.minimum(k_lo + bk, S) - 1
     visible = np.broadcast_to(mask.tile_visible(q_lo, q_hi, k_lo, k_hi), (nq, nk))
     full = np.zeros((nq, nk), bool)
-    if not segmented:  # a tile is full when all four corners and its padding agree
-        full = visible & (k_hi - k_lo + 1 == bk)
-        for qp in (q_lo, q_hi):
-            for kp in (k_lo, k_hi):
-                full &= np.broadcast_to(mask.visible(qp, kp), (nq, nk))
-        full &= _convex(mask)
+    if not segmented:  # segment ids can hide any pair, so then every tile is masked
+        full = visible & mask.tile_full(q_lo, q_hi, k_lo, k_hi) & (k_hi - k_lo + 1 == bk)
     kv, count, n_full = _lists(visible, full)
     q, q_count, q_full = _lists(visible.T, full.T)
     return Schedule(kv, count, n_full, q, q_count, q_full)
-
-
-def _convex(mask: Mask) -> bool:
-    """Corner checks prove a tile full only for masks whose rows are intervals."""
-    return getattr(mask, "rows_are_intervals", type(mask).__name__ in ("Mask", "Causal", "Window"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attention_variants.common import check_causal_lengths, check_inputs, segment_mask
+from attention_variants.common import check_inputs, segment_mask
 from attention_variants.dense import causal_mask, reference, softmax_flops_causal
 from attention_variants.registry import register
 
@@ -14,9 +14,7 @@ IMPLEMENTATIONS = ("xla", "cudnn")
 
 def check(*, implementation):
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
-        )
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
 
 
 @register(
@@ -34,8 +32,7 @@ def xla(q, k, v, *, causal=True, segment_ids=None, scale=None, implementation="x
     NotImplementedError. Rows with no visible key return zeros, as the contract demands.
     """
     check(implementation=implementation)
-    check_inputs(q, k, v, segment_ids)
-    check_causal_lengths(q, k, causal)
+    check_inputs(q, k, v, segment_ids, causal)
     mask = None
     if segment_ids is not None:
         if implementation == "cudnn":

@@ -1,0 +1,26 @@
+"""Shared fixtures: random attention inputs (never zeros) in the contract's layout."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+
+def random_qkv(seed: int, B=2, T=37, S=None, N=4, K=2, H=16, dtype=jnp.float32):
+    """q [B, T, N, H], k, v [B, S, K, H] from a fresh key; standard normal values."""
+    S = T if S is None else S
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(kq, (B, T, N, H), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (B, S, K, H), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (B, S, K, H), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def packed_segments(seed: int, B: int, T: int, max_segments: int = 3):
+    """int [B, T] ids of packed sequences: contiguous runs, increasing along T."""
+    cuts = jax.random.randint(jax.random.key(seed), (B, T), 0, T) < max_segments - 1
+    return jnp.cumsum(cuts.at[:, 0].set(False), axis=1).astype(jnp.int32)
+
+
+@pytest.fixture
+def qkv():
+    return random_qkv(0)
