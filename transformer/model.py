@@ -1,0 +1,151 @@
+"""TransformerLM: a decoder-only Flax (Linen) model whose attention kernel is a registry name.
+
+Pre-norm blocks (RMSNorm), grouped-query attention with RoPE, gated (SwiGLU) MLP. The layer
+owns projections and positions; the kernel only sees q [B,T,N,H], k, v [B,S,K,H], so swapping
+`config.attention` changes nothing else (same parameters, same shapes).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import attention_variants as av
+from transformer.config import ModelConfig
+
+
+def segment_positions(segment_ids, T: int):
+    """Position of each token within its packed sequence: [B, T] -> [B, T] int32."""
+    index = jnp.arange(T, dtype=jnp.int32)
+    if segment_ids is None:
+        return index[None]
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+    )
+    start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return index - start_index
+
+
+def apply_rope(x, positions, base: float):
+    """Rotary embeddings (Su et al. 2021) on x [B, T, heads, H] at integer positions [B, T]."""
+    half = x.shape[-1] // 2
+    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+    angle = positions[..., None].astype(jnp.float32) * freq  # [B, T, H/2]
+    sin, cos = jnp.sin(angle)[:, :, None], jnp.cos(angle)[:, :, None]  # [B, T, 1, H/2]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA; the kernel comes from the registry by name."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        cfg = self.config
+        dense = lambda heads, name: nn.DenseGeneral(  # noqa: E731
+            (heads, cfg.head_dim),
+            use_bias=False,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            name=name,
+        )
+        q = dense(cfg.num_heads, "query")(x)  # [B, T, N, H]
+        k = dense(cfg.num_kv_heads, "key")(x)  # [B, T, K, H]
+        v = dense(cfg.num_kv_heads, "value")(x)  # [B, T, K, H]
+        if cfg.positions == "rope":
+            q, k = (apply_rope(t, positions, cfg.rope_base) for t in (q, k))
+        kernel = av.get(cfg.attention, **cfg.kernel_options)
+        out = kernel(q, k, v, causal=True, segment_ids=segment_ids)  # [B, T, N, H]
+        return nn.DenseGeneral(
+            cfg.width,
+            axis=(-2, -1),
+            use_bias=False,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            name="out",
+        )(out)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): silu(x W0) * (x W1) W2."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dense = lambda features, name: nn.Dense(  # noqa: E731
+            features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name
+        )
+        h = nn.silu(dense(cfg.mlp_dim, "gate")(x)) * dense(cfg.mlp_dim, "up")(x)
+        return dense(cfg.width, "down")(h)
+
+
+class Block(nn.Module):
+    """x + Attention(RMSNorm(x)), then x + MLP(RMSNorm(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, deterministic: bool):
+        cfg = self.config
+        norm = lambda name: nn.RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)  # noqa: E731
+        drop = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
+        x = x + drop(
+            Attention(cfg, name="attention")(norm("attention_norm")(x), positions, segment_ids)
+        )
+        return x + drop(GatedMLP(cfg, name="mlp")(norm("mlp_norm")(x)))
+
+
+class TransformerLM(nn.Module):
+    """Tokens [B, T] (and optional packed `segment_ids` [B, T]) -> logits [B, T, vocab]."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, segment_ids=None, deterministic: bool = True):
+        cfg = self.config
+        B, T = tokens.shape
+        if T > cfg.max_len and cfg.positions == "learned":
+            raise ValueError(f"sequence length T={T} exceeds max_len={cfg.max_len}")
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.width, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed"
+        )
+        x = embed(tokens)  # [B, T, D]
+        positions = jnp.broadcast_to(segment_positions(segment_ids, T), (B, T))
+        if cfg.positions == "learned":
+            x = x + nn.Embed(
+                cfg.max_len,
+                cfg.width,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                name="position_embed",
+            )(positions)
+        block = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
+        for i in range(cfg.num_layers):
+            x = block(cfg, name=f"block_{i}")(x, positions, segment_ids, deterministic)
+        x = nn.RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                name="logits",
+            )(x)
+        return logits.astype(jnp.float32)
+
+
+def next_token_loss(logits, tokens, segment_ids=None):
+    """Mean cross-entropy of predicting tokens[:, t+1] from position t (within a segment)."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+    if segment_ids is None:
+        return losses.mean()
+    same = (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(losses.dtype)
+    return jnp.sum(losses * same) / jnp.maximum(jnp.sum(same), 1.0)
