@@ -87,12 +87,14 @@ def make_schedule(mask: Mask, T: int, S: int, bq: int, bk: int, segmented: bool)
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
+    """Everything static about one call: the mask, lengths, tiles and head grouping."""
+
     mask: Mask
-    scale: float
     T: int
     S: int
     bq: int
     bk: int
+    groups: int  # G = N // K query heads per key/value head
     segmented: bool
 
     @property
@@ -100,36 +102,39 @@ class _Static:
         return make_schedule(self.mask, self.T, self.S, self.bq, self.bk, self.segmented)
 
 
+# Inside the engine a query tile is [B, K, G*bq, H]: the G heads that share a key/value head
+# are stacked along rows, so each tile product is one batched matmul with no repeated K/V.
+
+
 def _tile_visible(st: _Static, qi, ki, seg_q, seg_k):
-    """Boolean [B|1, 1, 1, bq, bk] visibility of tile (qi, ki), evaluated from positions."""
+    """Boolean [B|1, 1, G*bq, bk] visibility of tile (qi, ki), evaluated from positions."""
     q_pos = qi * st.bq + jnp.arange(st.bq)[:, None]
     k_pos = ki * st.bk + jnp.arange(st.bk)[None, :]
-    vis = st.mask.visible(q_pos, k_pos) & (k_pos < st.S)
-    vis = vis[None]
+    vis = (st.mask.visible(q_pos, k_pos) & (k_pos < st.S))[None]  # [1, bq, bk]
     if st.segmented:
-        vis = vis & (seg_q[qi][:, :, None] == seg_k[ki][:, None, :])
-    return vis[:, None, None]
+        vis = vis & (seg_q[qi][:, :, None] == seg_k[ki][:, None, :])  # [B, bq, bk]
+    vis = jnp.broadcast_to(vis[:, None], (vis.shape[0], st.groups, st.bq, st.bk))
+    return vis.reshape(vis.shape[0], 1, st.groups * st.bq, st.bk)
 
 
-def _scores(st: _Static, q_t, k_t):
-    """q_t [B, K, G, bq, H], k_t [B, K, bk, H] -> float32 scores [B, K, G, bq, bk]."""
-    B, K, G, bq, H = q_t.shape
-    s = jnp.einsum(
-        "BKQH,BKSH->BKQS", q_t.reshape(B, K, G * bq, H), k_t, preferred_element_type=jnp.float32
-    )
-    return s.reshape(B, K, G, bq, -1) * st.scale
+def _matmul(spec, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _segments_overlap(seg_range_q, seg_range_k, qi, ki):
-    (q_min, q_max), (k_min, k_max) = seg_range_q, seg_range_k
-    return jnp.any((q_min[qi] <= k_max[ki]) & (k_min[ki] <= q_max[qi]))
+def _masked_scores(st, masked, q_t, k_t, qi, ki, seg_q, seg_k):
+    """Float32 scores [B, K, G*bq, bk] of a tile; hidden pairs are -inf."""
+    s = _matmul("BKQH,BKSH->BKQS", q_t, k_t)
+    if masked:
+        s = jnp.where(_tile_visible(st, qi, ki, seg_q, seg_k), s, -jnp.inf)
+    return s
 
 
 def _pruned(st, body, seg_ranges, qi, ki, carry):
-    """Runs body unless segment ids prove the tile empty."""
+    """Runs body(carry) unless the segment id ranges of the two tiles cannot meet."""
     if not st.segmented:
         return body(carry)
-    overlap = _segments_overlap(*seg_ranges, qi, ki)
+    (q_min, q_max), (k_min, k_max) = seg_ranges
+    overlap = jnp.any((q_min[qi] <= k_max[ki]) & (k_min[ki] <= q_max[qi]))
     return lax.cond(overlap, body, lambda c: c, carry)
 
 
@@ -137,12 +142,21 @@ def _seg_ranges(seg_q, seg_k):
     return (seg_q.min(-1), seg_q.max(-1)), (seg_k.min(-1), seg_k.max(-1))
 
 
+def _two_loops(lo_full, hi, step, carry):
+    """Visits positions [0, lo_full) without masks, then [lo_full, hi) with them."""
+    carry = lax.fori_loop(0, lo_full, step(False), carry)
+    return lax.fori_loop(lo_full, hi, step(True), carry)
+
+
 def _forward(st: _Static, q, k, v, seg_q, seg_k):
-    """q [nq, B, K, G, bq, H]; k, v [nk, B, K, bk, H] -> out like q, lse [nq, B, K, G, bq]."""
+    """q [nq, B, K, G*bq, H] (pre-scaled); k, v [nk, B, K, bk, H] -> out like q, lse."""
     sched = st.schedule
     kv, count, n_full = (jnp.asarray(a) for a in (sched.kv, sched.count, sched.full))
     seg_ranges = _seg_ranges(seg_q, seg_k) if st.segmented else None
-    _, B, K, G, bq, H = q.shape
+    # A column of ones after V makes the PV matmul also return the softmax row sums.
+    ones = jnp.ones((*v.shape[:-1], 1), v.dtype)
+    v1 = jnp.concatenate([v, ones], axis=-1)  # [nk, B, K, bk, H + 1]
+    rows = q.shape[1:-1]  # [B, K, G*bq]
 
     def one_query_tile(args):
         qi, q_t = args
@@ -152,49 +166,41 @@ def _forward(st: _Static, q, k, v, seg_q, seg_k):
                 ki = kv[qi, j]
 
                 def update(carry):
-                    m, l, acc = carry
-                    s = _scores(st, q_t, k[ki])
-                    if masked:
-                        s = jnp.where(_tile_visible(st, qi, ki, seg_q, seg_k), s, -jnp.inf)
+                    m, acc = carry  # running max [B,K,Q]; [B,K,Q,H+1] = (sum p v, sum p)
+                    s = _masked_scores(st, masked, q_t, k[ki], qi, ki, seg_q, seg_k)
                     m_new = jnp.maximum(m, s.max(-1))
                     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
                     p = jnp.exp(s - m_safe[..., None])
-                    alpha = jnp.exp(m - m_safe)
-                    pv = jnp.einsum(
-                        "BKQS,BKSH->BKQH",
-                        p.reshape(B, K, G * bq, -1).astype(v.dtype),
-                        v[ki],
-                        preferred_element_type=jnp.float32,
-                    ).reshape(B, K, G, bq, H)
-                    return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+                    alpha = jnp.exp(m - m_safe)[..., None]
+                    return m_new, alpha * acc + _matmul(
+                        "BKQS,BKSH->BKQH", p.astype(v.dtype), v1[ki]
+                    )
 
                 return _pruned(st, update, seg_ranges, qi, ki, carry)
 
             return body
 
         init = (
-            jnp.full((B, K, G, bq), -jnp.inf, jnp.float32),
-            jnp.zeros((B, K, G, bq), jnp.float32),
-            jnp.zeros((B, K, G, bq, H), jnp.float32),
+            jnp.full(rows, -jnp.inf, jnp.float32),
+            jnp.zeros((*rows, v1.shape[-1]), jnp.float32),
         )
-        carry = lax.fori_loop(0, n_full[qi], step(False), init)
-        m, l, acc = lax.fori_loop(n_full[qi], count[qi], step(True), carry)
-        empty = l == 0.0
-        out = acc / jnp.where(empty, 1.0, l)[..., None]
-        lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
-        return out.astype(q.dtype), lse
+        m, acc = _two_loops(n_full[qi], count[qi], step, init)
+        l = acc[..., -1]
+        empty = l == 0.0  # rows that see no key: output zeros, and lse = +inf gives p = 0
+        l = jnp.where(empty, 1.0, l)
+        lse = jnp.where(empty, jnp.inf, m + jnp.log(l))
+        return (acc[..., :-1] / l[..., None]).astype(q.dtype), lse
 
     return lax.map(one_query_tile, (jnp.arange(q.shape[0]), q))
 
 
 def _backward(st: _Static, res, d_out):
-    """Recomputes tile probabilities from lse; loops key tiles outside, query tiles inside."""
+    """Recomputes tile probabilities from lse; key tiles outside, their query tiles inside."""
     q, k, v, seg_q, seg_k, out, lse = res
     sched = st.schedule
     qs, q_count, q_full = (jnp.asarray(a) for a in (sched.q, sched.q_count, sched.q_full))
     seg_ranges = _seg_ranges(seg_q, seg_k) if st.segmented else None
-    nq, B, K, G, bq, H = q.shape
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [nq,B,K,G,bq]
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [nq, B, K, Q]
 
     def one_key_tile(dq, args):
         ki, k_t, v_t = args
@@ -206,41 +212,20 @@ def _backward(st: _Static, res, d_out):
                 def update(carry):
                     dq, dk, dv = carry
                     q_t, do_t = q[qi], d_out[qi]
-                    s = _scores(st, q_t, k_t)
-                    if masked:
-                        s = jnp.where(_tile_visible(st, qi, ki, seg_q, seg_k), s, -jnp.inf)
-                    p = jnp.exp(s - lse[qi][..., None])  # [B, K, G, bq, bk]
-                    do_m = do_t.reshape(B, K, G * bq, H)
-                    p_m = p.reshape(B, K, G * bq, -1)
-                    dv = dv + jnp.einsum(
-                        "BKQS,BKQH->BKSH",
-                        p_m.astype(v.dtype),
-                        do_m,
-                        preferred_element_type=jnp.float32,
-                    )
-                    dp = jnp.einsum(
-                        "BKQH,BKSH->BKQS", do_m, v_t, preferred_element_type=jnp.float32
-                    ).reshape(p.shape)
-                    ds = (p * (dp - delta[qi][..., None]) * st.scale).reshape(p_m.shape)
-                    ds = ds.astype(q.dtype)
-                    dq_t = jnp.einsum(
-                        "BKQS,BKSH->BKQH", ds, k_t, preferred_element_type=jnp.float32
-                    ).reshape(B, K, G, bq, H)
-                    dk = dk + jnp.einsum(
-                        "BKQS,BKQH->BKSH",
-                        ds,
-                        q_t.reshape(B, K, G * bq, H),
-                        preferred_element_type=jnp.float32,
-                    )
-                    return dq.at[qi].add(dq_t), dk, dv
+                    s = _masked_scores(st, masked, q_t, k_t, qi, ki, seg_q, seg_k)
+                    p = jnp.exp(s - lse[qi][..., None])  # [B, K, G*bq, bk]
+                    dv = dv + _matmul("BKQS,BKQH->BKSH", p.astype(v.dtype), do_t)
+                    dp = _matmul("BKQH,BKSH->BKQS", do_t, v_t)
+                    ds = (p * (dp - delta[qi][..., None])).astype(q.dtype)
+                    dk = dk + _matmul("BKQS,BKQH->BKSH", ds, q_t)
+                    return dq.at[qi].add(_matmul("BKQS,BKSH->BKQH", ds, k_t)), dk, dv
 
                 return _pruned(st, update, seg_ranges, qi, ki, carry)
 
             return body
 
         zeros = jnp.zeros(k_t.shape, jnp.float32)
-        carry = lax.fori_loop(0, q_full[ki], step(False), (dq, zeros, zeros))
-        dq, dk, dv = lax.fori_loop(q_full[ki], q_count[ki], step(True), carry)
+        dq, dk, dv = _two_loops(q_full[ki], q_count[ki], step, (dq, zeros, zeros))
         return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
     dq0 = jnp.zeros(q.shape, jnp.float32)
@@ -261,15 +246,16 @@ def _tiled_fwd(st, q, k, v, seg_q, seg_k):
 _tiled.defvjp(_tiled_fwd, _backward)
 
 
-def _to_tiles(x, block: int, group: int | None):
-    """[B, T, heads, H] -> tiles [n, B, K, (G,) block, H], T zero-padded up to n * block."""
+def _tiles(x, block: int, group: int):
+    """[B, T, heads, H] -> tiles [n, B, K, group*block, H], T zero-padded to n * block.
+
+    Rows of a tile are ordered (g, position): the `group` query heads sharing a K/V head.
+    """
     B, T, heads, H = x.shape
     n = -(-T // block)
     x = jnp.pad(x, ((0, 0), (0, n * block - T), (0, 0), (0, 0)))
-    if group is None:  # keys and values: [n, B, K, bk, H]
-        return x.reshape(B, n, block, heads, H).transpose(1, 0, 3, 2, 4)
-    x = x.reshape(B, n, block, heads // group, group, H)
-    return x.transpose(1, 0, 3, 4, 2, 5)  # [n, B, K, G, bq, H]
+    x = x.reshape(B, n, block, heads // group, group, H).transpose(1, 0, 3, 4, 2, 5)
+    return x.reshape(n, B, heads // group, group * block, H)
 
 
 def _seg_tiles(segment_ids, block: int):
@@ -286,14 +272,14 @@ def tiled_attention(
     check_inputs(q, k, v, segment_ids)
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
+    G = N // K
     bq, bk = min(block_sizes.block_q, T), min(block_sizes.block_k, S)
-    st = _Static(mask, default_scale(scale, H), T, S, bq, bk, segment_ids is not None)
+    st = _Static(mask, T, S, bq, bk, G, segment_ids is not None)
     seg_q = seg_k = None
     if segment_ids is not None:
         seg_q, seg_k = _seg_tiles(segment_ids, bq), _seg_tiles(segment_ids, bk)
-    out = _tiled(
-        st, _to_tiles(q, bq, N // K), _to_tiles(k, bk, None), _to_tiles(v, bk, None), seg_q, seg_k
-    )
+    q_scaled = (q.astype(jnp.float32) * default_scale(scale, H)).astype(q.dtype)
+    out = _tiled(st, _tiles(q_scaled, bq, G), _tiles(k, bk, 1), _tiles(v, bk, 1), seg_q, seg_k)
     nq = out.shape[0]
-    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(B, nq * bq, N, H)  # [B, Tp, K*G, H]
-    return out[:, :T]
+    out = out.reshape(nq, B, K, G, bq, H).transpose(1, 0, 4, 2, 3, 5)  # [B, nq, bq, K, G, H]
+    return out.reshape(B, nq * bq, N, H)[:, :T]
