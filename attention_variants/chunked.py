@@ -1,0 +1,300 @@
+"""Chunked causal linear attention: the engine shared by `linear` and `performer`.
+
+Kernelised attention (Katharopoulos et al. 2020, "Transformers are RNNs") replaces exp(q.k) by
+a feature product phi(q).phi(k), so that
+
+    out_t = sum_s phi(q_t).phi(k_s) v_s / sum_s phi(q_t).phi(k_s)
+
+is computed from running sums of phi(k_s) v_s^T instead of a [T, S] score matrix. The causal
+form runs chunk by chunk (the chunkwise-parallel form, e.g. Hua et al. 2022 "Transformer Quality
+in Linear Time"): quadratic inside a chunk of C positions, plus a float32 state [B, K, F, H+1]
+carried between chunks by `lax.scan`. A column of ones appended to V makes the last state column
+the normaliser sum_s phi(k_s). Time is O(T (C F + F H)), memory O(T C) per head.
+
+Features arrive computed: qf [B, T, N, F], kf [B, S, K, F] (non-negative, float32). Performer's
+exponential features also pass `log_scale` m [B, S, K]: the true key feature is kf * exp(m).
+The engine then keeps a running max M_t of m over the keys a query sees and weighs key s by
+exp(m_s - M_t) <= 1 (the online-softmax trick): M_t is the same for every key of query t, so it
+cancels in the ratio, depends on no future key (causality stays exact), and nothing overflows.
+
+Packed sequences (`segment_ids`) must be contiguous runs, as packing makes them: within a chunk
+pairs are masked by segment equality, and the carried state serves only queries of the segment
+it was built from (it restarts at each segment start). Query heads are grouped per K/V head
+(G = N // K), so K/V are never repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from attention_variants.common import check_positive
+
+EPS = 1e-20  # guards normalisers: rows whose features all underflow give 0, not 0/0
+NEG = -1e30  # "minus infinity" for running maxima; finite, so no inf - inf = NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunking:
+    """Chunk length C: performance only, results change only by float rounding.
+
+    Tuned on a 2-core AVX-512 CPU (B=1, N=8, H=64; see docs/benchmarks.md); a length shorter
+    than a chunk runs as one chunk.
+    """
+
+    chunk: int = 64
+
+    def __post_init__(self):
+        check_positive(chunk=self.chunk)
+
+
+class State(NamedTuple):
+    """Recurrent state of one sequence for decoding: the causal form, one token at a time."""
+
+    kv: jax.Array  # [B, K, F, H+1] float32: sum_s w_s phi(k_s) [v_s, 1]^T
+    log_scale: jax.Array | None  # [B, K] running max M of the keys' log scales, or None
+
+
+@jax.custom_jvp
+def ratio(acc):
+    """acc [..., H+1] -> acc[..., :H] / acc[..., H], the normaliser guarded by EPS.
+
+    Its derivative is written as (d num - out d den) / den, never num / den**2, which would
+    overflow for small normalisers.
+    """
+    return acc[..., :-1] / jnp.maximum(acc[..., -1:], EPS)
+
+
+@ratio.defjvp
+def _ratio_jvp(primals, tangents):
+    (acc,), (d_acc,) = primals, tangents
+    den = jnp.maximum(acc[..., -1:], EPS)
+    out = acc[..., :-1] / den
+    return out, (d_acc[..., :-1] - out * jnp.where(acc[..., -1:] > EPS, d_acc[..., -1:], 0)) / den
+
+
+def with_ones(v):
+    """v [..., H] -> float32 [..., H+1] with a column of ones (its products give normalisers)."""
+    v = v.astype(jnp.float32)
+    return jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), jnp.float32)], axis=-1)
+
+
+def _group(qf, K: int):
+    B, T, N, F = qf.shape
+    return qf.reshape(B, T, K, N // K, F)  # [B, T, K, G, F]
+
+
+def _einsum(spec, *xs):
+    return jnp.einsum(spec, *xs, preferred_element_type=jnp.float32)
+
+
+def _chunks(x, C: int, fill=0.0):
+    """[B, T, ...] -> [B, n, C, ...], T padded with `fill` (None: x's last row) to n * C."""
+    B, T = x.shape[:2]
+    n = -(-T // C)
+    pad = [(0, 0), (0, n * C - T)] + [(0, 0)] * (x.ndim - 2)
+    x = jnp.pad(x, pad, mode="edge") if fill is None else jnp.pad(x, pad, constant_values=fill)
+    return x.reshape(B, n, C, *x.shape[2:])
+
+
+def _chunk_step(strict: bool, G: int, m_given: bool, seg_given: bool):
+    """One scan step: (state, one chunk) -> (state after it, the chunk's sums).
+
+    Chunk: q [B, K, Q, F] (Q = G*C rows ordered (g, c)), k [B, K, C, F], v [B, K, C, H+1],
+    m [B, K, C], seg [B, C]. State: S [B, K, F, H+1]; M [B, K], the running max of m it is
+    relative to; prev [B], the segment it belongs to.
+    """
+
+    def step(carry, chunk):
+        S, M, prev = carry
+        q, k, v, m, seg = chunk
+        C = k.shape[2]
+        pos = jnp.arange(C)
+        vis = pos[:, None] > pos[None, :] if strict else pos[:, None] >= pos[None, :]
+        vis = jnp.tile(vis, (G, 1))[None, None]  # [1, 1, Q, C]: row sees column
+        if seg_given:
+            seg_q = jnp.tile(seg, (1, G))  # [B, Q]
+            vis = vis & (seg_q[:, :, None] == seg[:, None, :])[:, None]
+            cont = (seg_q == prev[:, None])[:, None]  # [B, 1, Q]: continues the state's segment
+        scores = _einsum("BKQF,BKDF->BKQD", q, k)
+        read = _einsum("BKQF,BKFH->BKQH", q, S)  # the earlier chunks' keys
+        if m_given:  # weigh key s by exp(m_s - M_t), M_t the max over what query t sees
+            M_q = M[..., None] if not seg_given else jnp.where(cont, M[..., None], NEG)
+            Mt = jnp.maximum(jnp.where(vis, m[:, :, None], NEG).max(-1), M_q)  # [B, K, Q]
+            scores = scores * jnp.exp(jnp.where(vis, m[:, :, None] - Mt[..., None], NEG))
+            r = jnp.exp(M_q - Mt)  # (a query that sees nothing has M_t = M_q = NEG: r = 1)
+            read = read * (jnp.where(cont, r, 0.0) if seg_given else r)[..., None]
+        else:
+            scores, Mt = jnp.where(vis, scores, 0.0), None
+            if seg_given:
+                read = jnp.where(cont[..., None], read, 0.0)
+        acc = _einsum("BKQD,BKDH->BKQH", scores, v) + read
+        # The state after the chunk holds the keys of the chunk's last segment only.
+        if seg_given:
+            last = seg[:, -1]
+            keep = (seg == last[:, None])[:, None]  # [B, 1, C]
+            go_on = prev == last  # [B]: else that segment starts here, from an empty state
+            S = jnp.where(go_on[:, None, None, None], S, 0.0)
+            M = jnp.where(go_on[:, None], M, NEG) if m_given else None
+            prev = last
+        if m_given:
+            m_keep = jnp.where(keep, m, NEG) if seg_given else m
+            M_new = jnp.maximum(M, m_keep.max(-1))  # [B, K]
+            k = k * jnp.exp(m_keep - M_new[..., None])[..., None]
+            S, M = S * jnp.exp(M - M_new)[..., None, None], M_new
+        elif seg_given:
+            k = jnp.where(keep[..., None], k, 0.0)
+        S = S + _einsum("BKDF,BKDH->BKFH", k, v)
+        return (S, M, prev), (acc, Mt)
+
+    return step
+
+
+def causal_sums(qf, kf, v1, *, log_scale=None, segment_ids=None, chunk: int, strict=False):
+    """Chunked causal sums: acc_t = sum_{s<=t} w_ts qf_t.kf_s v1_s, per query head.
+
+    qf [B, T, N, F]; kf [B, T, K, F]; v1 [B, T, K, H+1] float32. Key s counts for query t iff
+    s <= t (s < t when `strict`) and, with segment_ids, both lie in the same segment.
+    Returns acc [B, T, N, H+1] and, with log_scale, M [B, T, N] (w_ts = exp(m_s - M_t));
+    otherwise M is None.
+    """
+    B, T, N, F = qf.shape
+    K = kf.shape[2]
+    G, C = N // K, min(chunk, T)
+    # Chunk-major, head-major; the G query heads of a K/V head are stacked as rows (g, c).
+    q = _chunks(_group(qf, K), C).transpose(1, 0, 3, 4, 2, 5)  # [n, B, K, G, C, F]
+    n = q.shape[0]
+    q = q.reshape(n, B, K, G * C, F)
+    k = _chunks(kf, C).transpose(1, 0, 3, 2, 4)  # [n, B, K, C, F]
+    v = _chunks(v1, C).transpose(1, 0, 3, 2, 4)  # [n, B, K, C, H+1]
+    m = None if log_scale is None else _chunks(log_scale, C, NEG).transpose(1, 0, 3, 2)
+    seg = None if segment_ids is None else _chunks(segment_ids, C, fill=None).transpose(1, 0, 2)
+    S0 = jnp.zeros((B, K, F, v1.shape[-1]), jnp.float32)
+    M0 = None if m is None else jnp.full((B, K), NEG, jnp.float32)
+    prev0 = jnp.zeros((B,), jnp.int32) if seg is None else seg[0, :, 0]
+    step = _chunk_step(strict, G, m is not None, seg is not None)
+    _, (acc, Mt) = lax.scan(step, (S0, M0, prev0), (q, k, v, m, seg))
+    return _unchunk(acc, G, T), None if Mt is None else _unchunk(Mt[..., None], G, T)[..., 0]
+
+
+def _unchunk(y, G: int, T: int):
+    """[n, B, K, G*C, X] -> [B, T, N, X]."""
+    n, B, K, Q, X = y.shape
+    y = y.reshape(n, B, K, G, Q // G, X).transpose(1, 0, 4, 2, 3, 5)
+    return y.reshape(B, n * (Q // G), K * G, X)[:, :T]
+
+
+def global_sums(qf, kf, v1, *, log_scale=None):
+    """Non-causal sums over every key: acc [B, T, N, H+1]."""
+    B, T, N, _ = qf.shape
+    K = kf.shape[2]
+    if log_scale is not None:
+        kf = kf * jnp.exp(log_scale - jnp.max(log_scale, axis=1, keepdims=True))[..., None]
+    S = _einsum("BSKF,BSKH->BKFH", kf, v1)
+    return _einsum("BTKGF,BKFH->BTKGH", _group(qf, K), S).reshape(B, T, N, -1)
+
+
+def _segment_sums(qf, kf, v1, *, log_scale, segment_ids, chunk):
+    """Non-causal within packed segments: keys s <= t (forward) plus s > t (a reversed pass)."""
+    flip = lambda x: None if x is None else jnp.flip(x, axis=1)  # noqa: E731
+    kw = dict(segment_ids=segment_ids, chunk=chunk)
+    acc, M = causal_sums(qf, kf, v1, log_scale=log_scale, **kw)
+    kw["segment_ids"] = flip(segment_ids)
+    acc_b, M_b = causal_sums(*map(flip, (qf, kf, v1)), log_scale=flip(log_scale), strict=True, **kw)
+    acc_b, M_b = flip(acc_b), flip(M_b)
+    if M is None:
+        return acc + acc_b, None
+    M_all = jnp.maximum(M, M_b)
+    rescale = lambda a, m: a * jnp.exp(m - M_all)[..., None]  # noqa: E731
+    return rescale(acc, M) + rescale(acc_b, M_b), M_all
+
+
+def linear_attention(qf, kf, v, *, causal, segment_ids=None, log_scale=None, chunk: int):
+    """Kernelised attention from features: qf [B,T,N,F], kf [B,S,K,F], v [B,S,K,H].
+
+    Returns float32 [B, T, N, H]. `log_scale` [B, S, K] (optional) multiplies key features by
+    exp(log_scale), applied stably (see the module docstring).
+    """
+    B, T, N, _ = qf.shape
+    v1 = with_ones(v)
+    if log_scale is not None:
+        log_scale = lax.stop_gradient(log_scale.astype(jnp.float32))
+    kw = dict(log_scale=log_scale)
+    if causal:
+        acc, _ = causal_sums(qf, kf, v1, segment_ids=segment_ids, chunk=chunk, **kw)
+    elif segment_ids is not None:
+        acc, _ = _segment_sums(qf, kf, v1, segment_ids=segment_ids, chunk=chunk, **kw)
+    else:
+        acc = global_sums(qf, kf, v1, **kw)
+    return ratio(acc)
+
+
+def visible_pairs(T: int, S: int, *, causal: bool, segment_ids=None):
+    """Boolean [B|1, T, S]: which keys each query sums over (references and tests only)."""
+    vis = jnp.ones((1, T, S), bool)
+    if causal:
+        vis = vis & jnp.tril(vis)
+    if segment_ids is not None:
+        vis = vis & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return vis
+
+
+def linear_attention_reference(qf, kf, v, *, causal, segment_ids=None, log_scale=None):
+    """The same sums written out over an explicit [T, S] mask (float32, for the tests).
+
+    out_t = sum_{s visible} w_ts qf_t.kf_s v_s / sum_{s visible} w_ts qf_t.kf_s with
+    w_ts = exp(m_s - max_{s' visible to t} m_s'), or 1 without log_scale.
+    """
+    B, T, N, _ = qf.shape
+    S, K, H = v.shape[1:]
+    vis = visible_pairs(T, S, causal=causal, segment_ids=segment_ids)[:, None, None]
+    scores = _einsum("BTKGF,BSKF->BKGTS", _group(qf, K), kf)  # [B, K, G, T, S]
+    if log_scale is not None:
+        m = lax.stop_gradient(log_scale.astype(jnp.float32)).transpose(0, 2, 1)  # [B, K, S]
+        m = jnp.where(vis, m[:, :, None, None, :], -jnp.inf)
+        scores = scores * jnp.exp(m - jnp.max(m, axis=-1, keepdims=True))
+    scores = jnp.where(vis, scores, 0.0)
+    acc = _einsum("BKGTS,BSKH->BTKGH", scores, with_ones(v))
+    return ratio(acc).reshape(B, T, N, H)
+
+
+def init_state(batch: int, kv_heads: int, features: int, head_dim: int, stabilised=False):
+    """An empty decoding state (`stabilised`: with the running max that log_scale needs)."""
+    kv = jnp.zeros((batch, kv_heads, features, head_dim + 1), jnp.float32)
+    return State(kv, jnp.full((batch, kv_heads), NEG, jnp.float32) if stabilised else None)
+
+
+def recurrent_step(state: State, qf, kf, v, log_scale=None):
+    """One causal token: qf [B, N, F], kf [B, K, F], v [B, K, H] -> out [B, N, H] f32, state.
+
+    The token attends to every earlier key and to itself, as in the causal form.
+    """
+    B, N, _ = qf.shape
+    kv, M = state
+    kf = kf.astype(jnp.float32)
+    if log_scale is not None:
+        M_new = jnp.maximum(M, log_scale.astype(jnp.float32))  # [B, K]
+        kv = kv * jnp.exp(M - M_new)[..., None, None]
+        kf = kf * jnp.exp(log_scale - M_new)[..., None]
+        M = M_new
+    kv = kv + _einsum("BKF,BKH->BKFH", kf, with_ones(v))
+    acc = _einsum("BKGF,BKFH->BKGH", qf.reshape(B, kv.shape[1], -1, qf.shape[-1]), kv)
+    return ratio(acc).reshape(B, N, v.shape[-1]), State(kv, M)
+
+
+def chunked_flops(B, T, S, N, H, *, causal=True, features: int, chunk: int, **_) -> float:
+    """Matmul FLOPs of the algorithm above, K = N heads, F features, C = min(chunk, T).
+
+    Causal: per query head 2 T C F (chunk scores) + 2 T C (H+1) (their product with [V, 1])
+    + 2 T F (H+1) (state readout), and 2 S F (H+1) per head for state updates.
+    Non-causal: the state (2 S F (H+1)) and its readout (2 T F (H+1)) only.
+    """
+    F, H1 = features, H + 1
+    flops = 2.0 * S * F * H1 + 2.0 * T * F * H1
+    if causal:
+        flops += 2.0 * T * min(chunk, T) * (F + H1)
+    return B * N * flops

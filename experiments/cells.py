@@ -1,0 +1,308 @@
+"""What one sweep cell measures: a cell kind builds a function and its inputs; the runner in
+`experiments/sweep.py` compiles, predicts memory and times it, whatever the kind.
+
+Kinds: `kernel` (one attention call, modes `fwd` and `fwd_bwd`) and `train_step` (the
+TransformerLM training step: forward, cross-entropy, backward, optax AdamW update). A new kind is
+one builder function added to `KINDS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import attention_variants as av
+
+BACKWARD_FLOPS = 2.5  # DESIGN.md: backward = 2.5 x forward, so fwd_bwd = 3.5 x forward
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One point of a sweep. `key()` identifies it for resume; `model` only for train_step."""
+
+    kind: str
+    variant: str
+    options: Mapping[str, Any]
+    seq_len: int
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    mode: str
+    model: Mapping[str, Any] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The cell's identifying fields as they appear in a result row."""
+        out = {
+            "variant": self.variant,
+            "options": dict(self.options),
+            "seq_len": self.seq_len,
+            "batch": self.batch,
+            "heads": self.heads,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "dtype": self.dtype,
+            "mode": self.mode,
+        }
+        if self.model is not None:
+            out["model"] = dict(self.model)
+        return out
+
+    def key(self) -> str:
+        return row_key(self.fields())
+
+
+KEY_FIELDS = ("variant", "options", "seq_len", "batch", "heads", "kv_heads", "head_dim")
+KEY_FIELDS += ("dtype", "mode", "model")
+
+
+def row_key(row: Mapping[str, Any]) -> str:
+    """The resume key of a result row (or of `Cell.fields()`)."""
+    return json.dumps({f: row.get(f) for f in KEY_FIELDS}, sort_keys=True, default=str)
+
+
+@dataclasses.dataclass
+class Built:
+    """A cell ready to measure: `fn(*args)` is jitted and timed; FLOPs and tokens per call."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    useful_flops: float | None
+    tokens: int
+
+
+def attention_flops(cell: Cell, causal: bool) -> float:
+    """Useful forward FLOPs of the cell's attention (the variant's own count)."""
+    spec = av.spec(cell.variant)
+    T = cell.seq_len
+    options = spec.options(**cell.options)
+    return float(spec.flops(cell.batch, T, T, cell.heads, cell.head_dim, causal=causal, **options))
+
+
+def build_kernel(cell: Cell, config: Any) -> Built:
+    """One attention call on random q, k, v; `fwd_bwd` is value_and_grad of a random
+    projection of the output with respect to q, k and v."""
+    kernel = av.get(cell.variant, **cell.options)
+    causal = bool(config.causal)
+    B, T, N, K, H = cell.batch, cell.seq_len, cell.heads, cell.kv_heads, cell.head_dim
+    dtype = jnp.dtype(cell.dtype)
+    kq, kk, kv, kc = jax.random.split(jax.random.key(config.seed), 4)
+    q = jax.random.normal(kq, (B, T, N, H), dtype)
+    k = jax.random.normal(kk, (B, T, K, H), dtype)
+    v = jax.random.normal(kv, (B, T, K, H), dtype)
+    flops = attention_flops(cell, causal)
+    if cell.mode == "fwd":
+        return Built(lambda q, k, v: kernel(q, k, v, causal=causal), (q, k, v), flops, B * T)
+    cotangent = jax.random.normal(kc, (B, T, N, H), jnp.float32)  # random, never zeros
+
+    def loss(q, k, v, ct):
+        return jnp.sum(kernel(q, k, v, causal=causal).astype(jnp.float32) * ct)
+
+    fn = jax.value_and_grad(loss, argnums=(0, 1, 2))
+    return Built(fn, (q, k, v, cotangent), flops * (1 + BACKWARD_FLOPS), B * T)
+
+
+def build_train_step(cell: Cell, config: Any) -> Built:
+    """One TransformerLM training step on random tokens: forward, next-token cross-entropy,
+    backward and an AdamW update. Nothing is donated, so memory counts old and new state."""
+    import optax
+
+    from transformer import ModelConfig, TransformerLM, next_token_loss
+
+    cfg = ModelConfig(
+        num_heads=cell.heads,
+        num_kv_heads=cell.kv_heads,
+        head_dim=cell.head_dim,
+        max_len=cell.seq_len,
+        attention=cell.variant,
+        attention_options=dict(cell.options),
+        dtype=cell.dtype,
+        **dict(cell.model or {}),
+    )
+    model = TransformerLM(cfg)
+    B, T = cell.batch, cell.seq_len
+    tokens = jax.random.randint(jax.random.key(config.seed), (B, T), 0, cfg.vocab_size)
+    params = jax.jit(model.init)(jax.random.key(config.seed + 1), tokens)["params"]
+    optimizer = optax.adamw(config.learning_rate)
+    opt_state = jax.jit(optimizer.init)(params)
+
+    def step(params, opt_state, tokens):
+        def loss_fn(params):
+            return next_token_loss(model.apply({"params": params}, tokens), tokens)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    flops = train_step_flops(cell, params, cfg.num_layers, cfg.tie_embeddings)
+    return Built(step, (params, opt_state, tokens), flops, B * T)
+
+
+def train_step_flops(cell: Cell, params: Any, layers: int, tied: bool) -> float:
+    """Useful FLOPs of a training step: 6 x (matmul weights) x tokens for the projections,
+    MLP and logits (Kaplan et al. 2020), plus each layer's attention at 3.5 x its forward.
+    Matmul weights: params with two or more axes except lookup tables (positions, and the
+    input embedding when the output layer is untied)."""
+    lookups = ("position_embed",) if tied else ("position_embed", "embed")
+    weights = 0
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = [str(getattr(p, "key", p)) for p in path]
+        if x.ndim >= 2 and not any(n in lookups for n in names):
+            weights += x.size
+    attention = attention_flops(cell, causal=True) * (1 + BACKWARD_FLOPS) * layers
+    return 6.0 * weights * cell.batch * cell.seq_len + attention
+
+
+KINDS: dict[str, Callable[[Cell, Any], Built]] = {
+    "kernel": build_kernel,
+    "train_step": build_train_step,
+}
+MODES: dict[str, tuple[str, ...]] = {"kernel": ("fwd", "fwd_bwd"), "train_step": ("train_step",)}
+
+
+# -- planning: a config becomes a list of cells ------------------------------------------------
+class ConfigError(ValueError):
+    """An invalid config value; the message names the field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"config.{field}: {message}")
+        self.field = field
+
+
+def _get(config: Any, name: str) -> Any:
+    if name not in config:
+        raise ConfigError(name, "missing field")
+    return config[name]
+
+
+def csv_field(config: Any, name: str) -> list[str]:
+    """A comma-separated field (`--config.lengths=1024,4096`) as a list of strings."""
+    value = _get(config, name)
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    items = [str(s).strip() for s in items if str(s).strip()]
+    if not items:
+        raise ConfigError(name, "is empty")
+    return items
+
+
+def int_field(config: Any, name: str, minimum: int = 1) -> int:
+    value = _get(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(name, f"must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def float_field(config: Any, name: str, minimum: float = 0.0, strict: bool = True) -> float:
+    value = _get(config, name)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or value < minimum or (strict and value == minimum):
+        bound = ">" if strict else ">="
+        raise ConfigError(name, f"must be a number {bound} {minimum:g}, got {value!r}")
+    return float(value)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_dtype(value: str, platform: str) -> str:
+    """`auto` is float32 on CPU and bfloat16 on accelerators."""
+    if value == "auto":
+        return "float32" if platform == "cpu" else "bfloat16"
+    if value not in DTYPES:
+        raise ConfigError("dtype", f"must be 'auto' or one of {DTYPES}, got {value!r}")
+    return value
+
+
+def _variants(config: Any) -> list[str]:
+    known = av.names()
+    names = csv_field(config, "variants")
+    names = list(known) if names == ["all"] else names
+    for name in names:
+        if name not in known:
+            raise ConfigError("variants", f"unknown variant {name!r}; known: {', '.join(known)}")
+    if config.get("only_linear_in_length", False):
+        names = [n for n in names if av.spec(n).linear_in_length]
+        if not names:
+            raise ConfigError("variants", "none is linear_in_length (only_linear_in_length=True)")
+    baselines = [b for b in csv_field(config, "baselines") if b in names]
+    return baselines + [n for n in names if n not in baselines]  # baselines run first
+
+
+def _options(config: Any, variants: list[str]) -> dict[str, dict[str, Any]]:
+    given = _get(config, "options")
+    given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
+    for name in given:
+        if name not in av.names():
+            raise ConfigError(f"options.{name}", f"unknown variant; known: {', '.join(av.names())}")
+    merged = {}
+    for name in variants:
+        try:
+            merged[name] = av.spec(name).options(**dict(given.get(name) or {}))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"options.{name}", str(e)) from None
+    return merged
+
+
+def _model(config: Any) -> dict[str, Any]:
+    """The model section of a train_step config, checked by building a ModelConfig."""
+    from transformer import ModelConfig
+
+    fields = _get(config, "model")
+    fields = fields.to_dict() if hasattr(fields, "to_dict") else dict(fields)
+    try:
+        ModelConfig(num_heads=1, num_kv_heads=1, head_dim=8, max_len=8, **fields)
+    except TypeError as e:
+        raise ConfigError("model", str(e)) from None
+    return fields
+
+
+def plan_cells(config: Any, dtype: str) -> list[Cell]:
+    """Validates `config` (raising ConfigError naming the field) and lists its cells in run
+    order: lengths ascending, then variants (baselines first), then modes."""
+    kind = _get(config, "kind")
+    if kind not in KINDS:
+        raise ConfigError("kind", f"must be one of {tuple(KINDS)}, got {kind!r}")
+    variants = _variants(config)
+    options = _options(config, variants)
+    try:
+        lengths = sorted({int(s) for s in csv_field(config, "lengths")})
+    except ValueError:
+        raise ConfigError("lengths", f"must be positive ints, got {config.lengths!r}") from None
+    if lengths[0] <= 0:
+        raise ConfigError("lengths", f"must be positive ints, got {config.lengths!r}")
+    modes = csv_field(config, "modes")
+    for mode in modes:
+        if mode not in MODES[kind]:
+            raise ConfigError("modes", f"{mode!r} is not one of {MODES[kind]} (kind {kind!r})")
+    batch, heads = int_field(config, "batch"), int_field(config, "heads")
+    kv_heads, head_dim = int_field(config, "kv_heads"), int_field(config, "head_dim")
+    if heads % kv_heads:
+        raise ConfigError("kv_heads", f"heads={heads} is not a multiple of kv_heads={kv_heads}")
+    int_field(config, "seed", 0)
+    int_field(config, "min_repeats")
+    if int_field(config, "max_repeats") < config.min_repeats:
+        raise ConfigError("max_repeats", f"must be >= min_repeats={config.min_repeats}")
+    for name in ("cell_budget_s", "long_call_s", "max_call_s"):
+        float_field(config, name)
+    float_field(config, "time_budget_s", strict=False)
+    if not 0 < float_field(config, "memory_fraction") <= 1:
+        raise ConfigError("memory_fraction", f"must be in (0, 1], got {config.memory_fraction}")
+    int_field(config, "gemm_size", 0)
+    if not isinstance(_get(config, "causal"), bool):
+        raise ConfigError("causal", f"must be True or False, got {config.causal!r}")
+    model = None
+    if kind == "train_step":
+        model = _model(config)
+        float_field(config, "learning_rate")
+    return [
+        Cell(kind, v, options[v], T, batch, heads, kv_heads, head_dim, dtype, mode, model)
+        for T in lengths
+        for v in variants
+        for mode in modes
+    ]

@@ -1,0 +1,393 @@
+"""Sweep reports: tables, log-log fits, crossovers, CSV and plot; and a regression guard.
+
+    python -m experiments.report results/context_sweep          # (re)build report.md & co.
+    python -m experiments.report --compare OLD.jsonl NEW.jsonl [--threshold 0.1]
+
+`--compare` prints new/old time ratios per cell and exits 1 when any cell got slower by more
+than the threshold (or stopped running), so kernel changes can be guarded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from experiments.cells import row_key
+
+Row = dict[str, Any]
+SHORT = {"oom": "oom", "error": "err", "skipped": "skip"}
+
+
+def load_rows(path: str | Path) -> list[Row]:
+    """Rows of a results.jsonl (a workdir also works); the last row of each cell wins.
+    A torn last line (a crash mid-write) is ignored."""
+    path = Path(path)
+    path = path / "results.jsonl" if path.is_dir() else path
+    rows: dict[str, Row] = {}
+    if not path.exists():
+        return []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows.pop(row_key(row), None)
+        rows[row_key(row)] = row
+    return list(rows.values())
+
+
+def append_meta(workdir: Path, meta: dict[str, Any]) -> None:
+    """Adds one sweep invocation (machine, GEMM rate, wall time, config) to meta.json."""
+    path = workdir / "meta.json"
+    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    path.write_text(json.dumps({"runs": [*runs, meta]}, indent=1, default=str))
+
+
+def _meta(workdir: Path) -> list[dict[str, Any]]:
+    path = workdir / "meta.json"
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
+# -- analysis ----------------------------------------------------------------------------------
+def _label(row: Row) -> str:
+    """Variant name, plus options where one variant appears with several option sets."""
+    return row["variant"] + row.get("_suffix", "")
+
+
+def _ordered(values: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def _index(rows: Sequence[Row]) -> dict[tuple[str, str, int], Row]:
+    return {(_label(r), r["mode"], r["seq_len"]): r for r in rows}
+
+
+def _tag_options(rows: list[Row]) -> list[Row]:
+    by_variant: dict[str, set[str]] = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], set()).add(json.dumps(r["options"], sort_keys=True))
+    out = []
+    for r in rows:
+        r = dict(r)
+        if len(by_variant[r["variant"]]) > 1:
+            r["_suffix"] = "(" + ",".join(f"{k}={v}" for k, v in r["options"].items()) + ")"
+        out.append(r)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """Least-squares slope of log(y) on log(T) over lengths lo..hi (n points)."""
+
+    slope: float
+    lo: int
+    hi: int
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.slope:.2f} ({self.lo}-{self.hi}, {self.n} pts)"
+
+
+def fit_exponent(points: Iterable[tuple[int, float]], span: int = 8) -> Fit | None:
+    """Log-log slope over the longest lengths (those >= max length / `span`, the top four
+    doublings by default), where fixed overheads matter least. None with fewer than 2 points."""
+    pts = sorted((T, y) for T, y in points if y and y > 0)
+    if not pts:
+        return None
+    pts = [(T, y) for T, y in pts if T >= pts[-1][0] / span]
+    if len(pts) < 2:
+        return None
+    xs = [math.log(T) for T, _ in pts]
+    ys = [math.log(y) for _, y in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return None
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    return Fit(slope, pts[0][0], pts[-1][0], len(pts))
+
+
+def _series(rows: Sequence[Row], label: str, mode: str, field: str) -> list[tuple[int, float]]:
+    return sorted(
+        (r["seq_len"], r[field])
+        for r in rows
+        if _label(r) == label and r["mode"] == mode and r["status"] == "ok" and r.get(field)
+    )
+
+
+def crossover(rows: Sequence[Row], label: str, baseline: str, mode: str) -> str:
+    """From which length `label` is faster than `baseline` (at every common length from there)."""
+    a = dict(_series(rows, label, mode, "time_ms_median"))
+    b = dict(_series(rows, baseline, mode, "time_ms_median"))
+    common = sorted(set(a) & set(b))
+    beyond = [T for T in a if b and T > max(b)]
+    note = f"; {baseline} did not run at {beyond[0]}+" if beyond else ""
+    if not common:
+        return "n/a" + note
+    if a[common[-1]] >= b[common[-1]]:
+        return f"slower at {common[-1]}" + note
+    start = common[-1]
+    for T in reversed(common):
+        if a[T] >= b[T]:
+            break
+        start = T
+    return ("all" if start == common[0] else f">= {start}") + note
+
+
+def longest_fit(rows: Sequence[Row], label: str, mode: str) -> str:
+    lane = sorted(
+        (r for r in rows if _label(r) == label and r["mode"] == mode), key=lambda r: r["seq_len"]
+    )
+    ok = [r["seq_len"] for r in lane if r["status"] == "ok"]
+    text = str(max(ok)) if ok else "none"
+    after = [r for r in lane if r["seq_len"] > (max(ok) if ok else 0) and r["status"] != "ok"]
+    return text + (f" (then {after[0]['status']} at {after[0]['seq_len']})" if after else "")
+
+
+# -- tables -------------------------------------------------------------------------------------
+def _num(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def table(rows: Sequence[Row], mode: str, field: str, scale: float = 1.0) -> str:
+    """Markdown table of `field` (divided by `scale`): rows variants, columns lengths."""
+    rows = [r for r in rows if r["mode"] == mode]
+    lengths = sorted({r["seq_len"] for r in rows})
+    index = _index(rows)
+    lines = ["| variant | " + " | ".join(map(str, lengths)) + " |"]
+    lines.append("|---" * (len(lengths) + 1) + "|")
+    for label in _ordered(_label(r) for r in rows):
+        cells = []
+        for T in lengths:
+            r = index.get((label, mode, T))
+            if r is None:
+                cells.append("")
+            elif r["status"] != "ok":
+                cells.append(SHORT[r["status"]])
+            else:
+                cells.append(_num(r[field] / scale) if r.get(field) is not None else "?")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def relative_table(rows: Sequence[Row], mode: str, baseline: str) -> str:
+    """Speed-up over `baseline` per length (baseline time / variant time)."""
+    base = dict(_series(rows, baseline, mode, "time_ms_median"))
+    rel = []
+    for r in rows:
+        if r["mode"] == mode and r["status"] == "ok" and r["seq_len"] in base:
+            rel.append({**r, "speedup": base[r["seq_len"]] / r["time_ms_median"]})
+    return table(rel, mode, "speedup") if rel else "(no common lengths)"
+
+
+def lra_layout(rows: Sequence[Row], mode: str, baseline: str) -> str:
+    """Long Range Arena Table 2 layout: steps/s with the speed-up over `baseline` in brackets,
+    then compiled memory (GiB), per length."""
+    rows = [r for r in rows if r["mode"] == mode]
+    lengths = sorted({r["seq_len"] for r in rows})
+    index = _index(rows)
+    base = dict(_series(rows, baseline, mode, "time_ms_median"))
+    head = [f"steps/s {T}" for T in lengths] + [f"GiB {T}" for T in lengths]
+    lines = ["| variant | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for label in _ordered(_label(r) for r in rows):
+        speed, memory = [], []
+        for T in lengths:
+            r = index.get((label, mode, T))
+            if r is None or r["status"] != "ok":
+                speed.append(SHORT[r["status"]] if r else "")
+                memory.append("")
+                continue
+            ratio = f" ({base[T] / r['time_ms_median']:.1f}x)" if T in base else ""
+            speed.append(f"{1e3 / r['time_ms_median']:.2f}{ratio}")
+            memory.append(f"{r['memory_bytes'] / 2**30:.2f}" if r.get("memory_bytes") else "?")
+        lines.append(f"| {label} | " + " | ".join(speed + memory) + " |")
+    return "\n".join(lines)
+
+
+def terminal_tables(rows: Sequence[Row]) -> str:
+    rows = _tag_options(list(rows))
+    out = []
+    for mode in _ordered(r["mode"] for r in rows):
+        out += [f"\n{mode}: median time (ms)", table(rows, mode, "time_ms_median")]
+    return "\n".join(out)
+
+
+def write_report(workdir: str | Path) -> Path:
+    """Writes report.md, results.csv and scaling.png in `workdir` from its results.jsonl."""
+    workdir = Path(workdir)
+    rows = _tag_options(load_rows(workdir))
+    runs = _meta(workdir)
+    write_csv(rows, workdir / "results.csv")
+    plot(rows, workdir / "scaling.png")
+    config = runs[-1]["config"] if runs else {}
+    baselines = [b.strip() for b in str(config.get("baselines", "xla,blockwise")).split(",")]
+    labels = _ordered(_label(r) for r in rows)
+    modes = _ordered(r["mode"] for r in rows)
+    md = [f"# Sweep report: {workdir.name}", ""]
+    for run in runs:
+        md.append(
+            f"- `{run['command']}` on {run['started']}: {run['wall_s']:.0f} s wall; "
+            f"{run['device']} ({run['machine']}; {run['platform']}); jax {run['jax_version']}; "
+            f"commit {run['git_commit']}; GEMM {run['gemm_size']}^3 at "
+            f"{run['gemm_gflops']:.1f} GFLOP/s"
+        )
+    md.append(f"- report built {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
+    md += [
+        "",
+        "Cells: `oom` (predicted or real), `skip` (not run: see results.csv `error`), "
+        "`err`. Memory is XLA's compiled temp + arguments + outputs; the runtime peak is in "
+        "results.csv `peak_bytes` (GPU/TPU: allocator; CPU: growth of the resident set during "
+        "the warm-up call, sampled each 1 ms, a lower bound that misses small short peaks).",
+        "",
+    ]
+    for mode in modes:
+        md += [f"## {mode}", "", "Median time (ms):", "", table(rows, mode, "time_ms_median"), ""]
+        md += ["Compiled memory (MiB):", "", table(rows, mode, "memory_bytes", 2**20), ""]
+        md += ["Useful GFLOP/s:", "", table(rows, mode, "gflops"), ""]
+        if baselines and baselines[0] in labels:
+            md += [f"Speed-up over `{baselines[0]}` (its time / this time):", ""]
+            md += [relative_table(rows, mode, baselines[0]), ""]
+            if mode == "train_step":
+                md += [f"Long Range Arena layout (speed-up over `{baselines[0]}`):", ""]
+                md += [lra_layout(rows, mode, baselines[0]), ""]
+    md += [
+        "## Scaling",
+        "",
+        "Log-log slopes over the longest lengths (1 = O(T), 2 = O(T^2));",
+        "crossover = from which length a variant is faster than the baseline.",
+        "",
+    ]
+    header = ["variant", "mode", "time slope", "memory slope", "longest that ran"]
+    header += [f"faster than {b}" for b in baselines]
+    md += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for label in labels:
+        for mode in modes:
+            t = fit_exponent(_series(rows, label, mode, "time_ms_median"))
+            m = fit_exponent(_series(rows, label, mode, "memory_bytes"))
+            cells = [label, mode, str(t or "-"), str(m or "-"), longest_fit(rows, label, mode)]
+            cells += ["-" if b == label else crossover(rows, label, b, mode) for b in baselines]
+            md.append("| " + " | ".join(cells) + " |")
+    md += ["", "![scaling](scaling.png)", ""]
+    path = workdir / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def write_csv(rows: Sequence[Row], path: Path) -> None:
+    fields = _ordered(k for r in rows for k in r if not k.startswith("_"))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()})
+
+
+def plot(rows: Sequence[Row], path: Path) -> None:
+    """Two log-log panels, time and compiled memory vs length, with O(T), O(T^2) guides."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    labels = _ordered(_label(r) for r in rows)
+    styles = {"fwd": "--", "fwd_bwd": "-"}
+    panels = (("time_ms_median", "median time (ms)"), ("memory_bytes", "compiled memory (bytes)"))
+    for ax, (field, name) in zip(axes, panels, strict=True):
+        for i, label in enumerate(labels):
+            for mode in _ordered(r["mode"] for r in rows):
+                pts = _series(rows, label, mode, field)
+                if pts:
+                    ax.plot(
+                        *zip(*pts, strict=True),
+                        styles.get(mode, ":"),
+                        marker="o",
+                        ms=3,
+                        color=f"C{i % 10}",
+                        label=f"{label} {mode}",
+                    )
+        ys = [r[field] for r in rows if r["status"] == "ok" and r.get(field)]
+        lengths = sorted({r["seq_len"] for r in rows if r["status"] == "ok"})
+        if ys and len(lengths) > 1:
+            lo, hi = lengths[0], lengths[-1]
+            y0 = sorted(ys)[len(ys) // 4]
+            for power, text in ((1, "O(T)"), (2, "O(T²)")):
+                ax.plot([lo, hi], [y0, y0 * (hi / lo) ** power], ":", color="gray", lw=1)
+                ax.annotate(text, (hi, y0 * (hi / lo) ** power), color="gray", fontsize=8)
+        ax.set(xscale="log", yscale="log", xlabel="context length T", ylabel=name)
+        ax.grid(True, which="both", alpha=0.3)
+    if axes[0].lines:
+        axes[0].legend(fontsize=7, ncol=2, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- regression guard ---------------------------------------------------------------------------
+def compare(old: Sequence[Row], new: Sequence[Row], threshold: float) -> tuple[list[str], bool]:
+    """Per-cell new/old median-time ratios; True when a cell slowed by > threshold or stopped
+    running (ok before, not ok now)."""
+    old_rows, new_rows = {row_key(r): r for r in old}, {row_key(r): r for r in new}
+    lines, worse = [], False
+    lines.append(f"{'variant':<16}{'mode':<11}{'T':>7}{'old ms':>11}{'new ms':>11}{'ratio':>8}")
+    for key, o in old_rows.items():
+        n = new_rows.get(key)
+        cell = f"{o['variant']:<16}{o['mode']:<11}{o['seq_len']:>7}"
+        if n is None:
+            lines.append(f"{cell}  only in old")
+        elif o["status"] == "ok" and n["status"] == "ok":
+            ratio = n["time_ms_median"] / o["time_ms_median"]
+            flag = "  SLOWER" if ratio > 1 + threshold else ""
+            worse |= bool(flag)
+            times = f"{o['time_ms_median']:>11.2f}{n['time_ms_median']:>11.2f}"
+            lines.append(f"{cell}{times}{ratio:>8.2f}{flag}")
+        elif o["status"] == "ok":
+            worse = True
+            lines.append(f"{cell}  was ok, now {n['status']}: {n.get('error')}  WORSE")
+        else:
+            lines.append(f"{cell}  {o['status']} -> {n['status']}")
+    lines += [
+        f"{'':<16}{'':<11}  only in new: {r['variant']} {r['mode']} {r['seq_len']}"
+        for k, r in new_rows.items()
+        if k not in old_rows
+    ]
+    return lines, worse
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("workdir", nargs="?", help="sweep workdir whose report to (re)build")
+    parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="two results.jsonl")
+    parser.add_argument("--threshold", type=float, default=0.1, help="allowed slow-down (0.1)")
+    args = parser.parse_args(argv)
+    if args.compare:
+        old, new = (load_rows(p) for p in args.compare)
+        for p, rows in zip(args.compare, (old, new), strict=True):
+            if not rows:
+                parser.error(f"no rows in {p}")
+        lines, worse = compare(old, new, args.threshold)
+        print("\n".join(lines))
+        print(f"{'FAIL' if worse else 'OK'}: threshold {args.threshold:.0%} slower")
+        return 1 if worse else 0
+    if not args.workdir:
+        parser.error("give a workdir or --compare OLD NEW")
+    if not load_rows(args.workdir):
+        parser.error(f"no results.jsonl rows in {args.workdir}")
+    print(f"wrote {write_report(args.workdir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

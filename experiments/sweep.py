@@ -1,0 +1,330 @@
+"""The context-length sweep: every variant x length x mode, one JSON row per cell.
+
+    python -m experiments.sweep --config=configs/context_sweep.py \
+        [--config.variants=blockwise,xla] [--config.lengths=1024,4096] [--workdir=DIR]
+
+Rows are appended to DIR/results.jsonl (default DIR: results/<config name>) as each cell is
+measured; a rerun with the same DIR skips the cells already there. A cell whose compiled memory
+exceeds the free memory is recorded as `oom` without running, and its variant stops growing in
+length; so does one whose call time (measured or extrapolated) passes `max_call_s`, and cells
+that would overrun `time_budget_s` are `skipped` with the reason. Exceptions become `error` rows.
+At the end DIR/report.md, results.csv and scaling.png are (re)built by `experiments.report`.
+Exit code 0 unless the config is invalid (then 2, naming the field).
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import bench, report
+from experiments.cells import (
+    KEY_FIELDS,
+    KINDS,
+    Cell,
+    ConfigError,
+    plan_cells,
+    resolve_dtype,
+    row_key,
+)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "sweep config file (configs/*.py)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "results folder; default results/<config name>")
+
+RESULT_FIELDS = (
+    "status",
+    "error",
+    "compile_s",
+    "time_ms_median",
+    "time_ms_min",
+    "time_ms_max",
+    "repeats",
+    "memory_bytes",
+    "peak_bytes",
+    "useful_flops",
+    "gflops",
+    "gemm_fraction",
+    "tokens_per_s",
+)
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM")
+
+
+def git_commit() -> str | None:
+    """`git describe --always --dirty` of the project checkout, or None outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _lane(row: dict[str, Any]) -> str:
+    """Cells that differ only in length form a lane; a variant stops growing along it."""
+    return json.dumps({f: row.get(f) for f in KEY_FIELDS if f != "seq_len"}, sort_keys=True)
+
+
+class Sweep:
+    """Runs cells in order, appending a row per cell to `workdir/results.jsonl`."""
+
+    def __init__(self, config: Any, cells: list[Cell], workdir: Path, out: TextIO = sys.stdout):
+        self.config, self.cells, self.workdir, self.out = config, cells, workdir, out
+        self.device = jax.devices()[0]
+        self.path = workdir / "results.jsonl"
+        self.inflight = workdir / "inflight.json"
+        self.rows = {row_key(r): r for r in report.load_rows(self.path)}
+        self.costs: list[float] = []  # seconds spent per measured cell, for the ETA
+        self.common = {
+            "device": f"{self.device.platform}:{self.device.device_kind}",
+            "jax_version": jax.__version__,
+            "git_commit": git_commit(),
+        }
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def append(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows[row_key(row)] = row
+
+    def row(self, cell: Cell, status: str, error: str | None = None, **values: Any):
+        row = {**cell.fields(), **dict.fromkeys(RESULT_FIELDS), **self.common}
+        row.update(status=status, error=error, **values)
+        return row
+
+    def recover_crash(self) -> None:
+        """A cell that was running when a previous sweep died is recorded as an error."""
+        if not self.inflight.exists():
+            return
+        cell = json.loads(self.inflight.read_text())
+        if row_key(cell) not in self.rows:
+            row = {**cell, **dict.fromkeys(RESULT_FIELDS), **self.common, "status": "error"}
+            row["error"] = "the sweep process died during this cell (killed, e.g. out of memory)"
+            self.append(row)
+        self.inflight.unlink()
+
+    def done(self, cell: Cell) -> bool:
+        row = self.rows.get(cell.key())
+        return row is not None and row["status"] != "skipped"
+
+    # -- planning ------------------------------------------------------------------------------
+    def lane(self, cell: Cell) -> list[dict[str, Any]]:
+        lane = _lane(cell.fields())
+        rows = [r for r in self.rows.values() if _lane(r) == lane and r["seq_len"] < cell.seq_len]
+        return sorted(rows, key=lambda r: r["seq_len"])
+
+    def predict(self, cell: Cell) -> tuple[float, float] | None:
+        """(seconds per call, seconds for the cell) extrapolated from shorter lengths along the
+        lane: log-log slope of the last two measured lengths, clamped to [1, 3] (2 from one)."""
+        ok = [r for r in self.lane(cell) if r["status"] == "ok"]
+        if not ok:
+            return None
+        T1, t1 = ok[-1]["seq_len"], ok[-1]["time_ms_median"] / 1e3
+        slope = 2.0
+        if len(ok) >= 2:
+            T0, t0 = ok[-2]["seq_len"], ok[-2]["time_ms_median"] / 1e3
+            slope = math.log(max(t1, 1e-9) / max(t0, 1e-9)) / math.log(T1 / T0)
+        call = t1 * (cell.seq_len / T1) ** min(3.0, max(1.0, slope))
+        c = self.config
+        n = bench.choose_repeats(call, c.cell_budget_s, c.min_repeats, c.max_repeats, c.long_call_s)
+        return call, (ok[-1]["compile_s"] or 0.0) + call * (1 + n)
+
+    def skip_reason(self, cell: Cell, elapsed: float) -> str | None:
+        lane = self.lane(cell)
+        if lane and lane[-1]["status"] in ("oom", "skipped"):
+            last = lane[-1]
+            return f"stopped growing: T={last['seq_len']} was {last['status']}"
+        predicted = self.predict(cell)
+        if predicted and predicted[0] > self.config.max_call_s:
+            return (
+                f"predicted {predicted[0]:.0f} s per call > max_call_s={self.config.max_call_s:g}"
+            )
+        cost = predicted[1] if predicted else self.mean_cost()
+        budget = self.config.time_budget_s
+        if budget and elapsed + cost > budget:
+            return f"time budget: cell predicted {cost:.0f} s, {budget - elapsed:.0f} s left"
+        return None
+
+    def mean_cost(self) -> float:
+        return sum(self.costs) / len(self.costs) if self.costs else 1.0
+
+    def eta(self, remaining: list[Cell], elapsed: float) -> float:
+        total = 0.0
+        for cell in remaining:
+            predicted = self.predict(cell)
+            if predicted is None:
+                total += self.mean_cost()
+            elif predicted[0] <= self.config.max_call_s:
+                total += predicted[1]
+        budget = self.config.time_budget_s
+        return min(total, budget - elapsed) if budget else total
+
+    # -- measuring -----------------------------------------------------------------------------
+    def measure(self, cell: Cell, gemm_gflops: float) -> dict[str, Any]:
+        """Builds, compiles, checks memory and times one cell; never raises (except Ctrl-C)."""
+        c = self.config
+        try:
+            built = KINDS[cell.kind](cell, c)
+            compiled, compile_s = bench.compile_timed(built.fn, *built.args)
+            memory = bench.compiled_memory(compiled)
+            values = {"compile_s": compile_s, "useful_flops": built.useful_flops}
+            values["memory_bytes"] = memory.total if memory else None
+            free = bench.free_memory_bytes(self.device)
+            if memory and free is not None and memory.to_allocate > c.memory_fraction * free:
+                need, have = memory.to_allocate / bench.GiB, free / bench.GiB
+                error = f"predicted: needs {need:.2f} GiB, {have:.2f} GiB free"
+                return self.row(cell, "oom", error, **values)
+            timing, peak = bench.time_calls(
+                lambda: compiled(*built.args),
+                budget_s=c.cell_budget_s,
+                min_repeats=c.min_repeats,
+                max_repeats=c.max_repeats,
+                long_call_s=c.long_call_s,
+                device=self.device,
+            )
+        except Exception as e:  # noqa: BLE001  (one bad cell must not stop the sweep)
+            message = f"{type(e).__name__}: {e}"[:2000]
+            status = "oom" if any(m in message for m in OOM_MARKERS) else "error"
+            return self.row(cell, status, message)
+        seconds = timing.median_ms / 1e3
+        gflops = built.useful_flops / seconds / 1e9 if built.useful_flops else None
+        values.update(
+            time_ms_median=timing.median_ms,
+            time_ms_min=timing.min_ms,
+            time_ms_max=timing.max_ms,
+            repeats=timing.repeats,
+            peak_bytes=peak,
+            gflops=gflops,
+            gemm_fraction=gflops / gemm_gflops if gflops and gemm_gflops else None,
+            tokens_per_s=built.tokens / seconds,
+        )
+        return self.row(cell, "ok", **values)
+
+    def run(self) -> float:
+        """Runs every cell not yet done; returns the GEMM rate (GFLOP/s) it measured."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.recover_crash()
+        start = time.perf_counter()
+        dtype = jax.numpy.dtype(self.cells[0].dtype) if self.cells else jax.numpy.float32
+        size = self.config.gemm_size or (2048 if self.device.platform == "cpu" else 8192)
+        gemm = bench.gemm_gflops(size, dtype, device=self.device)
+        print(
+            f"GEMM {size}^3 {dtype.name} on {self.common['device']}: {gemm:.1f} GFLOP/s",
+            file=self.out,
+            flush=True,
+        )
+        todo = [cell for cell in self.cells if not self.done(cell)]
+        if len(todo) < len(self.cells):
+            print(f"resuming: {len(self.cells) - len(todo)} cells already done", file=self.out)
+        for i, cell in enumerate(todo):
+            elapsed = time.perf_counter() - start
+            reason = self.skip_reason(cell, elapsed)
+            if reason:
+                row = self.row(cell, "skipped", reason)
+            else:
+                self.inflight.write_text(json.dumps(cell.fields()))
+                t0 = time.perf_counter()
+                row = self.measure(cell, gemm)
+                self.costs.append(time.perf_counter() - t0)
+                gc.collect()
+            self.append(row)
+            self.inflight.unlink(missing_ok=True)
+            elapsed = time.perf_counter() - start
+            eta = self.eta(todo[i + 1 :], elapsed)
+            print(progress_line(i + 1, len(todo), elapsed, eta, row), file=self.out, flush=True)
+        return gemm
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def progress_line(i: int, n: int, elapsed: float, eta: float, row: dict[str, Any]) -> str:
+    head = f"[{i:>3}/{n} {_clock(elapsed)} eta {_clock(eta)}]"
+    cell = f"{row['variant']:<14} T={row['seq_len']:<6} {row['mode']:<10} {row['status']:<7}"
+    if row["status"] != "ok":
+        return f"{head} {cell} {row['error'] or ''}"
+    mem = (row["memory_bytes"] or 0) / 2**20
+    rate = f"{row['gflops']:7.1f} GFLOP/s" if row["gflops"] else ""
+    timing = f"{row['time_ms_median']:10.1f} ms x{row['repeats']}"
+    return f"{head} {cell} {timing}  compile {row['compile_s']:5.1f} s  {mem:8.0f} MiB  {rate}"
+
+
+def run(config: Any, workdir: Path, command: str, out: TextIO = sys.stdout) -> Path:
+    """Validates `config`, runs the sweep into `workdir`, writes the report; returns its path.
+    Raises ConfigError for an invalid config."""
+    dtype = resolve_dtype(config.dtype, jax.devices()[0].platform)
+    cells = plan_cells(config, dtype)
+    sweep = Sweep(config, cells, workdir, out)
+    started = datetime.datetime.now(datetime.UTC)
+    t0 = time.perf_counter()
+    try:
+        gemm = sweep.run()
+    finally:
+        sweep.inflight.unlink(missing_ok=True)
+    meta = {
+        "command": command,
+        "started": started.isoformat(timespec="seconds"),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "gemm_gflops": gemm,
+        "gemm_size": config.gemm_size or (2048 if sweep.device.platform == "cpu" else 8192),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
+        "platform": platform.platform(),
+        "config": config.to_dict(),
+        **sweep.common,
+    }
+    report.append_meta(workdir, meta)
+    path = report.write_report(workdir)
+    print(report.terminal_tables(report.load_rows(workdir / "results.jsonl")), file=out)
+    print(
+        f"wrote {path}, results.csv and scaling.png in {workdir} ({meta['wall_s']:.0f} s)", file=out
+    )
+    return path
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing, with a bad or unknown config field reported as a config error (exit 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        print(f"invalid config: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        print(f"invalid config: unexpected arguments {argv[1:]}", file=sys.stderr)
+        sys.exit(2)
+    if _CONFIG.value is None:
+        print("invalid config: --config=configs/<name>.py is required", file=sys.stderr)
+        sys.exit(2)
+    name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
+    workdir = Path(_WORKDIR.value or Path("results") / name)
+    try:
+        run(_CONFIG.value, workdir, " ".join(["python -m experiments.sweep", *sys.argv[1:]]))
+    except ConfigError as e:
+        print(f"invalid config: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,71 @@
+"""Measurement helpers: adaptive repeats, timing order statistics, memory analysis, GEMM."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import bench
+
+
+@pytest.mark.parametrize(
+    "first_s, expected",
+    [
+        (0.001, 10),  # cheap: as many as fit the budget, capped at max_repeats
+        (0.5, 4),  # 2 s budget / 0.5 s
+        (0.9, 3),  # fits only 2, but a cheap call gets min_repeats
+        (5.0, 1),  # a long call gets a single timed repeat
+    ],
+)
+def test_choose_repeats(first_s, expected):
+    assert bench.choose_repeats(first_s, 2.0, 3, 10, 1.0) == expected
+
+
+def test_time_calls_orders_statistics_and_counts_repeats():
+    calls = []
+
+    def call():
+        calls.append(None)
+        time.sleep(0.002 * len(calls))  # each call slower than the last
+        return jnp.ones(())
+
+    timing, _ = bench.time_calls(call, budget_s=0.05, min_repeats=3, max_repeats=5, long_call_s=1)
+    assert len(calls) == timing.repeats + 1  # the warm-up call is not among the repeats
+    assert 3 <= timing.repeats <= 5
+    assert timing.min_ms <= timing.median_ms <= timing.max_ms
+    assert timing.min_ms >= 4.0  # the fastest timed call was the second one (>= 4 ms)
+
+
+def test_compiled_memory_counts_arguments_and_outputs():
+    x = jnp.ones((1024, 256), jnp.float32)
+    compiled, seconds = bench.compile_timed(lambda x: jnp.concatenate([x, x]) * 2.0, x)
+    memory = bench.compiled_memory(compiled)
+    assert seconds > 0
+    assert memory.arguments == x.nbytes
+    assert memory.outputs == 2 * x.nbytes
+    assert memory.total == memory.temp + memory.arguments + memory.outputs - memory.alias
+    assert memory.to_allocate == memory.total - memory.arguments
+
+
+def test_free_memory_is_positive_on_this_device():
+    free = bench.free_memory_bytes(jax.devices()[0])
+    assert free is None or free > 0
+
+
+def test_peak_sampler_sees_a_large_allocation():
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        pytest.skip("resident-set sampling is the CPU path")
+    with bench.PeakSampler(device) as sampler:
+        big = np.ones(64 * 2**20, np.uint8)  # 64 MiB, touched
+        time.sleep(0.05)
+        del big
+    assert sampler.peak_bytes is not None
+    assert sampler.peak_bytes >= 48 * 2**20
+
+
+def test_gemm_rate_is_plausible():
+    rate = bench.gemm_gflops(128, jnp.float32, budget_s=0.05)
+    assert 0.01 < rate < 1e6

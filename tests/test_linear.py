@@ -1,0 +1,128 @@
+"""Family-specific properties of the linear-attention variants `linear` and `performer`.
+
+The conformance suite covers the contract; here: chunk-size independence, the recurrent
+decoding step, the Performer's convergence to softmax, seeds, long bf16 inputs, bad options.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import packed_segments, random_qkv
+
+import attention_variants as av
+from attention_variants.common import softmax_attention
+from attention_variants.linear import linear_init_state, linear_step
+from attention_variants.performer import performer_init_state, performer_step, random_features
+
+F32 = dict(rtol=1e-5, atol=1e-5)
+SMALL = {"linear": {}, "performer": {"num_features": 32}}
+
+
+@pytest.mark.parametrize("name", ["linear", "performer"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("segmented", [False, True])
+def test_output_does_not_depend_on_chunk_size(name, causal, segmented):
+    q, k, v = random_qkv(20, T=100, N=4, K=2)
+    seg = packed_segments(21, 2, 100, max_segments=4) if segmented else None
+    outs = [
+        av.get(name, chunk=c, **SMALL[name])(q, k, v, causal=causal, segment_ids=seg)
+        for c in (1, 7, 32, 100, 256)
+    ]
+    for out in outs[1:]:
+        np.testing.assert_allclose(out, outs[0], **F32)
+
+
+@pytest.mark.parametrize("name", ["linear", "performer"])
+def test_recurrent_step_equals_causal_output(name):
+    B, T, N, K, H = 2, 23, 4, 2, 16
+    q, k, v = random_qkv(22, B=B, T=T, N=N, K=K, H=H)
+    if name == "linear":
+        state, step = linear_init_state(B, K, H), jax.jit(linear_step)
+    else:
+        state = performer_init_state(B, K, H, num_features=32)
+        step = jax.jit(lambda s, q, k, v: performer_step(s, q, k, v, num_features=32))
+    full = av.get(name, chunk=8, **SMALL[name])(q, k, v)
+    for t in range(T):
+        out, state = step(state, q[:, t], k[:, t], v[:, t])
+        np.testing.assert_allclose(out, full[:, t], **F32, err_msg=f"t={t}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_performer_error_falls_with_num_features(causal):
+    q, k, v = random_qkv(23, B=1, T=64, N=2, K=2, H=16)
+    q, k = 0.5 * q, 0.5 * k  # mild logits, where the estimator converges quickly
+    exact = softmax_attention(q, k, v, mask=np.tril(np.ones((64, 64), bool)) if causal else None)
+
+    def error(num_features):
+        return np.mean(
+            [
+                float(jnp.sqrt(jnp.mean((fn(q, k, v, causal=causal) - exact) ** 2)))
+                for fn in (av.get("performer", num_features=num_features, seed=s) for s in range(4))
+            ]
+        )
+
+    errors = [error(m) for m in (16, 256, 1024)]
+    assert errors[0] > 1.5 * errors[1] > 1.5 * 1.5 * errors[2], errors
+    assert errors[2] < 0.05, errors
+
+
+def test_performer_is_deterministic_per_seed():
+    q, k, v = random_qkv(24)
+    run = lambda seed: av.get("performer", seed=seed, num_features=32)(q, k, v)  # noqa: E731
+    np.testing.assert_array_equal(run(3), run(3))
+    assert not np.allclose(run(3), run(4))
+
+
+def test_random_features_are_orthogonal_within_blocks():
+    w = random_features(40, 16, 0)  # two blocks of 16 rows and one of 8
+    assert w.shape == (40, 16)
+    for block in (w[:16], w[16:32], w[32:]):
+        gram = block @ block.T
+        np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0, atol=1e-4)
+
+
+def test_performer_is_stable_for_large_keys():
+    """Key norms that would overflow unstabilised exp features (exponents ~ 1e3)."""
+    q, k, v = random_qkv(25, T=40)
+    k = 40.0 * k
+    for causal in (True, False):
+        out = av.get("performer", chunk=8, num_features=32)(q, k, v, causal=causal)
+        ref = av.spec("performer").reference(q, k, v, causal=causal, num_features=32)
+        assert bool(jnp.all(jnp.isfinite(out)))
+        np.testing.assert_allclose(out, ref, **F32)
+
+
+@pytest.mark.parametrize("name", ["linear", "performer"])
+def test_long_bfloat16_is_finite(name):
+    T = 65536
+    q, k, v = random_qkv(26, B=1, T=T, N=1, K=1, H=16, dtype=jnp.bfloat16)
+    fn = av.get(name, chunk=256, **SMALL[name])
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))  # noqa: E731
+    out = jax.jit(fn)(q, k, v)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for x in (out, *grads):
+        assert bool(jnp.all(jnp.isfinite(x.astype(jnp.float32))))
+    assert float(jnp.std(out[0, -1].astype(jnp.float32))) > 0  # not collapsed to zeros
+
+
+@pytest.mark.parametrize(
+    "name,option,value",
+    [
+        ("linear", "chunk", 0),
+        ("linear", "chunk", -4),
+        ("linear", "chunk", 2.5),
+        ("performer", "chunk", 0),
+        ("performer", "num_features", 0),
+        ("performer", "num_features", -1),
+        ("performer", "seed", "one"),
+    ],
+)
+def test_bad_options_raise(name, option, value):
+    with pytest.raises(ValueError, match=option):
+        av.get(name, **{option: value})
+    q, k, v = random_qkv(27)
+    with pytest.raises(ValueError, match=option):
+        av.spec(name).fn(q, k, v, **{option: value})

@@ -1,0 +1,125 @@
+"""Report: exponent fits, crossovers, tables, files, and the --compare regression guard."""
+
+import json
+
+import pytest
+
+from experiments import report
+
+
+def make_row(variant, T, mode="fwd", ms=1.0, memory=None, status="ok", **extra):
+    row = {
+        "variant": variant,
+        "options": {},
+        "seq_len": T,
+        "batch": 1,
+        "heads": 8,
+        "kv_heads": 8,
+        "head_dim": 64,
+        "dtype": "float32",
+        "mode": mode,
+        "status": status,
+        "error": None if status == "ok" else "why",
+        "time_ms_median": ms if status == "ok" else None,
+        "memory_bytes": memory if status == "ok" else None,
+        "gflops": 1.0,
+    }
+    return {**row, **extra}
+
+
+LENGTHS = [512, 1024, 2048, 4096, 8192, 16384]
+
+
+def synthetic_rows():
+    """quadratic: 1e-5 T^2 ms, O(T^2) memory, oom at 16384; linear: 0.02 T + 5 ms, O(T)."""
+    rows = []
+    for T in LENGTHS:
+        if T < 16384:
+            rows.append(make_row("quadratic", T, ms=1e-5 * T**2, memory=4 * T**2))
+        else:
+            rows.append(make_row("quadratic", T, status="oom"))
+        rows.append(make_row("linear", T, ms=0.02 * T + 5.0, memory=1000 * T))
+    return rows
+
+
+def test_fit_exponent_recovers_powers_over_the_longest_lengths():
+    fit = report.fit_exponent([(T, 3.0 * T**2) for T in LENGTHS])
+    assert fit.slope == pytest.approx(2.0)
+    assert (fit.lo, fit.hi, fit.n) == (2048, 16384, 4)  # the top four doublings
+    # A fixed overhead bends the short end; the fit over the long end is still ~1.
+    fit = report.fit_exponent([(T, 0.02 * T + 5.0) for T in LENGTHS])
+    assert 0.9 < fit.slope < 1.0
+    assert report.fit_exponent([(512, 1.0)]) is None
+    assert report.fit_exponent([]) is None
+
+
+def test_crossover_and_longest_fit():
+    rows = synthetic_rows()
+    # linear (0.02T+5) beats quadratic (1e-5 T^2) from T=4096 on (2048: 46 vs 42 ms).
+    assert report.crossover(rows, "linear", "quadratic", "fwd").startswith(">= 4096")
+    assert "did not run at 16384" in report.crossover(rows, "linear", "quadratic", "fwd")
+    assert report.crossover(rows, "quadratic", "linear", "fwd") == "slower at 8192"
+    assert report.longest_fit(rows, "quadratic", "fwd") == "8192 (then oom at 16384)"
+    assert report.longest_fit(rows, "linear", "fwd") == "16384"
+
+
+def test_table_marks_failed_cells():
+    text = report.table(synthetic_rows(), "fwd", "time_ms_median")
+    lines = text.splitlines()
+    assert lines[0] == "| variant | 512 | 1024 | 2048 | 4096 | 8192 | 16384 |"
+    assert lines[2].startswith("| quadratic | 2.62 |") and lines[2].endswith("| oom |")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_write_report_builds_markdown_csv_and_plot(tmp_path):
+    write_jsonl(tmp_path / "results.jsonl", synthetic_rows())
+    path = report.write_report(tmp_path)
+    text = path.read_text()
+    assert "Median time (ms)" in text and "Compiled memory (MiB)" in text
+    assert "| quadratic | fwd | 2.00 (1024-8192, 4 pts) | 2.00 (1024-8192, 4 pts) |" in text
+    csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + len(LENGTHS) * 2
+    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_load_rows_last_row_wins_and_torn_line_is_ignored(tmp_path):
+    rows = [make_row("a", 512, ms=1.0), make_row("a", 512, ms=2.0)]
+    path = write_jsonl(tmp_path / "r.jsonl", rows)
+    with open(path, "a") as f:
+        f.write('{"variant": "a", "seq_')  # a crash mid-write
+    rows = report.load_rows(path)
+    assert len(rows) == 1 and rows[0]["time_ms_median"] == 2.0
+
+
+@pytest.mark.parametrize(
+    "factor, new_status, threshold, code",
+    [
+        (1.05, "ok", 0.1, 0),  # 5% slower: within the default threshold
+        (1.25, "ok", 0.1, 1),  # 25% slower: a regression
+        (1.25, "ok", 0.3, 0),  # ... unless the threshold allows it
+        (0.5, "ok", 0.1, 0),  # faster
+        (1.0, "oom", 0.1, 1),  # ran before, does not now
+    ],
+)
+def test_compare_exit_codes(tmp_path, capsys, factor, new_status, threshold, code):
+    old = [make_row("a", 512, ms=10.0), make_row("b", 512, ms=10.0)]
+    new = [make_row("a", 512, ms=10.0 * factor, status=new_status), make_row("b", 512, ms=10.0)]
+    args = ["--compare", str(write_jsonl(tmp_path / "old.jsonl", old))]
+    args += [str(write_jsonl(tmp_path / "new.jsonl", new)), "--threshold", str(threshold)]
+    assert report.main(args) == code
+    out = capsys.readouterr().out
+    assert ("FAIL" in out) == bool(code)
+    if new_status == "ok":
+        assert f"{factor:.2f}" in out
+
+
+def test_compare_rejects_an_empty_file(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit) as e:
+        report.main(["--compare", str(empty), str(empty)])
+    assert e.value.code == 2

@@ -1,0 +1,238 @@
+"""The sweep harness: end to end on a tiny config, oom prediction, error rows, caps, resume,
+crash recovery and config validation (exit code 2 naming the field)."""
+
+import importlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import attention_variants as av
+from configs import tiny_sweep
+from experiments import bench, cells, report, sweep
+
+ROW_FIELDS = {
+    "variant", "options", "seq_len", "batch", "heads", "kv_heads", "head_dim", "dtype", "mode",
+    "status", "error", "compile_s", "time_ms_median", "time_ms_min", "time_ms_max", "repeats",
+    "memory_bytes", "peak_bytes", "useful_flops", "gflops", "gemm_fraction", "tokens_per_s",
+    "device", "jax_version", "git_commit",
+}  # fmt: skip
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(**changes):
+    config = tiny_sweep.get_config()
+    config.update(changes)
+    return config
+
+
+def run(config, workdir):
+    out = io.StringIO()
+    sweep.run(config, workdir, "test", out=out)
+    return report.load_rows(workdir), out.getvalue()
+
+
+def lines(workdir):
+    return (workdir / "results.jsonl").read_text().splitlines()
+
+
+def test_tiny_sweep_end_to_end_then_resume(tmp_path):
+    rows, out = run(tiny(lengths="64"), tmp_path)
+    assert len(rows) == 2 * 2  # variants x modes
+    for row in rows:
+        assert set(row) == ROW_FIELDS
+        assert row["status"] == "ok", row["error"]
+        assert row["time_ms_min"] <= row["time_ms_median"] <= row["time_ms_max"]
+        assert 2 <= row["repeats"] <= 3
+        assert row["memory_bytes"] > 0 and row["compile_s"] > 0
+        assert row["tokens_per_s"] == pytest.approx(row["seq_len"] / row["time_ms_median"] * 1e3)
+        spec = av.spec(row["variant"])
+        fwd = spec.flops(1, row["seq_len"], row["seq_len"], 2, 16, causal=True, **row["options"])
+        factor = 1.0 if row["mode"] == "fwd" else 3.5
+        assert row["useful_flops"] == pytest.approx(factor * fwd)
+    assert {(r["heads"], r["kv_heads"]) for r in rows} == {(2, 1)}
+    assert "fwd_bwd: median time (ms)" in out and "GEMM 256^3" in out
+    assert "| blockwise |" in (tmp_path / "report.md").read_text()
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 1 + 4
+    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    # A rerun with the same workdir measures nothing and appends nothing.
+    before = lines(tmp_path)
+    _, out = run(tiny(lengths="64"), tmp_path)
+    assert "resuming: 4 cells already done" in out
+    assert lines(tmp_path) == before
+    assert len(json.loads((tmp_path / "meta.json").read_text())["runs"]) == 2
+
+
+def fake_measure(ms_of_T, calls):
+    """A stand-in for Sweep.measure: an ok row whose time is ms_of_T(T), no compiling."""
+
+    def measure(self, cell, gemm):
+        calls.append((cell.variant, cell.seq_len, cell.mode))
+        ms = ms_of_T(cell.seq_len)
+        values = {"time_ms_median": ms, "time_ms_min": ms, "time_ms_max": ms, "repeats": 1}
+        return self.row(cell, "ok", compile_s=0.0, memory_bytes=cell.seq_len, **values)
+
+    return measure
+
+
+@pytest.fixture
+def no_gemm(monkeypatch):
+    """No reference GEMM and no plot: these tests are about the runner."""
+    monkeypatch.setattr(bench, "gemm_gflops", lambda *a, **k: 100.0)
+    monkeypatch.setattr(report, "plot", lambda rows, path: None)
+
+
+def test_resume_measures_only_missing_cells(tmp_path, monkeypatch, no_gemm):
+    calls = []
+    monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(lambda T: 1.0, calls))
+    run(tiny(lengths="64,128,256"), tmp_path)
+    # Lengths ascend; at each length the baselines (xla, blockwise) run first.
+    assert calls[:4] == [
+        ("xla", 64, "fwd"),
+        ("xla", 64, "fwd_bwd"),
+        ("blockwise", 64, "fwd"),
+        ("blockwise", 64, "fwd_bwd"),
+    ]
+    assert len(calls) == 12
+    path = tmp_path / "results.jsonl"
+    path.write_text("\n".join(lines(tmp_path)[:-3]) + "\n")  # lose the last three cells
+    calls.clear()
+    rows, _ = run(tiny(lengths="64,128,256"), tmp_path)
+    assert calls == [
+        ("xla", 256, "fwd_bwd"),
+        ("blockwise", 256, "fwd"),
+        ("blockwise", 256, "fwd_bwd"),
+    ]
+    assert len(rows) == 12
+
+
+def test_crash_during_a_cell_becomes_an_error_row(tmp_path, monkeypatch, no_gemm):
+    calls = []
+    monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(lambda T: 1.0, calls))
+    config = tiny(lengths="64", variants="xla", modes="fwd")
+    cell = sweep.plan_cells(config, "float32")[0]
+    (tmp_path / "inflight.json").write_text(json.dumps(cell.fields()))  # died mid-cell
+    rows, _ = run(config, tmp_path)
+    assert calls == []  # not retried
+    assert rows[0]["status"] == "error" and "died" in rows[0]["error"]
+    assert not (tmp_path / "inflight.json").exists()
+
+
+def test_oom_is_predicted_without_running_and_stops_growth(tmp_path, monkeypatch, no_gemm):
+    monkeypatch.setattr(bench, "free_memory_bytes", lambda device: 1024)  # 1 KiB free
+    timed = []
+    monkeypatch.setattr(bench, "time_calls", lambda *a, **k: timed.append(1))
+    rows, out = run(tiny(lengths="64,128", variants="xla", modes="fwd"), tmp_path)
+    assert timed == []
+    assert [r["status"] for r in rows] == ["oom", "skipped"]
+    assert rows[0]["error"].startswith("predicted: needs") and rows[0]["memory_bytes"] > 1024
+    assert rows[1]["error"] == "stopped growing: T=64 was oom"
+    assert "oom" in (tmp_path / "report.md").read_text()
+
+
+def test_an_exception_is_an_error_row_and_the_sweep_goes_on(tmp_path, monkeypatch, no_gemm):
+    build = cells.KINDS["kernel"]
+
+    def flaky(cell, config):
+        if cell.variant == "xla" and cell.mode == "fwd_bwd":
+            raise RuntimeError("injected failure")
+        return build(cell, config)
+
+    monkeypatch.setitem(cells.KINDS, "kernel", flaky)
+    rows, _ = run(tiny(lengths="64"), tmp_path)
+    status = {(r["variant"], r["mode"]): (r["status"], r["error"]) for r in rows}
+    assert status[("xla", "fwd_bwd")] == ("error", "RuntimeError: injected failure")
+    assert status[("xla", "fwd")][0] == status[("blockwise", "fwd_bwd")][0] == "ok"
+
+
+def test_slow_variants_stop_growing_and_the_budget_is_kept(tmp_path, monkeypatch, no_gemm):
+    calls = []
+    quadratic = lambda T: 1000.0 * (T / 64) ** 2  # noqa: E731  1 s at 64, 4 s at 128, ...
+    monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(quadratic, calls))
+    config = tiny(lengths="64,128,256,512", variants="xla", modes="fwd", max_call_s=10.0)
+    rows, _ = run(config, tmp_path)
+    assert [r["status"] for r in rows] == ["ok", "ok", "skipped", "skipped"]
+    assert rows[2]["error"] == "predicted 16 s per call > max_call_s=10"  # slope 2 from 64, 128
+    assert rows[3]["error"] == "stopped growing: T=256 was skipped"
+    # Cells that would overrun the whole-sweep budget are skipped too.
+    rows, _ = run(tiny(lengths="64", variants="xla", time_budget_s=0.5), tmp_path / "budget")
+    assert {r["status"] for r in rows} == {"skipped"}
+    assert rows[0]["error"].startswith("time budget")
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"lengths": "64,abc"}, "lengths"),
+        ({"lengths": "0"}, "lengths"),
+        ({"variants": "xla,nope"}, "variants"),
+        ({"modes": "fwd,bwd"}, "modes"),
+        ({"heads": 3, "kv_heads": 2}, "kv_heads"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"memory_fraction": 1.5}, "memory_fraction"),
+        ({"options": {"blockwise": {"block_q": -1}}}, "options.blockwise"),
+        ({"options": {"blockwise": {"tile": 8}}}, "options.blockwise"),
+        ({"options": {"nope": {}}}, "options.nope"),
+    ],
+)
+def test_bad_config_values_name_the_field(changes, field):
+    config = tiny()
+    config.update(changes)
+    with pytest.raises(cells.ConfigError) as e:
+        cells.plan_cells(config, cells.resolve_dtype(config.dtype, "cpu"))
+    assert e.value.field == field
+    assert str(e.value).startswith(f"config.{field}:")
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [("--config.lengths=64,x", "config.lengths"), ("--config.heads=two", "config.heads")],
+)
+def test_cli_exits_2_on_a_bad_config(tmp_path, override, needle):
+    cmd = [sys.executable, "-m", "experiments.sweep", "--config=configs/tiny_sweep.py", override]
+    cmd.append(f"--workdir={tmp_path}")
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr and "invalid config" in result.stderr
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_train_step_cells_time_the_model(tmp_path, no_gemm):
+    from configs import model_sweep
+
+    config = model_sweep.get_config()
+    config.update(dict(variants="blockwise", lengths="32", heads=2, kv_heads=1, head_dim=8))
+    config.update(dict(cell_budget_s=0.05, min_repeats=2, max_repeats=2))
+    config.model.update(dict(num_layers=1, mlp_dim=32, vocab_size=64))
+    rows, _ = run(config, tmp_path)
+    (row,) = rows
+    assert row["status"] == "ok", row["error"]
+    assert row["mode"] == "train_step" and row["model"]["num_layers"] == 1
+    assert set(row) == ROW_FIELDS | {"model"}
+    assert row["repeats"] == 2 and row["memory_bytes"] > 0
+    # 6 x matmul weights x tokens (tied 64x16 embedding, q/k/v/out, gated MLP) + attention.
+    weights = 64 * 16 + (16 * 16 + 2 * 16 * 8 + 16 * 16) + 3 * 16 * 32
+    attention = 3.5 * 4 * 2 * 8 * 32 * 32 / 2
+    assert row["useful_flops"] == pytest.approx(6 * weights * 32 + attention)
+
+
+@pytest.mark.parametrize(
+    "name", ["context_sweep", "context_sweep_long", "model_sweep", "lra_speed", "tiny_sweep"]
+)
+def test_shipped_configs_are_valid(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    planned = cells.plan_cells(config, "float32")
+    variants = {c.variant for c in planned}
+    assert planned and len(planned) == len({c.key() for c in planned})
+    if name == "context_sweep":
+        assert variants == set(av.names())
+        assert sorted({c.seq_len for c in planned}) == [512 * 2**i for i in range(6)]
+    if name == "context_sweep_long":
+        assert variants == {n for n in av.names() if av.spec(n).linear_in_length}
+        assert max(c.seq_len for c in planned) == 131072
+    if name == "lra_speed":
+        assert sorted({c.seq_len for c in planned}) == [1024, 2048, 3072, 4096]
+        assert planned[0].variant == "dense" and planned[0].batch == 32
