@@ -9,7 +9,8 @@ is computed from running sums of phi(k_s) v_s^T instead of a [T, S] score matrix
 form runs chunk by chunk (the chunkwise-parallel form, e.g. Hua et al. 2022 "Transformer Quality
 in Linear Time"): quadratic inside a chunk of C positions, plus a float32 state [B, K, F, H+1]
 carried between chunks by `lax.scan`. A column of ones appended to V makes the last state column
-the normaliser sum_s phi(k_s). Time is O(T (C F + F H)), memory O(T C) per head.
+the normaliser sum_s phi(k_s). Time is O(T (C F + F H)) per head; a step holds one chunk's
+[C, C] scores, so memory is O(T) for inputs and outputs plus O(C^2 + F H).
 
 Features arrive computed: qf [B, T, N, F], kf [B, S, K, F] (non-negative, float32). Performer's
 exponential features also pass `log_scale` m [B, S, K]: the true key feature is kf * exp(m).
@@ -42,8 +43,8 @@ NEG = -1e30  # "minus infinity" for running maxima; finite, so no inf - inf = Na
 class Chunking:
     """Chunk length C: performance only, results change only by float rounding.
 
-    Tuned on a 2-core AVX-512 CPU (B=1, N=8, H=64; see docs/benchmarks.md); a length shorter
-    than a chunk runs as one chunk.
+    64 was the fastest of 16..256 for `linear` and `performer` on a 2-core AVX-512 CPU
+    (B=1, N=8, H=64, T=1K..16K). A length shorter than a chunk runs as one chunk.
     """
 
     chunk: int = 64
@@ -207,10 +208,9 @@ def _segment_sums(qf, kf, v1, *, log_scale, segment_ids, chunk):
     acc_b, M_b = causal_sums(*map(flip, (qf, kf, v1)), log_scale=flip(log_scale), strict=True, **kw)
     acc_b, M_b = flip(acc_b), flip(M_b)
     if M is None:
-        return acc + acc_b, None
+        return acc + acc_b
     M_all = jnp.maximum(M, M_b)
-    rescale = lambda a, m: a * jnp.exp(m - M_all)[..., None]  # noqa: E731
-    return rescale(acc, M) + rescale(acc_b, M_b), M_all
+    return acc * jnp.exp(M - M_all)[..., None] + acc_b * jnp.exp(M_b - M_all)[..., None]
 
 
 def linear_attention(qf, kf, v, *, causal, segment_ids=None, log_scale=None, chunk: int):
@@ -227,13 +227,13 @@ def linear_attention(qf, kf, v, *, causal, segment_ids=None, log_scale=None, chu
     if causal:
         acc, _ = causal_sums(qf, kf, v1, segment_ids=segment_ids, chunk=chunk, **kw)
     elif segment_ids is not None:
-        acc, _ = _segment_sums(qf, kf, v1, segment_ids=segment_ids, chunk=chunk, **kw)
+        acc = _segment_sums(qf, kf, v1, segment_ids=segment_ids, chunk=chunk, **kw)
     else:
         acc = global_sums(qf, kf, v1, **kw)
     return ratio(acc)
 
 
-def visible_pairs(T: int, S: int, *, causal: bool, segment_ids=None):
+def visible_mask(T: int, S: int, *, causal: bool, segment_ids=None):
     """Boolean [B|1, T, S]: which keys each query sums over (references and tests only)."""
     vis = jnp.ones((1, T, S), bool)
     if causal:
@@ -251,7 +251,7 @@ def linear_attention_reference(qf, kf, v, *, causal, segment_ids=None, log_scale
     """
     B, T, N, _ = qf.shape
     S, K, H = v.shape[1:]
-    vis = visible_pairs(T, S, causal=causal, segment_ids=segment_ids)[:, None, None]
+    vis = visible_mask(T, S, causal=causal, segment_ids=segment_ids)[:, None, None]
     scores = _einsum("BTKGF,BSKF->BKGTS", _group(qf, K), kf)  # [B, K, G, T, S]
     if log_scale is not None:
         m = lax.stop_gradient(log_scale.astype(jnp.float32)).transpose(0, 2, 1)  # [B, K, S]
@@ -291,7 +291,8 @@ def chunked_flops(B, T, S, N, H, *, causal=True, features: int, chunk: int, **_)
 
     Causal: per query head 2 T C F (chunk scores) + 2 T C (H+1) (their product with [V, 1])
     + 2 T F (H+1) (state readout), and 2 S F (H+1) per head for state updates.
-    Non-causal: the state (2 S F (H+1)) and its readout (2 T F (H+1)) only.
+    Non-causal: the state (2 S F (H+1)) and its readout (2 T F (H+1)) only (with segment_ids,
+    which this count does not see, the causal work twice: a forward and a reversed pass).
     """
     F, H1 = features, H + 1
     flops = 2.0 * S * F * H1 + 2.0 * T * F * H1

@@ -24,7 +24,7 @@ from attention_variants.chunked import (
     recurrent_step,
 )
 from attention_variants.common import check_inputs
-from attention_variants.masks import causal_or_full
+from attention_variants.dense import causal_mask
 from attention_variants.registry import register
 
 DEFAULTS = Chunking()
@@ -44,10 +44,6 @@ def flops(B, T, S, N, H, *, causal=True, chunk=DEFAULTS.chunk, **_):
     return chunked_flops(B, T, S, N, H, causal=causal, features=H, chunk=chunk)
 
 
-def mask(causal=True, **_):
-    return causal_or_full(causal)
-
-
 def reference(q, k, v, *, causal=True, segment_ids=None, scale=None):
     """The explicit sums over an explicit [T, S] mask, float32."""
     check_inputs(q, k, v, segment_ids, causal)
@@ -63,7 +59,7 @@ def reference(q, k, v, *, causal=True, segment_ids=None, scale=None):
     flops=flops,
     check=check,
     linear_in_length=True,
-    mask=mask,
+    mask=causal_mask,
     examples=({"chunk": 8}, {"chunk": 13}),
 )
 def linear(q, k, v, *, causal=True, segment_ids=None, scale=None, chunk=DEFAULTS.chunk):

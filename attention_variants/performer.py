@@ -32,7 +32,7 @@ from attention_variants.chunked import (
     recurrent_step,
 )
 from attention_variants.common import check_inputs, check_positive, default_scale
-from attention_variants.linear import mask
+from attention_variants.dense import causal_mask
 from attention_variants.registry import register
 
 DEFAULTS = Chunking()
@@ -71,8 +71,8 @@ def features(q, k, scale, num_features: int, seed: int):
 
 def check(*, num_features, seed, chunk):
     check_positive(num_features=num_features)
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, got seed={seed!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got seed={seed!r}")
     Chunking(chunk)
 
 
@@ -99,7 +99,7 @@ def reference(
     flops=flops,
     check=check,
     linear_in_length=True,
-    mask=mask,
+    mask=causal_mask,
     examples=({"chunk": 8, "num_features": 32, "seed": 1}, {"chunk": 13, "num_features": 20}),
 )
 def performer(

@@ -24,6 +24,13 @@ from experiments.cells import row_key
 
 Row = dict[str, Any]
 SHORT = {"oom": "oom", "error": "err", "skipped": "skip"}
+LEGEND = (
+    "Cells: `oom` (predicted from the compiled memory, or real), `skip` (not run; the reason is "
+    "in results.csv `error`), `err`. A skipped or oom cell that was compiled shows its memory. "
+    "Memory is XLA's compiled temp + arguments + outputs; the runtime peak is results.csv "
+    "`peak_bytes` (GPU/TPU: allocator; CPU: growth of the resident set during the warm-up call, "
+    "sampled every 1 ms, a lower bound that misses small, short peaks)."
+)
 
 
 def load_rows(path: str | Path) -> list[Row]:
@@ -171,7 +178,9 @@ def table(rows: Sequence[Row], mode: str, field: str, scale: float = 1.0) -> str
             if r is None:
                 cells.append("")
             elif r["status"] != "ok":
-                cells.append(SHORT[r["status"]])
+                value = r.get(field) if field == "memory_bytes" else None
+                shown = f" {_num(value / scale)}" if value else ""
+                cells.append(SHORT[r["status"]] + shown)
             else:
                 cells.append(_num(r[field] / scale) if r.get(field) is not None else "?")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -240,14 +249,7 @@ def write_report(workdir: str | Path) -> Path:
             f"{run['gemm_gflops']:.1f} GFLOP/s"
         )
     md.append(f"- report built {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
-    md += [
-        "",
-        "Cells: `oom` (predicted or real), `skip` (not run: see results.csv `error`), "
-        "`err`. Memory is XLA's compiled temp + arguments + outputs; the runtime peak is in "
-        "results.csv `peak_bytes` (GPU/TPU: allocator; CPU: growth of the resident set during "
-        "the warm-up call, sampled each 1 ms, a lower bound that misses small short peaks).",
-        "",
-    ]
+    md += ["", LEGEND, ""]
     for mode in modes:
         md += [f"## {mode}", "", "Median time (ms):", "", table(rows, mode, "time_ms_median"), ""]
         md += ["Compiled memory (MiB):", "", table(rows, mode, "memory_bytes", 2**20), ""]

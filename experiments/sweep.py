@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -148,21 +149,33 @@ class Sweep:
         n = bench.choose_repeats(call, c.cell_budget_s, c.min_repeats, c.max_repeats, c.long_call_s)
         return call, (ok[-1]["compile_s"] or 0.0) + call * (1 + n)
 
-    def skip_reason(self, cell: Cell, elapsed: float) -> str | None:
-        lane = self.lane(cell)
-        if lane and lane[-1]["status"] in ("oom", "skipped"):
-            last = lane[-1]
-            return f"stopped growing: T={last['seq_len']} was {last['status']}"
+    def compile_cost(self, cell: Cell) -> float:
+        """Compile seconds expected at this length (grown linearly from the lane's last)."""
+        done = [r for r in self.lane(cell) if r.get("compile_s")]
+        if not done:
+            return self.mean_cost()
+        return done[-1]["compile_s"] * cell.seq_len / done[-1]["seq_len"]
+
+    def decide(self, cell: Cell, elapsed: float) -> tuple[str, str | None]:
+        """("time" | "memory" | "skip", reason). A cell whose call would pass `max_call_s` is
+        only compiled, for its memory (and oom prediction), after all timed cells; none is
+        tried after an oom; none starts that would overrun `time_budget_s`."""
+        oom = [r["seq_len"] for r in self.lane(cell) if r["status"] == "oom"]
+        if oom:
+            return "skip", f"stopped growing: oom at T={oom[-1]}"
         predicted = self.predict(cell)
-        if predicted and predicted[0] > self.config.max_call_s:
-            return (
-                f"predicted {predicted[0]:.0f} s per call > max_call_s={self.config.max_call_s:g}"
+        c, left = self.config, self.config.time_budget_s - elapsed
+        if predicted and predicted[0] > c.max_call_s:
+            reason = (
+                f"not timed: predicted {predicted[0]:.0f} s per call > max_call_s={c.max_call_s:g}"
             )
+            if c.time_budget_s and self.compile_cost(cell) > left:
+                return "skip", reason + "; no time left to compile"
+            return "memory", reason
         cost = predicted[1] if predicted else self.mean_cost()
-        budget = self.config.time_budget_s
-        if budget and elapsed + cost > budget:
-            return f"time budget: cell predicted {cost:.0f} s, {budget - elapsed:.0f} s left"
-        return None
+        if c.time_budget_s and cost > left:
+            return "skip", f"time budget: cell predicted {cost:.0f} s, {max(left, 0):.0f} s left"
+        return "time", None
 
     def mean_cost(self) -> float:
         return sum(self.costs) / len(self.costs) if self.costs else 1.0
@@ -175,12 +188,15 @@ class Sweep:
                 total += self.mean_cost()
             elif predicted[0] <= self.config.max_call_s:
                 total += predicted[1]
+            else:
+                total += self.compile_cost(cell)
         budget = self.config.time_budget_s
-        return min(total, budget - elapsed) if budget else total
+        return max(0.0, min(total, budget - elapsed)) if budget else total
 
     # -- measuring -----------------------------------------------------------------------------
-    def measure(self, cell: Cell, gemm_gflops: float) -> dict[str, Any]:
-        """Builds, compiles, checks memory and times one cell; never raises (except Ctrl-C)."""
+    def measure(self, cell: Cell, gemm_gflops: float, why_untimed: str | None = None) -> dict:
+        """Builds, compiles, checks memory and times one cell (or, given `why_untimed`, stops
+        after the memory analysis: a `skipped` row with memory); never raises but Ctrl-C."""
         c = self.config
         try:
             built = KINDS[cell.kind](cell, c)
@@ -193,6 +209,8 @@ class Sweep:
                 need, have = memory.to_allocate / bench.GiB, free / bench.GiB
                 error = f"predicted: needs {need:.2f} GiB, {have:.2f} GiB free"
                 return self.row(cell, "oom", error, **values)
+            if why_untimed:
+                return self.row(cell, "skipped", why_untimed, **values)
             timing, peak = bench.time_calls(
                 lambda: compiled(*built.args),
                 budget_s=c.cell_budget_s,
@@ -235,22 +253,29 @@ class Sweep:
         todo = [cell for cell in self.cells if not self.done(cell)]
         if len(todo) < len(self.cells):
             print(f"resuming: {len(self.cells) - len(todo)} cells already done", file=self.out)
-        for i, cell in enumerate(todo):
-            elapsed = time.perf_counter() - start
-            reason = self.skip_reason(cell, elapsed)
-            if reason:
-                row = self.row(cell, "skipped", reason)
-            else:
-                self.inflight.write_text(json.dumps(cell.fields()))
-                t0 = time.perf_counter()
-                row = self.measure(cell, gemm)
-                self.costs.append(time.perf_counter() - t0)
-                gc.collect()
-            self.append(row)
-            self.inflight.unlink(missing_ok=True)
-            elapsed = time.perf_counter() - start
-            eta = self.eta(todo[i + 1 :], elapsed)
-            print(progress_line(i + 1, len(todo), elapsed, eta, row), file=self.out, flush=True)
+        deferred: list[Cell] = []  # compiled for memory only, after every timed cell
+        finished: set[str] = set()
+        for phase in (todo, deferred):
+            for cell in phase:
+                action, reason = self.decide(cell, time.perf_counter() - start)
+                if action == "memory" and phase is todo:
+                    deferred.append(cell)
+                    continue
+                if action == "skip":
+                    row = self.row(cell, "skipped", reason)
+                else:
+                    self.inflight.write_text(json.dumps(cell.fields()))
+                    t0 = time.perf_counter()
+                    row = self.measure(cell, gemm, reason)
+                    self.costs.append(time.perf_counter() - t0)
+                    gc.collect()
+                self.append(row)
+                self.inflight.unlink(missing_ok=True)
+                finished.add(cell.key())
+                elapsed = time.perf_counter() - start
+                eta = self.eta([c for c in todo if c.key() not in finished], elapsed)
+                line = progress_line(len(finished), len(todo), elapsed, eta, row)
+                print(line, file=self.out, flush=True)
         return gemm
 
 
@@ -262,7 +287,8 @@ def progress_line(i: int, n: int, elapsed: float, eta: float, row: dict[str, Any
     head = f"[{i:>3}/{n} {_clock(elapsed)} eta {_clock(eta)}]"
     cell = f"{row['variant']:<14} T={row['seq_len']:<6} {row['mode']:<10} {row['status']:<7}"
     if row["status"] != "ok":
-        return f"{head} {cell} {row['error'] or ''}"
+        mem = f" ({row['memory_bytes'] / 2**20:.0f} MiB)" if row.get("memory_bytes") else ""
+        return f"{head} {cell} {row['error'] or ''}{mem}"
     mem = (row["memory_bytes"] or 0) / 2**20
     rate = f"{row['gflops']:7.1f} GFLOP/s" if row["gflops"] else ""
     timing = f"{row['time_ms_median']:10.1f} ms x{row['repeats']}"
@@ -317,6 +343,7 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None:
         print("invalid config: --config=configs/<name>.py is required", file=sys.stderr)
         sys.exit(2)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill is not a crashed cell
     name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
     workdir = Path(_WORKDIR.value or Path("results") / name)
     try:

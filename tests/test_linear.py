@@ -60,13 +60,13 @@ def test_performer_error_falls_with_num_features(causal):
         return np.mean(
             [
                 float(jnp.sqrt(jnp.mean((fn(q, k, v, causal=causal) - exact) ** 2)))
-                for fn in (av.get("performer", num_features=num_features, seed=s) for s in range(4))
+                for fn in (av.get("performer", num_features=num_features, seed=s) for s in range(3))
             ]
         )
 
-    errors = [error(m) for m in (16, 256, 1024)]
-    assert errors[0] > 1.5 * errors[1] > 1.5 * 1.5 * errors[2], errors
-    assert errors[2] < 0.05, errors
+    errors = [error(m) for m in (16, 256, 1024)]  # about 0.08, 0.03, 0.016 when causal
+    assert errors[0] > 1.5 * errors[1] and errors[1] > 1.4 * errors[2], errors
+    assert errors[2] < 0.03, errors
 
 
 def test_performer_is_deterministic_per_seed():
@@ -118,6 +118,7 @@ def test_long_bfloat16_is_finite(name):
         ("performer", "num_features", 0),
         ("performer", "num_features", -1),
         ("performer", "seed", "one"),
+        ("performer", "seed", -1),
     ],
 )
 def test_bad_options_raise(name, option, value):

@@ -66,12 +66,14 @@ def test_tiny_sweep_end_to_end_then_resume(tmp_path):
     assert len(json.loads((tmp_path / "meta.json").read_text())["runs"]) == 2
 
 
-def fake_measure(ms_of_T, calls):
-    """A stand-in for Sweep.measure: an ok row whose time is ms_of_T(T), no compiling."""
+def fake_measure(ms_of_cell, calls):
+    """A stand-in for Sweep.measure: an ok row whose time is ms_of_cell(cell), no compiling."""
 
-    def measure(self, cell, gemm):
+    def measure(self, cell, gemm, why_untimed=None):
+        if why_untimed:
+            return self.row(cell, "skipped", why_untimed, memory_bytes=cell.seq_len)
         calls.append((cell.variant, cell.seq_len, cell.mode))
-        ms = ms_of_T(cell.seq_len)
+        ms = ms_of_cell(cell)
         values = {"time_ms_median": ms, "time_ms_min": ms, "time_ms_max": ms, "repeats": 1}
         return self.row(cell, "ok", compile_s=0.0, memory_bytes=cell.seq_len, **values)
 
@@ -87,7 +89,7 @@ def no_gemm(monkeypatch):
 
 def test_resume_measures_only_missing_cells(tmp_path, monkeypatch, no_gemm):
     calls = []
-    monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(lambda T: 1.0, calls))
+    monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(lambda cell: 1.0, calls))
     run(tiny(lengths="64,128,256"), tmp_path)
     # Lengths ascend; at each length the baselines (xla, blockwise) run first.
     assert calls[:4] == [
@@ -111,7 +113,7 @@ def test_resume_measures_only_missing_cells(tmp_path, monkeypatch, no_gemm):
 
 def test_crash_during_a_cell_becomes_an_error_row(tmp_path, monkeypatch, no_gemm):
     calls = []
-    monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(lambda T: 1.0, calls))
+    monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(lambda cell: 1.0, calls))
     config = tiny(lengths="64", variants="xla", modes="fwd")
     cell = sweep.plan_cells(config, "float32")[0]
     (tmp_path / "inflight.json").write_text(json.dumps(cell.fields()))  # died mid-cell
@@ -129,7 +131,7 @@ def test_oom_is_predicted_without_running_and_stops_growth(tmp_path, monkeypatch
     assert timed == []
     assert [r["status"] for r in rows] == ["oom", "skipped"]
     assert rows[0]["error"].startswith("predicted: needs") and rows[0]["memory_bytes"] > 1024
-    assert rows[1]["error"] == "stopped growing: T=64 was oom"
+    assert rows[1]["error"] == "stopped growing: oom at T=64"
     assert "oom" in (tmp_path / "report.md").read_text()
 
 
@@ -150,13 +152,22 @@ def test_an_exception_is_an_error_row_and_the_sweep_goes_on(tmp_path, monkeypatc
 
 def test_slow_variants_stop_growing_and_the_budget_is_kept(tmp_path, monkeypatch, no_gemm):
     calls = []
-    quadratic = lambda T: 1000.0 * (T / 64) ** 2  # noqa: E731  1 s at 64, 4 s at 128, ...
-    monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(quadratic, calls))
-    config = tiny(lengths="64,128,256,512", variants="xla", modes="fwd", max_call_s=10.0)
+
+    def ms(cell):  # xla: 1 s at T=64, 4 s at 128, ...; blockwise: 1 ms
+        return 1000.0 * (cell.seq_len / 64) ** 2 if cell.variant == "xla" else 1.0
+
+    monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(ms, calls))
+    config = tiny(lengths="64,128,256,512", modes="fwd", max_call_s=10.0)
     rows, _ = run(config, tmp_path)
-    assert [r["status"] for r in rows] == ["ok", "ok", "skipped", "skipped"]
-    assert rows[2]["error"] == "predicted 16 s per call > max_call_s=10"  # slope 2 from 64, 128
-    assert rows[3]["error"] == "stopped growing: T=256 was skipped"
+    xla = [r for r in rows if r["variant"] == "xla"]
+    assert [r["status"] for r in xla] == ["ok", "ok", "skipped", "skipped"]
+    # Slope 2 from T=64 and 128; beyond the cap a cell is compiled for its memory only, and
+    # after every timed cell (the last rows of the file).
+    assert xla[2]["error"] == "not timed: predicted 16 s per call > max_call_s=10"
+    assert xla[3]["error"] == "not timed: predicted 64 s per call > max_call_s=10"
+    assert xla[3]["memory_bytes"] == 512
+    assert [json.loads(line)["seq_len"] for line in lines(tmp_path)[-2:]] == [256, 512]
+    assert len(calls) == 2 + 4  # xla at 64 and 128, blockwise everywhere
     # Cells that would overrun the whole-sweep budget are skipped too.
     rows, _ = run(tiny(lengths="64", variants="xla", time_budget_s=0.5), tmp_path / "budget")
     assert {r["status"] for r in rows} == {"skipped"}
@@ -235,4 +246,4 @@ def test_shipped_configs_are_valid(name):
         assert max(c.seq_len for c in planned) == 131072
     if name == "lra_speed":
         assert sorted({c.seq_len for c in planned}) == [1024, 2048, 3072, 4096]
-        assert planned[0].variant == "dense" and planned[0].batch == 32
+        assert planned[0].variant == "xla" and planned[0].batch == 32
