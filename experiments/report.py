@@ -381,7 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"no rows in {p}")
         lines, worse = compare(old, new, args.threshold)
         print("\n".join(lines))
-        print(f"{'FAIL' if worse else 'OK'}: threshold {args.threshold:.0%} slower")
+        bad = sum(line.endswith(("SLOWER", "WORSE")) for line in lines)
+        verdict = "FAIL" if worse else "OK"
+        print(f"{verdict}: {bad} cell(s) slower by more than {args.threshold:.0%} or failing")
         return 1 if worse else 0
     if not args.workdir:
         parser.error("give a workdir or --compare OLD NEW")

@@ -4,11 +4,14 @@
         [--config.variants=blockwise,xla] [--config.lengths=1024,4096] [--workdir=DIR]
 
 Rows are appended to DIR/results.jsonl (default DIR: results/<config name>) as each cell is
-measured; a rerun with the same DIR skips the cells already there. A cell whose compiled memory
-exceeds the free memory is recorded as `oom` without running, and its variant stops growing in
-length; so does one whose call time (measured or extrapolated) passes `max_call_s`, and cells
-that would overrun `time_budget_s` are `skipped` with the reason. Exceptions become `error` rows.
-At the end DIR/report.md, results.csv and scaling.png are (re)built by `experiments.report`.
+measured; a rerun with the same DIR skips the cells already there (not the `skipped` ones),
+and a cell that was running when the process died becomes an `error` row. Lengths ascend, the
+baselines first at each. A cell whose compiled memory exceeds the free memory is `oom` without
+running, and its variant is not tried at longer lengths. A cell whose call (extrapolated from
+shorter lengths) would pass `max_call_s` is only compiled, after the timed cells, for its
+memory; cells that would overrun `time_budget_s` are `skipped`, with the reason. An exception
+becomes an `error` row. At the end `experiments.report` (re)builds DIR/report.md, results.csv
+and scaling.png, and the time tables are printed.
 Exit code 0 unless the config is invalid (then 2, naming the field).
 """
 
@@ -328,29 +331,39 @@ def run(config: Any, workdir: Path, command: str, out: TextIO = sys.stdout) -> P
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing, with a bad or unknown config field reported as a config error (exit 2)."""
+    """absl parsing; a bad value, an unknown field or an unreadable config file is reported as
+    a config error (exit code 2)."""
     try:
         return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError) as e:
+        print(f"invalid config: unknown field {e}", file=sys.stderr)
+    except (flags.Error, OSError, TypeError, ValueError) as e:
         print(f"invalid config: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(2)
+
+
+def _fail(message: str) -> None:
+    print(f"invalid config: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        print(f"invalid config: unexpected arguments {argv[1:]}", file=sys.stderr)
-        sys.exit(2)
-    if _CONFIG.value is None:
-        print("invalid config: --config=configs/<name>.py is required", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"unexpected arguments {argv[1:]}")
+    config = _CONFIG.value
+    if config is None:
+        _fail("--config=configs/<name>.py is required")
+    try:
+        config.keys()  # a config file that failed to load raises here
+    except (OSError, AttributeError) as e:
+        _fail(str(e))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill is not a crashed cell
     name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
     workdir = Path(_WORKDIR.value or Path("results") / name)
     try:
-        run(_CONFIG.value, workdir, " ".join(["python -m experiments.sweep", *sys.argv[1:]]))
+        run(config, workdir, " ".join(["python -m experiments.sweep", *sys.argv[1:]]))
     except ConfigError as e:
-        print(f"invalid config: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
 
 
 if __name__ == "__main__":

@@ -200,7 +200,12 @@ def test_bad_config_values_name_the_field(changes, field):
 
 @pytest.mark.parametrize(
     "override, needle",
-    [("--config.lengths=64,x", "config.lengths"), ("--config.heads=two", "config.heads")],
+    [
+        ("--config.lengths=64,x", "config.lengths"),  # caught by validation
+        ("--config.heads=two", "config.heads"),  # caught by flag parsing
+        ("--config.nosuch=1", "nosuch"),  # no such field
+        ("--config=configs/nope.py", "nope.py"),  # no such file
+    ],
 )
 def test_cli_exits_2_on_a_bad_config(tmp_path, override, needle):
     cmd = [sys.executable, "-m", "experiments.sweep", "--config=configs/tiny_sweep.py", override]
