@@ -25,7 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.variants = "all"  # comma-separated registry names, or "all" for every registered variant
     c.only_linear_in_length = False  # keep only variants registered as O(T) (linear_in_length)
     c.baselines = "xla,blockwise"  # run first at each length; crossovers are measured against them
-    c.options = ml_collections.ConfigDict()  # per-variant options: {name: {option: value}}
+    # Per-variant options {name: {option: value}}; a variant not listed runs its defaults. Listed
+    # entries can be overridden, e.g. --config.options.sliding_window.window=256.
+    c.options = ml_collections.ConfigDict()
+    c.options.xla = {"implementation": "xla"}  # "cudnn" on NVIDIA GPUs
+    c.options.sliding_window = {"window": 512}  # the window of issue 3's targets
     c.lengths = "512,1024,2048,4096,8192,16384"  # comma-separated context lengths T (= S)
     c.modes = "fwd,fwd_bwd"  # fwd: attention output; fwd_bwd: value_and_grad wrt q, k, v
     c.batch = 1  # B
