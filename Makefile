@@ -24,5 +24,5 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
-clean:
-	rm -rf $(VENV) results .pytest_cache
+clean:  # keeps results/: measured sweeps are not build products
+	rm -rf $(VENV) .pytest_cache

@@ -29,7 +29,8 @@ def xla(q, k, v, *, causal=True, segment_ids=None, scale=None, implementation="x
     """`jax.nn.dot_product_attention`; segment_ids become its boolean `mask` (xla backend).
 
     cuDNN takes no arbitrary mask, so segment_ids with implementation="cudnn" raise
-    NotImplementedError. Rows with no visible key return zeros, as the contract demands.
+    NotImplementedError. Under the causal and segment masks every row sees at least itself,
+    so the library's behaviour on rows that see no key never arises here.
     """
     check(implementation=implementation)
     check_inputs(q, k, v, segment_ids, causal)

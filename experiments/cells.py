@@ -108,6 +108,18 @@ def build_kernel(cell: Cell, config: Any) -> Built:
     return Built(fn, (q, k, v, cotangent), flops * (1 + BACKWARD_FLOPS), B * T)
 
 
+# ModelConfig fields that a train_step cell sets itself (from the sweep's fields).
+TRAIN_STEP_FIELDS = (
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "max_len",
+    "attention",
+    "attention_options",
+    "dtype",
+)
+
+
 def build_train_step(cell: Cell, config: Any) -> Built:
     """One TransformerLM training step on random tokens: forward, next-token cross-entropy,
     backward and an AdamW update. Nothing is donated, so memory counts old and new state."""
@@ -255,9 +267,14 @@ def _model(config: Any) -> dict[str, Any]:
 
     fields = _get(config, "model")
     fields = fields.to_dict() if hasattr(fields, "to_dict") else dict(fields)
+    reserved = sorted(set(fields) & set(TRAIN_STEP_FIELDS))
+    if reserved:
+        raise ConfigError(
+            "model", f"{', '.join(reserved)} come from the sweep's own fields, not model.*"
+        )
     try:
         ModelConfig(num_heads=1, num_kv_heads=1, head_dim=8, max_len=8, **fields)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError("model", str(e)) from None
     return fields
 

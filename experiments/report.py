@@ -334,18 +334,32 @@ def plot(rows: Sequence[Row], path: Path) -> None:
 
 
 # -- regression guard ---------------------------------------------------------------------------
+def _pair_rows(old: Sequence[Row], new: Sequence[Row]) -> list[tuple[Row, Row | None]]:
+    """Pairs each old row with its new row: same cell, or else the same cell but for its
+    options (a retuned default tile size) when that match is unique on both sides."""
+    by_key = {row_key(r): r for r in new}
+    loose = lambda r: row_key({**r, "options": None})  # noqa: E731
+    counts: dict[str, int] = {}
+    for r in [*old, *new]:
+        counts[loose(r)] = counts.get(loose(r), 0) + 1
+    by_loose = {loose(r): r for r in new if counts[loose(r)] == 2}
+    return [(o, by_key.get(row_key(o)) or by_loose.get(loose(o))) for o in old]
+
+
 def compare(old: Sequence[Row], new: Sequence[Row], threshold: float) -> tuple[list[str], bool]:
-    """Per-cell new/old median-time ratios; True when a cell slowed by > threshold or stopped
-    running (ok before, not ok now)."""
-    old_rows, new_rows = {row_key(r): r for r in old}, {row_key(r): r for r in new}
-    lines, worse = [], False
+    """Per-cell new/old median-time ratios; True (a failure) when a cell slowed by more than
+    `threshold`, stopped running (ok before, not ok or missing now), or nothing was compared."""
+    lines, worse, compared, seen = [], False, 0, set()
     lines.append(f"{'variant':<16}{'mode':<11}{'T':>7}{'old ms':>11}{'new ms':>11}{'ratio':>8}")
-    for key, o in old_rows.items():
-        n = new_rows.get(key)
+    for o, n in _pair_rows(old, new):
         cell = f"{o['variant']:<16}{o['mode']:<11}{o['seq_len']:>7}"
         if n is None:
-            lines.append(f"{cell}  only in old")
-        elif o["status"] == "ok" and n["status"] == "ok":
+            worse |= o["status"] == "ok"
+            lines.append(f"{cell}  only in old" + ("  WORSE" if o["status"] == "ok" else ""))
+            continue
+        seen.add(id(n))
+        if o["status"] == "ok" and n["status"] == "ok":
+            compared += 1
             ratio = n["time_ms_median"] / o["time_ms_median"]
             flag = "  SLOWER" if ratio > 1 + threshold else ""
             worse |= bool(flag)
@@ -358,10 +372,12 @@ def compare(old: Sequence[Row], new: Sequence[Row], threshold: float) -> tuple[l
             lines.append(f"{cell}  {o['status']} -> {n['status']}")
     lines += [
         f"{'':<16}{'':<11}  only in new: {r['variant']} {r['mode']} {r['seq_len']}"
-        for k, r in new_rows.items()
-        if k not in old_rows
+        for r in new
+        if id(r) not in seen
     ]
-    return lines, worse
+    if not compared:
+        lines.append("no cell ran in both files: nothing was compared  WORSE")
+    return lines, worse or not compared
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -63,7 +63,7 @@ RESULT_FIELDS = (
     "gemm_fraction",
     "tokens_per_s",
 )
-OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM")
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory")
 
 
 def git_commit() -> str | None:

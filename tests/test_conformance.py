@@ -106,6 +106,20 @@ def test_gradients_match_reference(name, opts, causal, segmented):
 
 
 @pytest.mark.parametrize("name,opts", CASES)
+def test_cross_attention_with_a_custom_scale(name, opts):
+    """Non-causal, S != T, scale != 1/sqrt(H): forward and gradients vs the reference."""
+    q, k, v = random_qkv(18, T=20, S=13, N=4, K=2)
+    cot = jax.random.normal(jax.random.key(19), q.shape)
+    kw = dict(causal=False, scale=0.3)
+    out = kernel(name, opts)(q, k, v, **kw)
+    np.testing.assert_allclose(out, reference(name, opts)(q, k, v, **kw), **F32)
+    grads = jax.grad(weighted_sum(kernel(name, opts), cot, **kw), argnums=(0, 1, 2))(q, k, v)
+    refs = jax.grad(weighted_sum(reference(name, opts), cot, **kw), argnums=(0, 1, 2))(q, k, v)
+    for which, g, r in zip("qkv", grads, refs, strict=True):
+        np.testing.assert_allclose(g, r, **F32, err_msg=f"d{which}")
+
+
+@pytest.mark.parametrize("name,opts", CASES)
 def test_causality(name, opts):
     q, k, v = random_qkv(10, T=50)
     fn = jax.jit(kernel(name, opts))
@@ -182,7 +196,7 @@ def test_bad_shapes_name_the_dimensions(name):
     q, k, v = random_qkv(17, N=4, K=2)
     with pytest.raises(ValueError, match="N=4.*K=3"):
         fn(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2))
-    with pytest.raises(ValueError, match="H"):
+    with pytest.raises(ValueError, match="head dim H"):
         fn(q, k[..., :8], v[..., :8])
     with pytest.raises(ValueError, match="rank 4"):
         fn(q[0], k, v)

@@ -117,6 +117,24 @@ def test_compare_exit_codes(tmp_path, capsys, factor, new_status, threshold, cod
         assert f"{factor:.2f}" in out
 
 
+def compare_files(tmp_path, old, new):
+    args = ["--compare", str(write_jsonl(tmp_path / "old.jsonl", old))]
+    return report.main([*args, str(write_jsonl(tmp_path / "new.jsonl", new))])
+
+
+def test_compare_fails_when_a_cell_that_ran_is_missing_or_nothing_matches(tmp_path):
+    old = [make_row("a", 512, ms=10.0), make_row("b", 512, ms=10.0)]
+    assert compare_files(tmp_path, old, old[:1]) == 1  # b ran before and is gone now
+    assert compare_files(tmp_path, old, [make_row("c", 512)]) == 1  # nothing compared
+
+
+def test_compare_matches_a_cell_whose_options_changed(tmp_path, capsys):
+    old = [make_row("a", 512, ms=10.0, options={"block_q": 512})]
+    new = [make_row("a", 512, ms=20.0, options={"block_q": 256})]
+    assert compare_files(tmp_path, old, new) == 1  # the retuned kernel is compared, and slower
+    assert "2.00" in capsys.readouterr().out
+
+
 def test_compare_rejects_an_empty_file(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -252,3 +252,17 @@ def test_shipped_configs_are_valid(name):
     if name == "lra_speed":
         assert sorted({c.seq_len for c in planned}) == [1024, 2048, 3072, 4096]
         assert planned[0].variant == "xla" and planned[0].batch == 32
+
+
+@pytest.mark.parametrize(
+    "model_changes",
+    [{"positions": "alibi"}, {"dropout_rate": 2.0}, {"dtype": "bfloat16"}, {"attention": "xla"}],
+)
+def test_bad_model_section_names_the_field(model_changes):
+    from configs import model_sweep
+
+    config = model_sweep.get_config()
+    config.model.update(model_changes)
+    with pytest.raises(cells.ConfigError) as e:
+        cells.plan_cells(config, "float32")
+    assert e.value.field == "model"
