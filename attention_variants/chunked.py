@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from attention_variants.common import check_positive
@@ -213,6 +214,17 @@ def _segment_sums(qf, kf, v1, *, log_scale, segment_ids, chunk):
     return acc * jnp.exp(M - M_all)[..., None] + acc_b * jnp.exp(M_b - M_all)[..., None]
 
 
+def check_packed(segment_ids: np.ndarray) -> None:
+    """Raises ValueError unless each id is one contiguous run per row (checked when concrete;
+    under jit the ids are traced and the caller's packing is trusted)."""
+    for row in segment_ids:
+        if 1 + np.count_nonzero(row[1:] != row[:-1]) != len(np.unique(row)):
+            raise ValueError(
+                "segment_ids must be packed sequences (each id one contiguous run along T) "
+                f"for linear attention; got a row with a repeated id: {row.tolist()[:32]}"
+            )
+
+
 def linear_attention(qf, kf, v, *, causal, segment_ids=None, log_scale=None, chunk: int):
     """Kernelised attention from features: qf [B,T,N,F], kf [B,S,K,F], v [B,S,K,H].
 
@@ -220,6 +232,8 @@ def linear_attention(qf, kf, v, *, causal, segment_ids=None, log_scale=None, chu
     exp(log_scale), applied stably (see the module docstring).
     """
     B, T, N, _ = qf.shape
+    if segment_ids is not None and not isinstance(segment_ids, jax.core.Tracer):
+        check_packed(np.asarray(segment_ids))
     v1 = with_ones(v)
     if log_scale is not None:
         log_scale = lax.stop_gradient(log_scale.astype(jnp.float32))

@@ -7,7 +7,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from attention_variants.masks import Mask
+from attention_variants.masks import Mask, check_int
 
 
 def check_inputs(q, k, v, segment_ids=None, causal: bool = False) -> None:
@@ -43,8 +43,7 @@ def default_scale(scale: float | None, head_dim: int) -> float:
 def check_positive(**values) -> None:
     """Raises ValueError naming each option that is not a positive int."""
     for name, value in values.items():
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+        check_int(name, value)
 
 
 def visible_pairs(mask: Mask, T: int, S: int, rows: int = 2048) -> int:

@@ -127,3 +127,11 @@ def test_bad_options_raise(name, option, value):
     q, k, v = random_qkv(27)
     with pytest.raises(ValueError, match=option):
         av.spec(name).fn(q, k, v, **{option: value})
+
+
+def test_repeated_segment_ids_are_rejected_when_concrete():
+    q = jax.random.normal(jax.random.key(0), (1, 6, 2, 8))
+    seg = jnp.array([[0, 0, 1, 1, 0, 0]], jnp.int32)
+    for name in ("linear", "performer"):
+        with pytest.raises(ValueError, match="contiguous run"):
+            av.get(name)(q, q, q, segment_ids=seg)

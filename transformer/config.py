@@ -52,8 +52,16 @@ class ModelConfig:
             "max_len",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.embed_dim is not None and (
+            not isinstance(self.embed_dim, int)
+            or isinstance(self.embed_dim, bool)
+            or self.embed_dim <= 0
+        ):
+            raise ValueError(
+                f"ModelConfig.embed_dim must be None or a positive int, got {self.embed_dim!r}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
