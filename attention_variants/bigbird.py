@@ -20,10 +20,9 @@ import functools
 
 import numpy as np
 
-from attention_variants.common import check_inputs, softmax_flops
+from attention_variants.common import check_inputs, masked_reference, softmax_flops
 from attention_variants.masks import BlockSparse, Mask, check_int
 from attention_variants.registry import register
-from attention_variants.sliding_window import masked_reference
 from attention_variants.tiled import BlockSizes, tiled_attention
 
 BLOCK, WINDOW, GLOBAL, RANDOM = 64, 3, 2, 3  # the paper's ITC setting (block 64, 3/2/3 blocks)

@@ -96,3 +96,10 @@ def softmax_attention(q, k, v, *, mask=None, segment_ids=None, scale=None):
     p = p / jnp.where(denom == 0, 1.0, denom)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(B, T, N, H).astype(q.dtype)
+
+
+def masked_reference(mask: Mask, q, k, v, causal, segment_ids, scale):
+    """The exact variants' reference: plain softmax under the explicit [T, S] `mask.dense`."""
+    check_inputs(q, k, v, segment_ids, causal)
+    dense = mask.dense(q.shape[1], k.shape[1])
+    return softmax_attention(q, k, v, mask=dense, segment_ids=segment_ids, scale=scale)

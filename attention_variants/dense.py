@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from attention_variants.common import (
     causal_pairs,
-    check_inputs,
-    softmax_attention,
+    masked_reference,
     softmax_flops,
 )
 from attention_variants.masks import causal_or_full
@@ -23,9 +22,7 @@ def causal_mask(causal=True, **_):
 
 def reference(q, k, v, *, causal=True, segment_ids=None, scale=None):
     """Softmax attention under an explicit [T, S] causal mask (einsum, float32 statistics)."""
-    check_inputs(q, k, v, segment_ids, causal)
-    mask = causal_or_full(causal).dense(q.shape[1], k.shape[1]) if causal else None
-    return softmax_attention(q, k, v, mask=mask, segment_ids=segment_ids, scale=scale)
+    return masked_reference(causal_or_full(causal), q, k, v, causal, segment_ids, scale)
 
 
 @register("dense", exact=True, reference=reference, flops=softmax_flops_causal, mask=causal_mask)

@@ -17,10 +17,9 @@ import math
 
 import numpy as np
 
-from attention_variants.common import check_inputs, softmax_flops
+from attention_variants.common import check_inputs, masked_reference, softmax_flops
 from attention_variants.masks import Fixed
 from attention_variants.registry import register
-from attention_variants.sliding_window import masked_reference
 from attention_variants.tiled import BlockSizes, tiled_attention
 
 BLOCK, SUMMARY = 128, 16  # the paper's l=128 with c in {8, 16, 32}

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from attention_variants.common import check_inputs, softmax_attention, softmax_flops
-from attention_variants.masks import Mask, Window
+from attention_variants.common import check_inputs, masked_reference, softmax_flops
+from attention_variants.masks import Window
 from attention_variants.registry import register
 from attention_variants.tiled import BlockSizes, tiled_attention
 
@@ -44,13 +44,6 @@ def window_pairs(T: int, S: int, window: int, causal: bool = True) -> int:
 
 def flops(B, T, S, N, H, *, causal=True, window=WINDOW, **_) -> float:
     return softmax_flops(B, N, H, window_pairs(T, S, window, causal))
-
-
-def masked_reference(mask: Mask, q, k, v, causal, segment_ids, scale):
-    """The sparse family's reference: plain softmax under the explicit [T, S] `mask.dense`."""
-    check_inputs(q, k, v, segment_ids, causal)
-    dense = mask.dense(q.shape[1], k.shape[1])
-    return softmax_attention(q, k, v, mask=dense, segment_ids=segment_ids, scale=scale)
 
 
 def reference(q, k, v, *, causal=True, segment_ids=None, scale=None, window=WINDOW):
