@@ -30,7 +30,6 @@ class Timing:
     min_ms: float
     max_ms: float
     repeats: int
-    first_ms: float  # the warm-up call, which also chose the number of repeats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +182,7 @@ def time_calls(
         jax.block_until_ready(call())
         times.append(time.perf_counter() - start)
     ms = [t * 1e3 for t in times]
-    timing = Timing(statistics.median(ms), min(ms), max(ms), n, first * 1e3)
+    timing = Timing(statistics.median(ms), min(ms), max(ms), n)
     return timing, sampler.peak_bytes
 
 
