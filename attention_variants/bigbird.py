@@ -1,16 +1,16 @@
 """`bigbird`: block-sparse attention with window, global and random blocks (Zaheer et al. 2020).
 
-Positions fall in blocks of `block`. Query block a sees key block b when
-  * b is in its window: a - window < b <= a (|a - b| < window with `causal=False`);
+Positions (within the document) fall in blocks of `block`. Query block a sees key block b when
+  * b is in its window, a - left <= b <= a + right, `window=(left, right)` in blocks (default
+    (1, 1): the paper's 3-block window; an int w means (w - 1, 0));
   * a or b is among the first `num_global` blocks (global blocks see and are seen by all);
-  * b is one of `num_random` blocks drawn for row a from those it does not already see,
-    with a generator seeded by (`seed`, a): deterministic, and independent of T when causal,
-    so extending a sequence keeps the pattern of its prefix;
-and, when causal, b <= a with j <= i inside the diagonal block. The pattern lives in a
-block-level table (`BlockSparse`); the random draws depend on the number of blocks, so the
-kernel builds the table per call from the static shapes. Tiles are the blocks themselves, so
-the engine computes exactly the visible blocks and masks only the diagonal ones: the cost is
-O(T * block * (window + num_global + num_random)), linear in T at fixed block counts.
+  * b is one of `num_random` blocks that row a draws, among the blocks of its document that it
+    does not already see: those with the smallest seeded priorities (numpy, seeded by
+    (`seed`, a)). Causal draws come from blocks b <= a, so extending a document keeps the
+    pattern of its prefix; non-causal draws depend on the document's length;
+and `causal=True` adds j <= i element by element. Unpacked, tiles are the blocks and only the
+visible ones run: O(T * block * (window + num_global + num_random)), linear in T. In packed rows
+the causal band of tiles runs with the pattern applied per element, document by document.
 """
 
 from __future__ import annotations
@@ -20,148 +20,122 @@ import functools
 
 import numpy as np
 
-from attention_variants.common import check_inputs, masked_reference, softmax_flops
-from attention_variants.masks import BlockSparse, Mask, check_int
+from attention_variants.families import MaskedSoftmax
+from attention_variants.masks import BlockTable, _lookup, block_pairs, check_int, window_extent
 from attention_variants.registry import register
-from attention_variants.tiled import BlockSizes, tiled_attention
 
-BLOCK, WINDOW, GLOBAL, RANDOM = 64, 3, 2, 3  # the paper's ITC setting (block 64, 3/2/3 blocks)
+BLOCK, WINDOW, GLOBAL, RANDOM = 64, (1, 1), 2, 3  # the paper's ITC setting (block 64, 3/2/3 blocks)
+NEVER = -1  # threshold of a block that is never a random draw
+
+
+@functools.lru_cache(maxsize=32)
+def random_thresholds(n, left, right, num_global, num_random, seed, causal) -> np.ndarray:
+    """int32 [n, n]: b is row a's random draw in a document of m key blocks iff b < m <= N[a, b].
+
+    Row a's candidates are the blocks it does not already see (window, global; b <= a when
+    causal). It draws the `num_random` candidates of smallest priority among those below m, so
+    candidate b is drawn while fewer than num_random candidates of smaller priority lie below m:
+    N[a, b] is the num_random-th smallest index among them (n when there are fewer).
+    Priorities of row a are default_rng((seed, a)).random(n), whose prefix does not depend on n.
+    """
+    a, b = np.arange(n)[:, None], np.arange(n)[None, :]
+    seen = ((b >= a - left) & (b <= a + right)) | (a < num_global) | (b < num_global)
+    candidate = ~seen & ((b <= a) if causal else True)
+    prio = np.stack([np.random.default_rng((seed, row)).random(n) for row in range(n)])
+    prio = np.where(candidate, prio, np.inf)
+    order = np.argsort(prio, axis=1, kind="stable")  # candidates first, by priority
+    index = np.where(np.take_along_axis(candidate, order, 1), order, n)  # n: not a candidate
+    top = np.full((n, max(num_random, 1)), n)  # per row: smallest indices seen so far, sorted
+    thresholds = np.full((n, n), NEVER, np.int64)
+    for t in range(n if num_random else 0):
+        cols = order[:, t]
+        threshold = np.where(index[:, t] < n, top[:, num_random - 1], NEVER)
+        thresholds[np.arange(n), cols] = threshold
+        top = np.sort(np.concatenate([top, index[:, t : t + 1]], 1), axis=1)[:, :num_random]
+    return thresholds.astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
-class BigBird(Mask):
-    """The BigBird pattern's options; `at(T, S)` gives its `BlockSparse` mask for those lengths."""
+class BigBird(BlockTable):
+    """The BigBird pattern; `sized(positions, keys)` fixes the table sizes for one call."""
 
     block: int = BLOCK
-    window: int = WINDOW
+    window: tuple[int, int] = WINDOW
     num_global: int = GLOBAL
     num_random: int = RANDOM
     seed: int = 0
     causal: bool = True
+    q_blocks: int = 1  # table rows: blocks of positions (set by `sized`)
+    k_blocks: int = 1  # key blocks of an unpacked row (set by `sized`)
+    shift_invariant = False
 
     def __post_init__(self):
         check_int("block", self.block)
-        check_int("window", self.window)
+        object.__setattr__(self, "window", window_extent("window", self.window))
         check_int("num_global", self.num_global, 0)
         check_int("num_random", self.num_random, 0)
         check_int("seed", self.seed, 0)
 
-    def blocks(self, nq: int, nk: int) -> np.ndarray:
-        """bool [nq, nk]: which key blocks each query block sees."""
-        a, b = np.arange(nq)[:, None], np.arange(nk)[None, :]
-        if self.causal:
-            allowed, near = b <= a, b > a - self.window
-        else:
-            allowed, near = np.ones((nq, nk), bool), abs(a - b) < self.window
-        seen = (near | (a < self.num_global) | (b < self.num_global)) & allowed
-        for row in range(self.num_global, nq):
-            free = np.flatnonzero(allowed[row] & ~seen[row])
-            draw = np.random.default_rng((self.seed, row)).permutation(free)
-            seen[row, draw[: self.num_random]] = True
-        return seen
+    @property
+    def needs_doc_len(self) -> bool:
+        return not self.causal and self.num_random > 0
 
-    def at(self, T: int, S: int) -> BlockSparse:
-        return _block_mask(self, T, S)
+    @property
+    def reach(self):
+        return None, (0 if self.causal else None)
 
-    def dense(self, T: int, S: int) -> np.ndarray:
-        return self.at(T, S).dense(T, S)
+    def sized(self, positions: int, keys: int) -> BigBird:
+        blocks = lambda n: -(-n // self.block)  # noqa: E731
+        return dataclasses.replace(self, q_blocks=blocks(positions), k_blocks=blocks(keys))
 
-    def _needs_lengths(self, *_):
-        raise NotImplementedError("BigBird's random blocks depend on the lengths: use .at(T, S)")
+    @functools.cached_property
+    def thresholds(self) -> np.ndarray:
+        n = max(self.q_blocks, self.k_blocks)
+        opts = (*self.window, self.num_global, self.num_random, self.seed, self.causal)
+        return random_thresholds(n, *opts)
 
-    visible = tile_visible = tile_full = _needs_lengths
+    def visible(self, q_pos, k_pos, doc_len=None):
+        a, b = q_pos // self.block, k_pos // self.block
+        left, right = self.window
+        vis = ((b >= a - left) & (b <= a + right)) | (a < self.num_global) | (b < self.num_global)
+        m = self.k_blocks if doc_len is None else -(-doc_len // self.block)
+        vis = vis | ((b < m) & (m <= _lookup(self.thresholds, a, b)))
+        return vis & (k_pos <= q_pos) if self.causal else vis
 
+    @functools.cached_property
+    def table(self) -> np.ndarray:
+        """bool [q_blocks, k_blocks]: the blocks an unpacked row sees (for the tile schedule)."""
+        a = np.arange(self.q_blocks)[:, None] * self.block
+        b = np.arange(self.k_blocks)[None, :] * self.block
+        table = self.visible(a + self.block - 1, b)  # the block's last query sees the most
+        return np.tril(table) if self.causal else table
 
-@functools.lru_cache(maxsize=64)
-def _block_mask(pattern: BigBird, T: int, S: int) -> BlockSparse:
-    nq, nk = -(-T // pattern.block), -(-S // pattern.block)
-    return BlockSparse.of(pattern.blocks(nq, nk), pattern.block, pattern.causal)
+    def pairs(self, T, S):
+        return block_pairs(self.sized(T, S).table, self.block, T, S, self.causal)
 
-
-def bigbird_mask(
-    causal=True, *, block=BLOCK, window=WINDOW, num_global=GLOBAL, num_random=RANDOM, seed=0, **_
-) -> BigBird:
-    return BigBird(block, window, num_global, num_random, seed, causal)
-
-
-def plan(T: int, S: int, causal=True, **options) -> tuple[BlockSparse, BlockSizes]:
-    """The mask for these lengths and the tiles the kernel runs: one tile per block."""
-    pattern = bigbird_mask(causal, **options)
-    return pattern.at(T, S), BlockSizes(pattern.block, pattern.block)
-
-
-def check(**options) -> None:
-    bigbird_mask(**options)
-
-
-def block_pairs(mask: BlockSparse, T: int, S: int) -> int:
-    """Visible pairs of a block-sparse mask from its table: sizes of the visible blocks."""
-    b = mask.block
-    size_q = np.minimum(T - np.arange(mask.shape[0]) * b, b).astype(np.float64)
-    size_k = np.minimum(S - np.arange(mask.shape[1]) * b, b).astype(np.float64)
-    pairs = size_q @ mask.table @ size_k
-    if mask.causal:  # the diagonal blocks are triangles, not squares
-        diag = np.diagonal(mask.table) * size_q[: min(mask.shape)]
-        pairs -= (diag * (diag - 1) / 2).sum()
-    return int(pairs)
-
-
-def flops(B, T, S, N, H, *, causal=True, **options) -> float:
-    mask = bigbird_mask(causal, **options).at(T, S)
-    return softmax_flops(B, N, H, block_pairs(mask, T, S))
-
-
-def reference(
-    q,
-    k,
-    v,
-    *,
-    causal=True,
-    segment_ids=None,
-    scale=None,
-    block=BLOCK,
-    window=WINDOW,
-    num_global=GLOBAL,
-    num_random=RANDOM,
-    seed=0,
-):
-    """Softmax attention under the explicit [T, S] BigBird mask."""
-    mask = BigBird(block, window, num_global, num_random, seed, causal)
-    return masked_reference(mask, q, k, v, causal, segment_ids, scale)
+    def preferred_tiles(self, segmented):
+        return None if segmented else (self.block, self.block)
 
 
 @register(
     "bigbird",
-    exact=True,
-    reference=reference,
-    flops=flops,
-    check=check,
-    linear_in_length=True,
-    mask=bigbird_mask,
-    examples=(
+    family=MaskedSoftmax(tiles="auto"),
+    long_context=True,
+    test_options=(
         {"block": 4, "window": 4, "num_global": 1, "num_random": 2},
-        {"block": 8, "window": 2, "num_global": 2, "num_random": 1, "seed": 3},
+        {"block": 8, "window": (1, 1), "num_global": 2, "num_random": 1, "seed": 3},
         {"block": 16, "window": 1, "num_global": 1, "num_random": 1},
-        {"block": 2, "window": 8, "num_global": 3, "num_random": 3, "seed": 7},
+        {"block": 2, "window": (2, 3), "num_global": 3, "num_random": 3, "seed": 7},
     ),
 )
 def bigbird(
-    q,
-    k,
-    v,
     *,
-    causal=True,
-    segment_ids=None,
-    scale=None,
+    causal: bool,
     block=BLOCK,
     window=WINDOW,
     num_global=GLOBAL,
     num_random=RANDOM,
     seed=0,
-):
-    """Block-sparse softmax attention; tiles are the blocks, only visible ones are computed."""
-    check_inputs(q, k, v, segment_ids, causal)
-    T, S = q.shape[1], k.shape[1]
-    opts = dict(block=block, window=window, num_global=num_global, num_random=num_random)
-    mask, tiles = plan(T, S, causal, seed=seed, **opts)
-    return tiled_attention(q, k, v, mask, segment_ids=segment_ids, scale=scale, block_sizes=tiles)
+) -> BigBird:
+    """BigBird's mask; tiles default to the blocks (unpacked)."""
+    return BigBird(block, window, num_global, num_random, seed, causal)

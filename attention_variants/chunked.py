@@ -18,9 +18,9 @@ The engine then keeps a running max M_t of m over the keys a query sees and weig
 exp(m_s - M_t) <= 1 (the online-softmax trick): M_t is the same for every key of query t, so it
 cancels in the ratio, depends on no future key (causality stays exact), and nothing overflows.
 
-Packed sequences (`segment_ids`) must be contiguous runs, as packing makes them: within a chunk
-pairs are masked by segment equality, and the carried state serves only queries of the segment
-it was built from (it restarts at each segment start). Query heads are grouped per K/V head
+Packed sequences arrive as run ids (`common.layout`: each document one contiguous run): within a
+chunk pairs are masked by segment equality, and the carried state serves only queries of the
+segment it was built from (it restarts at each segment start). Query heads are grouped per K/V head
 (G = N // K), so K/V are never repeated.
 """
 
@@ -31,7 +31,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from attention_variants.common import check_positive
@@ -214,26 +213,12 @@ def _segment_sums(qf, kf, v1, *, log_scale, segment_ids, chunk):
     return acc * jnp.exp(M - M_all)[..., None] + acc_b * jnp.exp(M_b - M_all)[..., None]
 
 
-def check_packed(segment_ids: np.ndarray) -> None:
-    """Raises ValueError unless each id is one contiguous run per row (checked when concrete;
-    under jit the ids are traced and the caller's packing is trusted)."""
-    for row in segment_ids:
-        if 1 + np.count_nonzero(row[1:] != row[:-1]) != len(np.unique(row)):
-            raise ValueError(
-                "segment_ids must be packed sequences (each id one contiguous run along T) "
-                f"for linear attention; got a row with a repeated id: {row.tolist()[:32]}"
-            )
-
-
 def linear_attention(qf, kf, v, *, causal, segment_ids=None, log_scale=None, chunk: int):
     """Kernelised attention from features: qf [B,T,N,F], kf [B,S,K,F], v [B,S,K,H].
 
     Returns float32 [B, T, N, H]. `log_scale` [B, S, K] (optional) multiplies key features by
     exp(log_scale), applied stably (see the module docstring).
     """
-    B, T, N, _ = qf.shape
-    if segment_ids is not None and not isinstance(segment_ids, jax.core.Tracer):
-        check_packed(np.asarray(segment_ids))
     v1 = with_ones(v)
     if log_scale is not None:
         log_scale = lax.stop_gradient(log_scale.astype(jnp.float32))

@@ -1,17 +1,24 @@
-"""Shared pieces of the kernel contract: input checks, the default scale, FLOP counts."""
+"""The kernel contract at its boundary: input checks, packed documents, positions, references.
+
+Every variant normalises its arguments through `layout(...)`, so the same ids mean the same
+documents everywhere: a document is a contiguous run of equal ids along the sequence (ids are
+turned into run ids, one cumulative sum), and mask patterns are laid on positions within it.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attention_variants.masks import Mask, check_int
 
 
-def check_inputs(q, k, v, segment_ids=None, causal: bool = False) -> None:
-    """Raises ValueError naming the dimensions when q, k, v, segment_ids break the contract."""
+def check_inputs(q, k, v) -> None:
+    """Raises ValueError naming the dimensions when q, k, v break the contract's shapes."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(f"{name} must be [B, T|S, heads, H] (rank 4), got shape {x.shape}")
@@ -27,13 +34,6 @@ def check_inputs(q, k, v, segment_ids=None, causal: bool = False) -> None:
         raise ValueError(f"head dim H differs: q has H={H}, k/v have H={Hk}")
     if N % K:
         raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K}")
-    if causal and T != S:
-        raise ValueError(f"causal attention needs T == S, got T={T}, S={S}")
-    if segment_ids is not None:
-        if T != S:
-            raise ValueError(f"segment_ids needs self-attention (T == S), got T={T}, S={S}")
-        if segment_ids.shape != (B, T):
-            raise ValueError(f"segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
 
 
 def default_scale(scale: float | None, head_dim: int) -> float:
@@ -46,14 +46,126 @@ def check_positive(**values) -> None:
         check_int(name, value)
 
 
-def visible_pairs(mask: Mask, T: int, S: int, rows: int = 2048) -> int:
-    """Number of visible (query, key) pairs under `mask`, counted in row chunks."""
-    total = 0
-    k_pos = np.arange(S)[None, :]
-    for lo in range(0, T, rows):
-        q_pos = np.arange(lo, min(lo + rows, T))[:, None]
-        total += int(np.count_nonzero(np.broadcast_to(mask.visible(q_pos, k_pos), (len(q_pos), S))))
-    return total
+class Layout(NamedTuple):
+    """Where each query and key sits, after the contract's normalisation.
+
+    q_pos [B|1, T], k_pos [B|1, S]: int32 positions on the mask's coordinates (within the
+    document with segments; absolute otherwise). q_abs [B|1, T]: absolute query positions
+    (q_offset + i), for causal tile pruning. q_seg [B, T], k_seg [B, S]: document ids (equal
+    ids: same document), or None. doc_len [B, T]: keys in the query's document, or None (the
+    whole key row). q_offset: the offset when static (a Python int), None when traced.
+    """
+
+    q_pos: jax.Array
+    k_pos: jax.Array
+    q_abs: jax.Array
+    q_seg: jax.Array | None
+    k_seg: jax.Array | None
+    doc_len: jax.Array | None
+    q_offset: int | None
+
+    @property
+    def segmented(self) -> bool:
+        return self.q_seg is not None
+
+
+def run_ids(ids):
+    """[B, T] ids -> int32 run ids: a new id wherever the id changes (documents = runs)."""
+    change = jnp.concatenate([jnp.zeros_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], 1)
+    return jnp.cumsum(change, axis=1, dtype=jnp.int32)
+
+
+def run_starts(ids):
+    """[B, T] ids -> int32 index of the start of the run holding each position."""
+    index = jnp.arange(ids.shape[1], dtype=jnp.int32)
+    start = jnp.concatenate([jnp.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], 1)
+    return jax.lax.cummax(jnp.where(start, index, 0), axis=1)
+
+
+def run_lengths(runs):
+    """[B, T] run ids (0, 1, ...) -> int32 length of the run holding each position."""
+    T = runs.shape[1]
+    counts = jax.vmap(lambda r: jnp.zeros(T, jnp.int32).at[r].add(1))(runs)
+    return jnp.take_along_axis(counts, runs, axis=1)
+
+
+def _offset(q_offset, B: int):
+    """q_offset as a static int, or (None, int32 [B]) when it is a traced or array value."""
+    if isinstance(q_offset, (int, np.integer)) and not isinstance(q_offset, bool):
+        return int(q_offset), jnp.full((B,), int(q_offset), jnp.int32)
+    q_offset = jnp.asarray(q_offset)
+    if q_offset.shape not in ((), (B,)) or not jnp.issubdtype(q_offset.dtype, jnp.integer):
+        raise ValueError(
+            f"q_offset must be an int or an int array of shape () or [B] = ({B},), "
+            f"got {q_offset.dtype} {q_offset.shape}"
+        )
+    return None, jnp.broadcast_to(q_offset.astype(jnp.int32), (B,))
+
+
+def _check_ids(name: str, ids, shape) -> None:
+    if ids.shape != shape or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name} must be int [B, length] = {shape}, got {ids.dtype} {ids.shape}")
+
+
+def layout(q, k, *, segment_ids=None, kv_segment_ids=None, q_offset=0, doc_len=False) -> Layout:
+    """Normalises the contract's position arguments (see README, "The kernel contract").
+
+    Without kv_segment_ids the keys share the queries' ids (T == S): both become run ids, so a
+    repeated id is a new document. With kv_segment_ids a query sees keys of an equal id, and
+    each id must be one run. A query chunk at q_offset whose first run has the id of the key at
+    q_offset continues that key's document (chunked prefill, decoding). `doc_len`: also count
+    the keys of each query's document (needs ids shared by queries and keys).
+    """
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    static, offset = _offset(q_offset, B)
+    i = jnp.arange(T, dtype=jnp.int32)
+    q_abs = offset[:, None] + i if static is None else (static + i)[None]
+    k_index = jnp.arange(S, dtype=jnp.int32)[None]
+    if segment_ids is None:
+        if kv_segment_ids is not None:
+            raise ValueError("kv_segment_ids given without segment_ids (the queries' ids)")
+        return Layout(q_abs, k_index, q_abs, None, None, None, static)
+    _check_ids("segment_ids", segment_ids, (B, T))
+    shared = kv_segment_ids is None
+    if shared:
+        if T != S:
+            raise ValueError(f"kv_segment_ids [B, S] is needed when T != S, got T={T}, S={S}")
+        q_seg = k_seg = run_ids(segment_ids)
+    else:
+        _check_ids("kv_segment_ids", kv_segment_ids, (B, S))
+        q_seg, k_seg = segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
+        if not isinstance(q_seg, jax.core.Tracer) and not isinstance(k_seg, jax.core.Tracer):
+            check_runs(np.asarray(q_seg), "segment_ids")
+            check_runs(np.asarray(k_seg), "kv_segment_ids")
+    k_start = run_starts(k_seg)
+    k_pos = k_index - k_start
+    q_start = run_starts(q_seg)
+    # The chunk's first run continues the key document at q_offset when the ids agree.
+    at = jnp.clip(offset, 0, S - 1)[:, None]
+    continues = (offset[:, None] >= 0) & (offset[:, None] < S)
+    continues &= jnp.take_along_axis(k_seg, at, 1) == q_seg[:, :1]
+    carried = jnp.where(continues, jnp.take_along_axis(k_pos, at, 1), 0)  # [B, 1]
+    q_pos = i - q_start + jnp.where(q_start == 0, carried, 0)
+    lengths = None
+    if doc_len:
+        if not (shared and static == 0):
+            raise NotImplementedError(
+                "this mask needs each document's length, which is known only for self-attention "
+                "(no kv_segment_ids, q_offset=0)"
+            )
+        lengths = run_lengths(q_seg)
+    return Layout(q_pos, k_pos, q_abs, q_seg, k_seg, lengths, static)
+
+
+def check_runs(ids: np.ndarray, name: str) -> None:
+    """Raises ValueError unless each id is one contiguous run per row (concrete ids only)."""
+    for row in ids:
+        if 1 + np.count_nonzero(row[1:] != row[:-1]) != len(np.unique(row)):
+            raise ValueError(
+                f"{name} must give each document one contiguous run of one id; got a row with a "
+                f"repeated id: {row.tolist()[:32]}"
+            )
 
 
 def softmax_flops(B: int, N: int, H: int, pairs: float) -> float:
@@ -61,45 +173,35 @@ def softmax_flops(B: int, N: int, H: int, pairs: float) -> float:
     return 4.0 * B * N * H * pairs
 
 
-def causal_pairs(T: int, S: int, causal: bool) -> float:
-    """Visible pairs for causal or full attention (DESIGN.md: causal is half of T*S)."""
-    return T * S / 2 if causal else T * S
+def visible(mask: Mask, lay: Layout):
+    """Boolean [B|1, T, S]: the pairs `mask` shows under the layout (references only)."""
+    doc_len = None if lay.doc_len is None else lay.doc_len[:, :, None]
+    vis = mask.visible(lay.q_pos[:, :, None], lay.k_pos[:, None, :], doc_len)
+    if lay.segmented:
+        vis = vis & (lay.q_seg[:, :, None] == lay.k_seg[:, None, :])
+    return vis
 
 
-def segment_mask(segment_ids):
-    """[B, T] ids -> [B, 1, T, T] boolean: a query sees only keys of its own segment."""
-    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-
-
-def softmax_attention(q, k, v, *, mask=None, segment_ids=None, scale=None):
+def softmax_attention(q, k, v, *, visible=None, scale=None, return_lse=False):
     """Plain softmax attention that materialises the [B, N, T, S] scores (the reference math).
 
-    mask: optional bool [T, S] (True = visible). Rows that see no key return zeros.
-    Softmax statistics are float32; the output has q's dtype.
+    visible: optional bool [B|1, T, S] (True = visible). Rows that see no key return zeros and
+    lse = -inf. Softmax statistics are float32; the output has q's dtype.
     """
-    check_inputs(q, k, v, segment_ids)
     B, T, N, H = q.shape
     K = k.shape[2]
-    scale = default_scale(scale, H)
     qg = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
-    s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
-    visible = jnp.ones((1, 1, T, k.shape[1]), bool)
-    if mask is not None:
-        visible = visible & jnp.asarray(mask)[None, None]
-    if segment_ids is not None:
-        visible = visible & segment_mask(segment_ids)
-    visible = visible[:, :, None]  # [B|1, 1, 1, T, S]
-    s = jnp.where(visible, s, -jnp.inf)
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    s = s * default_scale(scale, H)
+    if visible is not None:
+        s = jnp.where(jnp.asarray(visible)[:, None, None], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
     denom = jnp.sum(p, axis=-1, keepdims=True)
+    lse = jnp.where(denom[..., 0] > 0, (m + jnp.log(denom))[..., 0], -jnp.inf)  # [B, K, G, T]
     p = p / jnp.where(denom == 0, 1.0, denom)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, N, H).astype(q.dtype)
-
-
-def masked_reference(mask: Mask, q, k, v, causal, segment_ids, scale):
-    """The exact variants' reference: plain softmax under the explicit [T, S] `mask.dense`."""
-    check_inputs(q, k, v, segment_ids, causal)
-    dense = mask.dense(q.shape[1], k.shape[1])
-    return softmax_attention(q, k, v, mask=dense, segment_ids=segment_ids, scale=scale)
+    out = out.reshape(B, T, N, H).astype(q.dtype)
+    if return_lse:
+        return out, lse.transpose(0, 3, 1, 2).reshape(B, T, N)
+    return out

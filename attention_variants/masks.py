@@ -1,16 +1,22 @@
-"""Visibility predicates on (query position, key position), evaluated per tile.
+"""Visibility predicates on (query position, key position): what a masked-softmax variant declares.
 
-A mask answers two questions:
-  * `visible(q_pos, k_pos)`: which keys each query sees, on broadcastable position arrays
-    (numpy or jax). Fast kernels evaluate it on one [tq, tk] tile at a time.
+Positions are *within the document*: with packed rows (segment ids) a position counts from the
+start of its document, the same coordinates RoPE uses, so a packed document sees the pattern it
+would see alone. Without segments they are absolute positions (queries at q_offset + i).
+
+A mask answers, on broadcastable position arrays (numpy or jax):
+  * `visible(q_pos, k_pos, doc_len=None)`: which keys each query sees. `doc_len` is the number
+    of keys in the query's document (only masks with `needs_doc_len` read it).
+  * `reach`: (behind, ahead): key k is visible to query q only if q - behind <= k <= q + ahead
+    (None: unbounded). It bounds the band of tiles worth computing, and holds in absolute
+    positions too, since both positions of a pair shift by the same document start.
   * `tile_visible(q_lo, q_hi, k_lo, k_hi)`: whether any query in [q_lo, q_hi] sees any key in
-    [k_lo, k_hi] (inclusive bounds, numpy arrays). Kernels build their static tile schedule
-    from it, so tiles that nobody sees are never computed.
-  * `tile_full(q_lo, q_hi, k_lo, k_hi)`: whether every query there sees every key there; such
-    tiles skip the mask. The default answers False (always mask), which is always correct.
-`dense(T, S)` materialises the [T, S] boolean mask: for references and tests only.
-Tile bounds may be arrays of any broadcastable shapes; both tile answers may be conservative
-(`tile_visible` may say True, `tile_full` False, when unsure) but never the other way round.
+    [k_lo, k_hi] (inclusive bounds, numpy arrays, absolute positions of an unpacked row).
+  * `tile_full(...)`: whether every query there sees every key there (the tile skips the mask).
+Both tile answers may be conservative (`tile_visible` True, `tile_full` False when unsure), never
+the other way round. A `shift_invariant` mask depends on k - q only, so its tile answers hold
+within documents too; other masks run, in packed rows, the band of tiles `reach` allows and
+apply `visible` per element. `dense(T, S)` materialises [T, S] for references and tests only.
 """
 
 from __future__ import annotations
@@ -31,32 +37,79 @@ def check_int(name: str, value, minimum: int = 1, maximum: int | None = None) ->
         raise ValueError(f"{name} must be an int {bounds}, got {name}={value!r}")
 
 
+def window_extent(name: str, window) -> tuple[int, int]:
+    """`window` as (left, right): a pair as given, or an int W meaning (W - 1, 0), W keys back."""
+    if isinstance(window, (tuple, list)) and len(window) == 2:
+        check_int(f"{name}[0] (left)", window[0], 0)
+        check_int(f"{name}[1] (right)", window[1], 0)
+        return int(window[0]), int(window[1])
+    check_int(name, window)
+    return int(window) - 1, 0
+
+
+def _band(q_lo, q_hi, k_lo, k_hi, reach):
+    """Whether the tile meets the band q - behind <= k <= q + ahead (exact on a rectangle).
+
+    Works on numpy and jax bounds alike (the engine also checks it at run time)."""
+    behind, ahead = reach
+    vis = (q_lo - q_lo + k_lo - k_lo) == 0  # all True, with the broadcast shape
+    if ahead is not None:
+        vis = vis & (k_lo <= q_hi + ahead)
+    if behind is not None:
+        vis = vis & (k_hi >= q_lo - behind)
+    return vis
+
+
 @dataclasses.dataclass(frozen=True)
 class Mask:
     """Base class: every key is visible (non-causal, unmasked attention)."""
 
-    def visible(self, q_pos, k_pos):
-        return (q_pos >= 0) | (k_pos >= 0)  # all True, with the broadcast shape
+    shift_invariant = True  # visibility depends on k - q only
+    needs_doc_len = False  # `visible` reads the document length
+
+    @property
+    def reach(self) -> tuple[int | None, int | None]:
+        return None, None
+
+    def visible(self, q_pos, k_pos, doc_len=None):
+        return (q_pos >= 0) | (k_pos >= 0) | True  # all True, with the broadcast shape
 
     def tile_visible(self, q_lo, q_hi, k_lo, k_hi):
-        return np.ones(np.broadcast(q_lo, k_lo).shape, bool)
+        return _band(q_lo, q_hi, k_lo, k_hi, self.reach)
 
     def tile_full(self, q_lo, q_hi, k_lo, k_hi):
         return self.tile_visible(q_lo, q_hi, k_lo, k_hi) if type(self) is Mask else False
 
-    def dense(self, T: int, S: int) -> np.ndarray:
-        return np.asarray(self.visible(np.arange(T)[:, None], np.arange(S)[None, :]))
+    def dense(self, T: int, S: int, q_offset: int = 0) -> np.ndarray:
+        q_pos = q_offset + np.arange(T)[:, None]
+        return np.broadcast_to(np.asarray(self.visible(q_pos, np.arange(S)[None, :], S)), (T, S))
+
+    def pairs(self, T: int, S: int) -> float:
+        """Visible (query, key) pairs of an unpacked row: the FLOP count's measure."""
+        return T * S
+
+    def sized(self, positions: int, keys: int) -> Mask:
+        """This mask for positions below `positions` and rows of `keys` keys (most ignore it)."""
+        return self
+
+    def preferred_tiles(self, segmented: bool) -> tuple[int, int] | None:
+        """Tile sizes (block_q, block_k) that suit the pattern, or None for the defaults."""
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
 class Causal(Mask):
-    """Query i sees key j iff j <= i."""
+    """Query at position i sees key j iff j <= i."""
 
-    def visible(self, q_pos, k_pos):
+    @property
+    def reach(self):
+        return None, 0
+
+    def visible(self, q_pos, k_pos, doc_len=None):
         return k_pos <= q_pos
 
-    def tile_visible(self, q_lo, q_hi, k_lo, k_hi):
-        return k_lo <= q_hi
+    def pairs(self, T, S):
+        return T * S / 2  # the convention: causal is half of the full count
 
     def tile_full(self, q_lo, q_hi, k_lo, k_hi):
         return k_hi <= q_lo
@@ -64,59 +117,84 @@ class Causal(Mask):
 
 @dataclasses.dataclass(frozen=True)
 class Window(Mask):
-    """Sliding window: query i sees key j iff i - window < j <= i (`window` keys, itself too).
+    """Local attention: query i sees key j iff i - left <= j <= i + right.
 
-    With `causal=False` the window is symmetric: |i - j| < window.
+    `right=0` is the causal sliding window of left + 1 keys (Mistral: W keys is (W - 1, 0));
+    (left, right) as in splash attention's `LocalMask`.
     """
 
-    window: int
-    causal: bool = True
+    left: int
+    right: int = 0
 
     def __post_init__(self):
-        check_int("window", self.window)
+        check_int("left", self.left, 0)
+        check_int("right", self.right, 0)
 
-    def visible(self, q_pos, k_pos):
-        near = k_pos > q_pos - self.window
-        if self.causal:
-            return near & (k_pos <= q_pos)
-        return near & (k_pos < q_pos + self.window)
+    @property
+    def reach(self):
+        return self.left, self.right
 
-    def tile_visible(self, q_lo, q_hi, k_lo, k_hi):
-        near = k_hi > q_lo - self.window
-        if self.causal:
-            return near & (k_lo <= q_hi)
-        return near & (k_lo < q_hi + self.window)
+    def visible(self, q_pos, k_pos, doc_len=None):
+        return (k_pos >= q_pos - self.left) & (k_pos <= q_pos + self.right)
+
+    def pairs(self, T, S):
+        i = np.arange(T, dtype=np.int64)
+        lo, hi = np.maximum(i - self.left, 0), np.minimum(i + self.right, S - 1)
+        return int(np.maximum(hi - lo + 1, 0).sum())
 
     def tile_full(self, q_lo, q_hi, k_lo, k_hi):
-        near = k_lo > q_hi - self.window
-        if self.causal:
-            return near & (k_hi <= q_lo)
-        return near & (k_hi < q_lo + self.window)
+        return (k_lo >= q_hi - self.left) & (k_hi <= q_lo + self.right)
 
 
 @dataclasses.dataclass(frozen=True)
 class Fixed(Mask):
     """Sparse Transformer "fixed" pattern (Child et al. 2019), blocks of `block` positions.
 
-    Query i sees key j iff j is in i's block or among the last `summary` positions of any
-    block, and j <= i. With `causal=False` the same without j <= i: the whole own block plus
-    the summary positions of every block (the paper's bidirectional form).
+    Query i sees key j iff j is in i's block (A1) or among the last `summary` positions of any
+    block (A2); `causal` adds j <= i. Without it: the paper's bidirectional form.
     """
 
     block: int
     summary: int
     causal: bool = True
+    shift_invariant = False
 
     def __post_init__(self):
         check_int("block", self.block)
         check_int("summary", self.summary, 0, self.block)
 
+    @property
+    def reach(self):
+        return None, (0 if self.causal else None)
+
     def _summary(self, k_pos):
         return k_pos % self.block >= self.block - self.summary
 
-    def visible(self, q_pos, k_pos):
+    def visible(self, q_pos, k_pos, doc_len=None):
         vis = (q_pos // self.block == k_pos // self.block) | self._summary(k_pos)
         return vis & (k_pos <= q_pos) if self.causal else vis
+
+    def pairs(self, T, S):
+        """Per query row in closed form: own block (up to i) plus the summaries of the rest."""
+        b, c = self.block, self.summary
+        i = np.arange(T, dtype=np.int64)
+        m = i // b
+        if self.causal:  # own block up to i, plus `summary` keys of each earlier block
+            return int((i % b + 1 + m * c).sum())
+        summaries = lambda n: np.maximum(n - (b - c), 0)  # noqa: E731  (among a block's first n)
+        own = np.clip(S - m * b, 0, b)
+        total = (S // b) * c + summaries(S % b)
+        return int((own + total - summaries(own)).sum())
+
+    def preferred_tiles(self, segmented):
+        """Unpacked: query tiles are the blocks; key tiles the smallest divisor of the block
+        that holds a block's summary (>= 8 wide), so a key tile is own-block or summary keys.
+        Packed rows apply the pattern per element: the default (large) tiles."""
+        if segmented:
+            return None
+        b = self.block
+        width = b if self.summary == 0 else max(self.summary, min(8, b))
+        return b, next(d for d in range(width, b + 1) if b % d == 0)
 
     def tile_visible(self, q_lo, q_hi, k_lo, k_hi):
         b = self.block
@@ -137,23 +215,57 @@ class Fixed(Mask):
         return full & (k_hi <= q_lo) if self.causal else full
 
 
-def _uses_jax(*xs) -> bool:
-    return any(isinstance(x, jax.Array) for x in xs)
+def _lookup(table: np.ndarray, rows, cols):
+    """table[rows, cols] on numpy or jax indices, clipped into the table."""
+    rows, cols = (x.clip(0, n - 1) for x, n in zip((rows, cols), table.shape, strict=True))
+    if isinstance(rows, jax.Array) or isinstance(cols, jax.Array):
+        return jnp.asarray(table)[rows, cols]
+    return table[rows, cols]
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSparse(Mask):
-    """Block-level pattern: query i sees key j iff table[i // block, j // block] (and j <= i).
+class BlockTable(Mask):
+    """Tile answers from a bool table of visible blocks [query blocks, key blocks] (mixin).
 
-    The bool table [query blocks, key blocks] is stored as bytes so the mask stays hashable
-    (a static argument of the tile schedule); it is looked up by block index, never expanded
-    to [T, S] outside `dense`. Build it with `BlockSparse.of(table, block, causal)`.
+    Subclasses define `block` and `table` (for an unpacked row); a summed-area table answers
+    any tile in O(1): whether it touches a visible block, and whether all its blocks are.
+    """
+
+    @functools.cached_property
+    def _counts(self) -> np.ndarray:
+        return np.pad(self.table.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+
+    def _blocks(self, q_lo, q_hi, k_lo, k_hi):
+        shape = np.array(self.table.shape) - 1
+        ql, qh = (np.minimum(x // self.block, shape[0]) for x in (q_lo, q_hi))
+        kl, kh = (np.minimum(x // self.block, shape[1]) for x in (k_lo, k_hi))
+        c = self._counts
+        seen = c[qh + 1, kh + 1] - c[ql, kh + 1] - c[qh + 1, kl] + c[ql, kl]
+        return seen, (qh - ql + 1) * (kh - kl + 1)
+
+    def tile_visible(self, q_lo, q_hi, k_lo, k_hi):
+        seen, _ = self._blocks(q_lo, q_hi, k_lo, k_hi)
+        return (seen > 0) & _band(q_lo, q_hi, k_lo, k_hi, self.reach)
+
+    def tile_full(self, q_lo, q_hi, k_lo, k_hi):
+        seen, area = self._blocks(q_lo, q_hi, k_lo, k_hi)
+        behind, ahead = self.reach
+        full = seen == area
+        return full & (k_hi <= q_lo + ahead) if ahead is not None else full
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class BlockSparse(BlockTable):
+    """Query i sees key j iff table[i // block, j // block] (and j <= i when `causal`).
+
+    The table is stored as bytes so the mask stays hashable (a static argument of the tile
+    schedule). Build it with `BlockSparse.of(table, block, causal)`.
     """
 
     block: int
     shape: tuple[int, int]
     table_bytes: bytes = dataclasses.field(repr=False)
     causal: bool = True
+    shift_invariant = False
 
     @classmethod
     def of(cls, table: np.ndarray, block: int, causal: bool = True) -> BlockSparse:
@@ -165,39 +277,45 @@ class BlockSparse(Mask):
         if len(self.table_bytes) != self.shape[0] * self.shape[1]:
             raise ValueError(f"table of {len(self.table_bytes)} bytes is not {self.shape}")
 
+    @property
+    def reach(self):
+        return None, (0 if self.causal else None)
+
     @functools.cached_property
     def table(self) -> np.ndarray:
-        """bool [query blocks, key blocks]; with causal, blocks above the diagonal dropped."""
         table = np.frombuffer(self.table_bytes, bool).reshape(self.shape)
         return np.tril(table) if self.causal else table
 
-    @functools.cached_property
-    def _counts(self) -> np.ndarray:
-        """Summed-area table: _counts[a, c] = visible blocks in table[:a, :c]."""
-        return np.pad(self.table.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-
-    def visible(self, q_pos, k_pos):
-        qb, kb = q_pos // self.block, k_pos // self.block
-        if _uses_jax(q_pos, k_pos):  # a tile inside a kernel (padding clamps to the last block)
-            vis = jnp.asarray(self.table)[qb, kb]
-        else:
-            vis = self.table[qb, kb]
+    def visible(self, q_pos, k_pos, doc_len=None):
+        vis = _lookup(self.table, q_pos // self.block, k_pos // self.block)
         return vis & (k_pos <= q_pos) if self.causal else vis
 
-    def _blocks(self, q_lo, q_hi, k_lo, k_hi):
-        """Visible blocks and all blocks among those the tile touches."""
-        ql, qh, kl, kh = (x // self.block for x in (q_lo, q_hi, k_lo, k_hi))
-        c = self._counts
-        seen = c[qh + 1, kh + 1] - c[ql, kh + 1] - c[qh + 1, kl] + c[ql, kl]
-        return seen, (qh - ql + 1) * (kh - kl + 1)
+    def pairs(self, T, S):
+        return block_pairs(self.table, self.block, T, S, self.causal)
 
-    def tile_visible(self, q_lo, q_hi, k_lo, k_hi):
-        seen, _ = self._blocks(q_lo, q_hi, k_lo, k_hi)
-        return (seen > 0) & (k_lo <= q_hi) if self.causal else seen > 0
 
-    def tile_full(self, q_lo, q_hi, k_lo, k_hi):
-        seen, area = self._blocks(q_lo, q_hi, k_lo, k_hi)
-        return (seen == area) & (k_hi <= q_lo) if self.causal else seen == area
+def block_pairs(table: np.ndarray, block: int, T: int, S: int, causal: bool) -> int:
+    """Visible pairs of a block table: sizes of the visible blocks (diagonals as triangles)."""
+    nq, nk = -(-T // block), -(-S // block)
+    size_q = np.minimum(T - np.arange(nq) * block, block).astype(np.float64)
+    size_k = np.minimum(S - np.arange(nk) * block, block).astype(np.float64)
+    table = table[:nq, :nk]
+    pairs = size_q @ table @ size_k
+    if causal:  # the diagonal blocks are triangles, not squares
+        diag = np.diagonal(table) * size_q[: min(nq, nk)]
+        pairs -= (diag * (diag - 1) / 2).sum()
+    return int(pairs)
+
+
+def visible_pairs(mask: Mask, T: int, S: int, rows: int = 2048) -> int:
+    """Number of visible (query, key) pairs under `mask`, counted in row chunks (for tests)."""
+    total = 0
+    k_pos = np.arange(S)[None, :]
+    for lo in range(0, T, rows):
+        q_pos = np.arange(lo, min(lo + rows, T))[:, None]
+        vis = np.broadcast_to(mask.visible(q_pos, k_pos, S), (len(q_pos), S))
+        total += int(np.count_nonzero(vis))
+    return total
 
 
 def causal_or_full(causal: bool) -> Mask:

@@ -22,20 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from attention_variants.chunked import (
-    Chunking,
-    State,
-    chunked_flops,
-    init_state,
-    linear_attention,
-    linear_attention_reference,
-    recurrent_step,
-)
-from attention_variants.common import check_inputs, check_positive, default_scale
-from attention_variants.dense import causal_mask
+from attention_variants.common import check_positive, default_scale
+from attention_variants.families import LinearState
 from attention_variants.registry import register
 
-DEFAULTS = Chunking()
 NUM_FEATURES = 256
 
 
@@ -69,68 +59,25 @@ def features(q, k, scale, num_features: int, seed: int):
     return qf, jnp.exp(e - log_scale[..., None]), log_scale
 
 
-def check(*, num_features, seed, chunk):
+def num_features(H: int, *, num_features=NUM_FEATURES, seed=0) -> int:
+    """F, after checking the options (ValueError naming a bad one)."""
     check_positive(num_features=num_features)
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got seed={seed!r}")
-    Chunking(chunk)
+    return num_features
 
 
-def flops(B, T, S, N, H, *, causal=True, num_features=NUM_FEATURES, chunk=DEFAULTS.chunk, **_):
-    """Feature maps (2 (T + S) H F per head) plus the chunked sums (see `chunked_flops`)."""
-    maps = 2.0 * B * N * (T + S) * H * num_features
-    return maps + chunked_flops(B, T, S, N, H, causal=causal, features=num_features, chunk=chunk)
-
-
-def reference(
-    q, k, v, *, causal=True, segment_ids=None, scale=None, num_features=NUM_FEATURES, seed=0
-):
-    """The explicit sums over the same features and an explicit [T, S] mask, float32."""
-    check_inputs(q, k, v, segment_ids, causal)
-    qf, kf, m = features(q, k, scale, num_features, seed)
-    out = linear_attention_reference(qf, kf, v, causal=causal, segment_ids=segment_ids, log_scale=m)
-    return out.astype(q.dtype)
+def map_flops(B, T, S, N, H, *, num_features=NUM_FEATURES, **_) -> float:
+    """The feature maps' projections: 2 (T + S) H F per head."""
+    return 2.0 * B * N * (T + S) * H * num_features
 
 
 @register(
     "performer",
-    exact=False,
-    reference=reference,
-    flops=flops,
-    check=check,
-    linear_in_length=True,
-    mask=causal_mask,
-    examples=({"chunk": 8, "num_features": 32, "seed": 1}, {"chunk": 13, "num_features": 20}),
+    family=LinearState(num_features=num_features, map_flops=map_flops),
+    long_context=True,
+    test_options=({"chunk": 8, "num_features": 32, "seed": 1}, {"chunk": 13, "num_features": 20}),
 )
-def performer(
-    q,
-    k,
-    v,
-    *,
-    causal=True,
-    segment_ids=None,
-    scale=None,
-    num_features=NUM_FEATURES,
-    seed=0,
-    chunk=DEFAULTS.chunk,
-):
-    """FAVOR+ attention with `num_features` random features; causal in chunks of `chunk`."""
-    check_inputs(q, k, v, segment_ids, causal)
-    check(num_features=num_features, seed=seed, chunk=chunk)
-    qf, kf, m = features(q, k, scale, num_features, seed)
-    out = linear_attention(
-        qf, kf, v, causal=causal, segment_ids=segment_ids, log_scale=m, chunk=chunk
-    )
-    return out.astype(q.dtype)
-
-
-def performer_init_state(batch: int, kv_heads: int, head_dim: int, num_features=NUM_FEATURES):
-    """The empty decoding state: kv [B, K, F, H+1] and the running max [B, K], float32."""
-    return init_state(batch, kv_heads, num_features, head_dim, stabilised=True)
-
-
-def performer_step(state: State, q, k, v, *, scale=None, num_features=NUM_FEATURES, seed=0):
-    """Decodes one token: q [B, N, H], k, v [B, K, H] -> (out [B, N, H], new state)."""
-    qf, kf, m = features(q[:, None], k[:, None], scale, num_features, seed)
-    out, state = recurrent_step(state, qf[:, 0], kf[:, 0], v, log_scale=m[:, 0])
-    return out.astype(q.dtype), state
+def performer(q, k, *, scale=None, num_features=NUM_FEATURES, seed=0):
+    """FAVOR+ features of q and k with `num_features` random features drawn from `seed`."""
+    return features(q, k, scale, num_features, seed)

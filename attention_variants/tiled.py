@@ -6,7 +6,13 @@ its backward recomputes tile scores, so memory is O(T) in the forward and the ba
 
 Which tiles run is a static *schedule* built from `Mask.tile_visible`: tiles that no query can
 see are never computed, and tiles that every query sees fully skip the mask. Segment ids prune
-further at run time: a tile whose query and key segment ranges do not overlap is skipped.
+further at run time: a tile whose query and key segment ranges do not overlap is skipped. In a
+packed row a mask that is not shift invariant (a block pattern) runs the band of tiles its
+`reach` allows and applies its predicate per element on positions within the document. With a
+traced q_offset (decoding under jit) every tile is scheduled and the band is checked at run time.
+
+The forward also returns the per-row log-sum-exp; its cotangent flows into the backward
+(dS = P * (dP - delta + dlse)), so partial results can be merged differentiably.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from attention_variants.common import check_inputs, check_positive, default_scale
-from attention_variants.masks import Mask
+from attention_variants.common import Layout, check_positive, default_scale
+from attention_variants.masks import Mask, _band
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,15 +75,27 @@ def _lists(visible: np.ndarray, full: np.ndarray):
 
 
 @functools.lru_cache(maxsize=256)
-def make_schedule(mask: Mask, T: int, S: int, bq: int, bk: int, segmented: bool) -> Schedule:
-    """Builds the tile schedule of `mask` for lengths T, S and tile sizes bq, bk."""
+def make_schedule(
+    mask: Mask, T: int, S: int, bq: int, bk: int, segmented: bool, q_offset: int | None = 0
+) -> Schedule:
+    """Builds the tile schedule of `mask` for lengths T, S, tile sizes bq, bk and the static
+    q_offset (None: traced, so every tile is scheduled and pruned at run time)."""
     nq, nk = -(-T // bq), -(-S // bk)
-    q_lo = (np.arange(nq) * bq)[:, None]
-    q_hi = np.minimum(q_lo + bq, T) - 1
+    if q_offset is None:
+        visible, full = np.ones((nq, nk), bool), np.zeros((nq, nk), bool)
+        kv, count, n_full = _lists(visible, full)
+        q, q_count, q_full = _lists(visible.T, full.T)
+        return Schedule(kv, count, n_full, q, q_count, q_full)
+    q_lo = q_offset + (np.arange(nq) * bq)[:, None]
+    q_hi = q_offset + np.minimum(np.arange(nq)[:, None] * bq + bq, T) - 1
     k_lo = (np.arange(nk) * bk)[None, :]
     k_hi = np.minimum(k_lo + bk, S) - 1
-    visible = np.broadcast_to(mask.tile_visible(q_lo, q_hi, k_lo, k_hi), (nq, nk))
     full = np.zeros((nq, nk), bool)
+    if segmented and not mask.shift_invariant:  # the pattern is per document: band only
+        visible = _band(q_lo, q_hi, k_lo, k_hi, mask.reach)
+    else:
+        visible = mask.tile_visible(q_lo, q_hi, k_lo, k_hi)
+    visible = np.broadcast_to(visible, (nq, nk))
     if not segmented:  # segment ids can hide any pair, so then every tile is masked
         full = visible & mask.tile_full(q_lo, q_hi, k_lo, k_hi) & (k_hi - k_lo + 1 == bk)
     kv, count, n_full = _lists(visible, full)
@@ -87,7 +105,7 @@ def make_schedule(mask: Mask, T: int, S: int, bq: int, bk: int, segmented: bool)
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    """Everything static about one call: the mask, lengths, tiles and head grouping."""
+    """Everything static about one call: the mask, lengths, tiles, head grouping, offset."""
 
     mask: Mask
     T: int
@@ -96,23 +114,31 @@ class _Static:
     bk: int
     groups: int  # G = N // K query heads per key/value head
     segmented: bool
+    q_offset: int | None  # None: traced
 
     @property
     def schedule(self) -> Schedule:
-        return make_schedule(self.mask, self.T, self.S, self.bq, self.bk, self.segmented)
+        return make_schedule(
+            self.mask, self.T, self.S, self.bq, self.bk, self.segmented, self.q_offset
+        )
 
 
 # Inside the engine a query tile is [B, K, G*bq, H]: the G heads that share a key/value head
 # are stacked along rows, so each tile product is one batched matmul with no repeated K/V.
+# Coordinates arrive as tiles too: co = (q_pos, q_abs, doc_len | None, seg_q | None) of shape
+# [nq, B|1, bq] and (k_pos, seg_k | None) of shape [nk, B|1, bk].
 
 
-def _tile_visible(st: _Static, qi, ki, seg_q, seg_k):
+def _tile_visible(st: _Static, qi, ki, co_q, co_k):
     """Boolean [B|1, 1, G*bq, bk] visibility of tile (qi, ki), evaluated from positions."""
-    q_pos = qi * st.bq + jnp.arange(st.bq)[:, None]
-    k_pos = ki * st.bk + jnp.arange(st.bk)[None, :]
-    vis = (st.mask.visible(q_pos, k_pos) & (k_pos < st.S))[None]  # [1, bq, bk]
+    q_pos, _, doc_len, seg_q = co_q
+    k_pos, seg_k = co_k
+    q_t = q_pos[qi][:, :, None]  # [B|1, bq, 1]
+    doc_t = None if doc_len is None else doc_len[qi][:, :, None]
+    in_range = (ki * st.bk + jnp.arange(st.bk) < st.S)[None, None, :]
+    vis = st.mask.visible(q_t, k_pos[ki][:, None, :], doc_t) & in_range  # [B|1, bq, bk]
     if st.segmented:
-        vis = vis & (seg_q[qi][:, :, None] == seg_k[ki][:, None, :])  # [B, bq, bk]
+        vis = vis & (seg_q[qi][:, :, None] == seg_k[ki][:, None, :])
     vis = jnp.broadcast_to(vis[:, None], (vis.shape[0], st.groups, st.bq, st.bk))
     return vis.reshape(vis.shape[0], 1, st.groups * st.bq, st.bk)
 
@@ -121,25 +147,29 @@ def _matmul(spec, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _masked_scores(st, masked, q_t, k_t, qi, ki, seg_q, seg_k):
+def _masked_scores(st, masked, q_t, k_t, qi, ki, co_q, co_k):
     """Float32 scores [B, K, G*bq, bk] of a tile; hidden pairs are -inf."""
     s = _matmul("BKQH,BKSH->BKQS", q_t, k_t)
     if masked:
-        s = jnp.where(_tile_visible(st, qi, ki, seg_q, seg_k), s, -jnp.inf)
+        s = jnp.where(_tile_visible(st, qi, ki, co_q, co_k), s, -jnp.inf)
     return s
 
 
-def _pruned(st, body, seg_ranges, qi, ki, carry):
-    """Runs body(carry) unless the segment id ranges of the two tiles cannot meet."""
-    if not st.segmented:
+def _pruned(st, body, co_q, co_k, qi, ki, carry):
+    """Runs body(carry) unless the tile is empty at run time: its segment id ranges cannot
+    meet, or (traced q_offset) it lies outside the mask's band of absolute positions."""
+    checks = []
+    if st.segmented:
+        seg_q, seg_k = co_q[3][qi], co_k[1][ki]
+        checks.append((seg_q.min(-1) <= seg_k.max(-1)) & (seg_k.min(-1) <= seg_q.max(-1)))
+    if st.q_offset is None:
+        q_abs = co_q[1][qi]
+        k_lo, k_hi = ki * st.bk, jnp.minimum(ki * st.bk + st.bk, st.S) - 1
+        checks.append(_band(q_abs.min(-1), q_abs.max(-1), k_lo, k_hi, st.mask.reach))
+    if not checks:
         return body(carry)
-    (q_min, q_max), (k_min, k_max) = seg_ranges
-    overlap = jnp.any((q_min[qi] <= k_max[ki]) & (k_min[ki] <= q_max[qi]))
-    return lax.cond(overlap, body, lambda c: c, carry)
-
-
-def _seg_ranges(seg_q, seg_k):
-    return (seg_q.min(-1), seg_q.max(-1)), (seg_k.min(-1), seg_k.max(-1))
+    run = functools.reduce(lambda a, b: a & b, checks)
+    return lax.cond(jnp.any(run), body, lambda c: c, carry)
 
 
 def _two_loops(lo_full, hi, step, carry):
@@ -148,11 +178,13 @@ def _two_loops(lo_full, hi, step, carry):
     return lax.fori_loop(lo_full, hi, step(True), carry)
 
 
-def _forward(st: _Static, q, k, v, seg_q, seg_k):
-    """q [nq, B, K, G*bq, H] (pre-scaled); k, v [nk, B, K, bk, H] -> out like q, lse."""
+def _forward(st: _Static, q, k, v, co_q, co_k):
+    """q [nq, B, K, G*bq, H] (pre-scaled); k, v [nk, B, K, bk, H] -> out like q, lse.
+
+    lse [nq, B, K, G*bq] is +inf on rows that see no key, so that exp(s - lse) = 0 there.
+    """
     sched = st.schedule
     kv, count, n_full = (jnp.asarray(a) for a in (sched.kv, sched.count, sched.full))
-    seg_ranges = _seg_ranges(seg_q, seg_k) if st.segmented else None
     # A column of ones after V makes the PV matmul also return the softmax row sums.
     ones = jnp.ones((*v.shape[:-1], 1), v.dtype)
     v1 = jnp.concatenate([v, ones], axis=-1)  # [nk, B, K, bk, H + 1]
@@ -167,7 +199,7 @@ def _forward(st: _Static, q, k, v, seg_q, seg_k):
 
                 def update(carry):
                     m, acc = carry  # running max [B,K,Q]; [B,K,Q,H+1] = (sum p v, sum p)
-                    s = _masked_scores(st, masked, q_t, k[ki], qi, ki, seg_q, seg_k)
+                    s = _masked_scores(st, masked, q_t, k[ki], qi, ki, co_q, co_k)
                     m_new = jnp.maximum(m, s.max(-1))
                     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
                     p = jnp.exp(s - m_safe[..., None])
@@ -176,7 +208,7 @@ def _forward(st: _Static, q, k, v, seg_q, seg_k):
                         "BKQS,BKSH->BKQH", p.astype(v.dtype), v1[ki]
                     )
 
-                return _pruned(st, update, seg_ranges, qi, ki, carry)
+                return _pruned(st, update, co_q, co_k, qi, ki, carry)
 
             return body
 
@@ -194,13 +226,15 @@ def _forward(st: _Static, q, k, v, seg_q, seg_k):
     return lax.map(one_query_tile, (jnp.arange(q.shape[0]), q))
 
 
-def _backward(st: _Static, res, d_out):
+def _backward(st: _Static, res, cotangents):
     """Recomputes tile probabilities from lse; key tiles outside, their query tiles inside."""
-    q, k, v, seg_q, seg_k, out, lse = res
+    q, k, v, co_q, co_k, out, lse = res
+    d_out, d_lse = cotangents
     sched = st.schedule
     qs, q_count, q_full = (jnp.asarray(a) for a in (sched.q, sched.q_count, sched.q_full))
-    seg_ranges = _seg_ranges(seg_q, seg_k) if st.segmented else None
+    # dS = P * (dP - delta + dlse): delta from the output, dlse from a used log-sum-exp.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [nq, B, K, Q]
+    delta = delta - jnp.where(jnp.isfinite(lse), d_lse, 0.0)
 
     def one_key_tile(dq, args):
         ki, k_t, v_t = args
@@ -212,7 +246,7 @@ def _backward(st: _Static, res, d_out):
                 def update(carry):
                     dq, dk, dv = carry
                     q_t, do_t = q[qi], d_out[qi]
-                    s = _masked_scores(st, masked, q_t, k_t, qi, ki, seg_q, seg_k)
+                    s = _masked_scores(st, masked, q_t, k_t, qi, ki, co_q, co_k)
                     p = jnp.exp(s - lse[qi][..., None])  # [B, K, G*bq, bk]
                     dv = dv + _matmul("BKQS,BKQH->BKSH", p.astype(v.dtype), do_t)
                     dp = _matmul("BKQH,BKSH->BKQS", do_t, v_t)
@@ -220,7 +254,7 @@ def _backward(st: _Static, res, d_out):
                     dk = dk + _matmul("BKQS,BKQH->BKSH", ds, q_t)
                     return dq.at[qi].add(_matmul("BKQS,BKSH->BKQH", ds, k_t)), dk, dv
 
-                return _pruned(st, update, seg_ranges, qi, ki, carry)
+                return _pruned(st, update, co_q, co_k, qi, ki, carry)
 
             return body
 
@@ -234,13 +268,13 @@ def _backward(st: _Static, res, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tiled(st, q, k, v, seg_q, seg_k):
-    return _forward(st, q, k, v, seg_q, seg_k)[0]
+def _tiled(st, q, k, v, co_q, co_k):
+    return _forward(st, q, k, v, co_q, co_k)
 
 
-def _tiled_fwd(st, q, k, v, seg_q, seg_k):
-    out, lse = _forward(st, q, k, v, seg_q, seg_k)
-    return out, (q, k, v, seg_q, seg_k, out, lse)
+def _tiled_fwd(st, q, k, v, co_q, co_k):
+    out, lse = _forward(st, q, k, v, co_q, co_k)
+    return (out, lse), (q, k, v, co_q, co_k, out, lse)
 
 
 _tiled.defvjp(_tiled_fwd, _backward)
@@ -258,28 +292,44 @@ def _tiles(x, block: int, group: int):
     return x.reshape(n, B, heads // group, group * block, H)
 
 
-def _seg_tiles(segment_ids, block: int):
-    B, T = segment_ids.shape
-    n = -(-T // block)
-    seg = jnp.pad(segment_ids, ((0, 0), (0, n * block - T)), constant_values=-1)
-    return seg.reshape(B, n, block).transpose(1, 0, 2)  # [n, B, block]
+def _coordinate_tiles(x, block: int):
+    """[B|1, T] int -> [n, B|1, block], padded with the last value (None stays None)."""
+    if x is None:
+        return None
+    n = -(-x.shape[1] // block)
+    x = jnp.pad(x, ((0, 0), (0, n * block - x.shape[1])), mode="edge")
+    return x.reshape(x.shape[0], n, block).transpose(1, 0, 2)
 
 
 def tiled_attention(
-    q, k, v, mask: Mask, *, segment_ids=None, scale=None, block_sizes: BlockSizes = BlockSizes()
+    q,
+    k,
+    v,
+    mask: Mask,
+    lay: Layout,
+    *,
+    scale=None,
+    block_sizes: BlockSizes = BlockSizes(),
+    return_lse: bool = False,
 ):
-    """Softmax attention of q [B,T,N,H] over k, v [B,S,K,H] under `mask`, tile by tile."""
-    check_inputs(q, k, v, segment_ids)
+    """Softmax attention of q [B,T,N,H] over k, v [B,S,K,H] under `mask`, tile by tile.
+
+    `lay` places queries and keys (`common.layout`). Returns out [B, T, N, H] and, with
+    `return_lse`, lse [B, T, N] float32 (-inf on rows that see no key).
+    """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     G = N // K
     bq, bk = min(block_sizes.block_q, T), min(block_sizes.block_k, S)
-    st = _Static(mask, T, S, bq, bk, G, segment_ids is not None)
-    seg_q = seg_k = None
-    if segment_ids is not None:
-        seg_q, seg_k = _seg_tiles(segment_ids, bq), _seg_tiles(segment_ids, bk)
+    st = _Static(mask, T, S, bq, bk, G, lay.segmented, lay.q_offset)
+    co_q = tuple(_coordinate_tiles(x, bq) for x in (lay.q_pos, lay.q_abs, lay.doc_len, lay.q_seg))
+    co_k = tuple(_coordinate_tiles(x, bk) for x in (lay.k_pos, lay.k_seg))
     q_scaled = (q.astype(jnp.float32) * default_scale(scale, H)).astype(q.dtype)
-    out = _tiled(st, _tiles(q_scaled, bq, G), _tiles(k, bk, 1), _tiles(v, bk, 1), seg_q, seg_k)
+    out, lse = _tiled(st, _tiles(q_scaled, bq, G), _tiles(k, bk, 1), _tiles(v, bk, 1), co_q, co_k)
     nq = out.shape[0]
     out = out.reshape(nq, B, K, G, bq, H).transpose(1, 0, 4, 2, 3, 5)  # [B, nq, bq, K, G, H]
-    return out.reshape(B, nq * bq, N, H)[:, :T]
+    out = out.reshape(B, nq * bq, N, H)[:, :T]
+    if not return_lse:
+        return out
+    lse = lse.reshape(nq, B, K, G, bq).transpose(1, 0, 4, 2, 3).reshape(B, nq * bq, N)[:, :T]
+    return out, jnp.where(jnp.isinf(lse), -jnp.inf, lse)

@@ -1,0 +1,258 @@
+"""Families: a variant declares what it is, and its kernel, reference and FLOPs derive from it.
+
+* `MaskedSoftmax`: the declaration returns the variant's mask (`masks.Mask`, a predicate on
+  positions within the document). Derived: the tiled kernel (`tiled.py`, only tiles the mask
+  shows), the reference (plain softmax under the materialised mask), the FLOP count (visible
+  pairs), and the mask itself for tests and decoding.
+* `LinearState`: the declaration is the feature map phi (q, k -> features). Derived: the chunked
+  causal kernel (`chunked.py`), the plain sums over an explicit mask, the recurrent decoding
+  step, and the FLOP count of the algorithm.
+
+Each family also fills the variant's implementation table ("jax": the portable engine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from types import SimpleNamespace
+from typing import Any
+
+import jax.numpy as jnp
+
+from attention_variants import chunked
+from attention_variants.common import (
+    check_inputs,
+    layout,
+    softmax_attention,
+    softmax_flops,
+    visible,
+)
+from attention_variants.masks import Mask
+from attention_variants.registry import Implementation
+from attention_variants.tiled import BlockSizes, tiled_attention
+
+CALL_DEFAULTS = dict(
+    causal=True, segment_ids=None, kv_segment_ids=None, q_offset=0, scale=None, return_lse=False
+)
+
+
+def keyword_defaults(fn: Callable, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The keyword-only parameters of `fn` and their defaults (the variant's options)."""
+    return {
+        p.name: p.default
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in skip
+    }
+
+
+def _split(options: Mapping[str, Any], names) -> tuple[dict, dict]:
+    return {k: v for k, v in options.items() if k in names}, {
+        k: v for k, v in options.items() if k not in names
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedSoftmax:
+    """Exact softmax attention under a declared mask: `declaration(*, causal, **options)`.
+
+    tiles: the tile sizes of the "jax" engine (options block_q, block_k); "auto" lets the mask
+      pick (`Mask.preferred_tiles`); None: the variant is not tiled (no tile options).
+    implementations: optional `fn(kernels) -> {name: Implementation}` replacing the table;
+      `kernels.tiled` and `kernels.reference` are the derived contract functions.
+    """
+
+    tiles: BlockSizes | str | None = BlockSizes()
+    implementations: Callable[[Any], Mapping[str, Implementation]] | None = None
+
+    def build(self, name: str, declaration: Callable[..., Mask]) -> dict[str, Any]:
+        mask_defaults = keyword_defaults(declaration, skip=("causal",))
+        tile_defaults = {}
+        if isinstance(self.tiles, BlockSizes):
+            tile_defaults = dict(block_q=self.tiles.block_q, block_k=self.tiles.block_k)
+        elif self.tiles == "auto":
+            tile_defaults = dict(block_q=None, block_k=None)
+
+        def mask(causal: bool = True, **options) -> Mask:
+            return declaration(causal=causal, **_split(options, mask_defaults)[0])
+
+        def check(**options) -> None:
+            mask(True, **options), mask(False, **options)
+            tiles = [options.get(t) for t in tile_defaults]
+            if tile_defaults and None not in tiles:
+                BlockSizes(*tiles)
+
+        def prepare(q, k, v, call, options):
+            check_inputs(q, k, v)
+            m = mask(call["causal"], **options)
+            segmented = call["segment_ids"] is not None
+            lay = layout(
+                q,
+                k,
+                segment_ids=call["segment_ids"],
+                kv_segment_ids=call["kv_segment_ids"],
+                q_offset=call["q_offset"],
+                doc_len=m.needs_doc_len and segmented,
+            )
+            positions = max(q.shape[1] + (lay.q_offset or 0), k.shape[1])
+            return m.sized(positions, k.shape[1]), lay
+
+        def reference(q, k, v, *, causal=True, segment_ids=None, kv_segment_ids=None,
+                      q_offset=0, scale=None, return_lse=False, **options):  # fmt: skip
+            """Softmax under the explicit [T, S] mask, float32 statistics."""
+            call = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                        q_offset=q_offset)  # fmt: skip
+            m, lay = prepare(q, k, v, call, options)
+            vis = visible(m, lay)
+            return softmax_attention(q, k, v, visible=vis, scale=scale, return_lse=return_lse)
+
+        def tiled(q, k, v, *, causal=True, segment_ids=None, kv_segment_ids=None, q_offset=0,
+                  scale=None, return_lse=False, **options):  # fmt: skip
+            call = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                        q_offset=q_offset)  # fmt: skip
+            m, lay = prepare(q, k, v, call, options)
+            tiles = [options.get(t) for t in tile_defaults]
+            if None in tiles:
+                preferred = m.preferred_tiles(lay.segmented)
+                tiles = BlockSizes() if preferred is None else BlockSizes(*preferred)
+            else:
+                tiles = BlockSizes(*tiles)
+            return tiled_attention(
+                q, k, v, m, lay, scale=scale, block_sizes=tiles, return_lse=return_lse
+            )
+
+        def flops(B, T, S, N, H, *, causal=True, **options) -> float:
+            return softmax_flops(B, N, H, mask(causal, **options).pairs(T, S))
+
+        reference.__doc__ = f"{name}: softmax under the explicit mask (the reference)."
+        kernels = SimpleNamespace(tiled=tiled, reference=reference, prepare=prepare)
+        if self.implementations is None:
+            table = {"jax": Implementation(tiled)}
+        else:
+            table = dict(self.implementations(kernels))
+        return dict(
+            family="masked_softmax",
+            reference=reference,
+            exact=True,
+            flops=flops,
+            defaults={**mask_defaults, **tile_defaults},
+            check=check,
+            implementations=table,
+            mask=mask,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """The recurrent form of a linear-state variant: O(1) time and memory per token.
+
+    init_state(batch, kv_heads, head_dim, **options) -> chunked.State (float32, empty);
+    step(state, q [B,N,H], k [B,K,H], v [B,K,H], *, scale=None, **options) -> (out, state):
+    fed a sequence token by token, it gives the causal kernel's output (up to rounding).
+    """
+
+    init_state: Callable[..., chunked.State]
+    step: Callable[..., tuple[Any, chunked.State]]
+
+
+def _not_served(name: str, q, k, call) -> None:
+    """The linear family's NotImplementedError for what it cannot serve, naming the argument."""
+    T, S = q.shape[1], k.shape[1]
+    offset = call["q_offset"]
+    if call["return_lse"]:
+        raise NotImplementedError(f"{name}: return_lse (linear attention has no log-sum-exp)")
+    if call["kv_segment_ids"] is not None:
+        raise NotImplementedError(f"{name}: kv_segment_ids (segments are self-attention only)")
+    if not (isinstance(offset, int) and offset == 0):
+        raise NotImplementedError(f"{name}: q_offset (decode with the recurrent step instead)")
+    if call["causal"] and T != S:
+        raise NotImplementedError(f"{name}: causal with T={T} != S={S}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearState:
+    """Kernelised attention phi(q).phi(k) from a declared feature map.
+
+    The declaration is `features(q, k, *, scale, **options) -> (qf, kf, log_scale)`: float32
+    non-negative features qf [B,T,N,F], kf [B,S,K,F], and optional key log scales [B,S,K]
+    (true key features kf * exp(log_scale), see `chunked.py`). num_features(H, **options) -> F
+    and map_flops(B, T, S, N, H, **options) (the feature maps' matmuls) feed the FLOP count.
+    """
+
+    num_features: Callable[..., int]
+    map_flops: Callable[..., float] = lambda *args, **options: 0.0
+    chunking: chunked.Chunking = chunked.Chunking()
+
+    def build(self, name: str, declaration: Callable) -> dict[str, Any]:
+        feature_defaults = keyword_defaults(declaration, skip=("scale",))
+
+        def features(q, k, scale, options):
+            return declaration(q, k, scale=scale, **_split(options, feature_defaults)[0])
+
+        def check(**options) -> None:
+            chunked.Chunking(options["chunk"])
+            self.num_features(8, **_split(options, feature_defaults)[0])
+
+        def prepare(q, k, v, call):
+            check_inputs(q, k, v)
+            _not_served(name, q, k, call)
+            lay = layout(q, k, segment_ids=call["segment_ids"])
+            return lay.q_seg
+
+        def kernel(q, k, v, *, causal=True, segment_ids=None, kv_segment_ids=None, q_offset=0,
+                   scale=None, return_lse=False, **options):  # fmt: skip
+            call = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                        q_offset=q_offset, return_lse=return_lse)  # fmt: skip
+            seg = prepare(q, k, v, call)
+            qf, kf, m = features(q, k, scale, options)
+            out = chunked.linear_attention(
+                qf, kf, v, causal=causal, segment_ids=seg, log_scale=m, chunk=options["chunk"]
+            )
+            return out.astype(q.dtype)
+
+        def reference(q, k, v, *, causal=True, segment_ids=None, kv_segment_ids=None, q_offset=0,
+                      scale=None, return_lse=False, **options):  # fmt: skip
+            """The explicit sums over the same features and an explicit [T, S] mask."""
+            call = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                        q_offset=q_offset, return_lse=return_lse)  # fmt: skip
+            seg = prepare(q, k, v, call)
+            qf, kf, m = features(q, k, scale, options)
+            out = chunked.linear_attention_reference(
+                qf, kf, v, causal=causal, segment_ids=seg, log_scale=m
+            )
+            return out.astype(q.dtype)
+
+        def flops(B, T, S, N, H, *, causal=True, **options) -> float:
+            options = {**feature_defaults, "chunk": self.chunking.chunk, **options}
+            own = _split(options, feature_defaults)[0]
+            F = self.num_features(H, **own)
+            sums = chunked.chunked_flops(
+                B, T, S, N, H, causal=causal, features=F, chunk=options["chunk"]
+            )
+            return self.map_flops(B, T, S, N, H, **own) + sums
+
+        def init_state(batch: int, kv_heads: int, head_dim: int, **options) -> chunked.State:
+            own = _split({**feature_defaults, **options}, feature_defaults)[0]
+            q = jnp.zeros((1, 1, 1, head_dim), jnp.float32)
+            _, _, m = declaration(q, q, scale=None, **own)
+            F = self.num_features(head_dim, **own)
+            return chunked.init_state(batch, kv_heads, F, head_dim, stabilised=m is not None)
+
+        def step(state, q, k, v, *, scale=None, **options):
+            own = _split({**feature_defaults, **options}, feature_defaults)[0]
+            qf, kf, m = declaration(q[:, None], k[:, None], scale=scale, **own)
+            m = None if m is None else m[:, 0]
+            out, state = chunked.recurrent_step(state, qf[:, 0], kf[:, 0], v, log_scale=m)
+            return out.astype(q.dtype), state
+
+        return dict(
+            family="linear_state",
+            reference=reference,
+            exact=False,
+            flops=flops,
+            defaults={**feature_defaults, "chunk": self.chunking.chunk},
+            check=check,
+            implementations={"jax": Implementation(kernel)},
+            decode=Decoding(init_state, step),
+        )
