@@ -182,12 +182,9 @@ def visible(mask: Mask, lay: Layout):
     return vis
 
 
-def softmax_attention(q, k, v, *, visible=None, scale=None, return_lse=False):
-    """Plain softmax attention that materialises the [B, N, T, S] scores (the reference math).
-
-    visible: optional bool [B|1, T, S] (True = visible). Rows that see no key return zeros and
-    lse = -inf. Softmax statistics are float32; the output has q's dtype.
-    """
+def masked_scores(q, k, visible=None, scale=None):
+    """Float32 scaled scores [B, K, G, T, S] (G = N // K query heads per K/V head); hidden
+    pairs (visible: bool [B|1, T, S], True = visible) are -inf."""
     B, T, N, H = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
@@ -195,13 +192,30 @@ def softmax_attention(q, k, v, *, visible=None, scale=None, return_lse=False):
     s = s * default_scale(scale, H)
     if visible is not None:
         s = jnp.where(jnp.asarray(visible)[:, None, None], s, -jnp.inf)
+    return s
+
+
+def log_sum_exp(s):
+    """[B, K, G, T, S] scores -> lse [B, T, N] float32, -inf on rows that see no key."""
+    B, K, G, T, _ = s.shape
+    m = jnp.max(s, axis=-1, keepdims=True)
+    denom = jnp.sum(jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), axis=-1, keepdims=True)
+    lse = jnp.where(denom[..., 0] > 0, (m + jnp.log(denom))[..., 0], -jnp.inf)  # [B, K, G, T]
+    return lse.transpose(0, 3, 1, 2).reshape(B, T, K * G)
+
+
+def softmax_attention(q, k, v, *, visible=None, scale=None, return_lse=False):
+    """Plain softmax attention that materialises the [B, N, T, S] scores (the reference math).
+
+    visible: optional bool [B|1, T, S] (True = visible). Rows that see no key return zeros and
+    lse = -inf. Softmax statistics are float32; the output has q's dtype.
+    """
+    B, T, N, H = q.shape
+    s = masked_scores(q, k, visible, scale)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    lse = jnp.where(denom[..., 0] > 0, (m + jnp.log(denom))[..., 0], -jnp.inf)  # [B, K, G, T]
     p = p / jnp.where(denom == 0, 1.0, denom)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     out = out.reshape(B, T, N, H).astype(q.dtype)
-    if return_lse:
-        return out, lse.transpose(0, 3, 1, 2).reshape(B, T, N)
-    return out
+    return (out, log_sum_exp(s)) if return_lse else out

@@ -98,16 +98,18 @@ class Spec:
     def choose(self, implementation: str, q, k, v, **call: Any) -> tuple[str, Implementation]:
         """The implementation that runs this call: as asked, or under "auto" the first that
         serves the current backend and the call."""
+        backend = jax.default_backend()
         if implementation != "auto":
             impl = self.implementations[implementation]
             missing = impl.supports(q, k, v, **call)
+            if missing is None and backend not in impl.backends:
+                missing = f"the {backend!r} backend (it runs on {', '.join(impl.backends)})"
             if missing is not None:
                 raise NotImplementedError(
                     f"attention variant {self.name!r}: implementation {implementation!r} does not "
                     f"support {missing}"
                 )
             return implementation, impl
-        backend = jax.default_backend()
         for name, impl in self.implementations.items():
             if backend in impl.backends and impl.supports(q, k, v, **call) is None:
                 return name, impl
@@ -119,13 +121,14 @@ _REGISTRY: dict[str, Spec] = {}
 
 
 def _dispatcher(name: str) -> Kernel:
-    """The registered kernel: checks nothing itself, picks an implementation and calls it."""
+    """The registered kernel: validates its options, picks an implementation and calls it."""
 
-    def kernel(q, k, v, *, implementation="auto", **kwargs):
+    def kernel(q, k, v, **kwargs):
         s = spec(name)
         call = {kw: kwargs.pop(kw) for kw in CONTRACT_KEYWORDS if kw in kwargs}
-        _, impl = s.choose(implementation, q, k, v, **call, **kwargs)
-        return impl.fn(q, k, v, **call, **kwargs)
+        options = s.options(**kwargs)
+        _, impl = s.choose(options.pop("implementation"), q, k, v, **call, **options)
+        return impl.fn(q, k, v, **call, **options)
 
     kernel.__name__ = kernel.__qualname__ = name
     return kernel

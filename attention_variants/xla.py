@@ -1,8 +1,9 @@
 """`xla`: `jax.nn.dot_product_attention`, the library baseline, behind the kernel contract.
 
 Its implementation table: "cudnn" (GPU, cuDNN's fused kernel: no segment ids, offsets or lse
-there) before "xla" (every backend). Segment ids and offsets become the library's boolean
-`mask` on the "xla" path, built from the same positions every other variant uses.
+there) before "xla" (every backend). Segment ids and offsets become the library's boolean `mask`
+on the "xla" path, built from the same positions every other variant uses. The log-sum-exp is
+computed beside the call: the library's `return_residual` has no gradient (jax 0.10.2).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attention_variants.common import visible
+from attention_variants.common import log_sum_exp, masked_scores, visible
 from attention_variants.families import MaskedSoftmax
 from attention_variants.masks import Mask, causal_or_full
 from attention_variants.registry import Implementation, register
@@ -30,16 +31,19 @@ def _implementations(kernels):
             call = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                         q_offset=q_offset)  # fmt: skip
             mask, lay = kernels.prepare(q, k, v, call, {})
-            if _plain(q, k, call) or (implementation == "cudnn"):
-                out = jax.nn.dot_product_attention(
-                    q, k, v, scale=scale, is_causal=causal, implementation=implementation
-                )
-                return out.astype(q.dtype)
-            vis = jnp.broadcast_to(visible(mask, lay), (q.shape[0], q.shape[1], k.shape[1]))
-            out = jax.nn.dot_product_attention(
-                q, k, v, scale=scale, mask=vis[:, None], implementation=implementation
-            )  # a row that sees no key gets the library's average of all values: zero it
-            return jnp.where(vis.any(-1)[:, :, None, None], out, 0).astype(q.dtype)
+            library = dict(scale=scale, implementation=implementation)
+            if _plain(q, k, call):
+                out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, **library)
+                vis = mask.dense(q.shape[1], k.shape[1])[None] if return_lse else None
+            else:
+                vis = jnp.broadcast_to(visible(mask, lay), (q.shape[0], q.shape[1], k.shape[1]))
+                out = jax.nn.dot_product_attention(q, k, v, mask=vis[:, None], **library)
+                # A row that sees no key gets the library's average of all values: zero it.
+                out = jnp.where(vis.any(-1)[:, :, None, None], out, 0)
+            out = out.astype(q.dtype)
+            if return_lse:
+                return out, log_sum_exp(masked_scores(q, k, vis, scale))
+            return out
 
         return fn
 
@@ -52,12 +56,9 @@ def _implementations(kernels):
             return f"{q.dtype} inputs (cuDNN's flash kernel takes bfloat16 or float16)"
         return None
 
-    def xla_supports(q, k, v, *, return_lse=False, **call):
-        return "return_lse" if return_lse else None
-
     return {
         "cudnn": Implementation(library("cudnn"), ("gpu",), cudnn_supports),
-        "xla": Implementation(library("xla"), supports=xla_supports),
+        "xla": Implementation(library("xla")),
     }
 
 

@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.kind = "kernel"  # what a cell measures: "kernel" (one attention call) or "train_step"
     c.variants = "all"  # comma-separated registry names, or "all" for every registered variant
-    c.only_linear_in_length = False  # keep only variants registered as O(T) (linear_in_length)
+    c.only_long_context = False  # keep only variants registered long_context (O(T) memory)
     c.baselines = "xla,blockwise"  # run first at each length; crossovers are measured against them
     # Per-variant options {name: {option: value}}; a variant not listed runs its defaults. Listed
     # entries can be overridden, e.g. --config.options.sliding_window.window=256.

@@ -1,4 +1,4 @@
-"""Long-context sweep of the O(T) variants (registered `linear_in_length`), T up to 131072.
+"""Long-context sweep of the O(T) variants (registered `long_context`: O(T) memory), T up to 131072.
 
     python -m experiments.sweep --config=configs/context_sweep_long.py
 
@@ -13,7 +13,7 @@ from configs import context_sweep
 
 def get_config():
     c = context_sweep.get_config()
-    c.only_linear_in_length = True  # keep only the O(T) variants
+    c.only_long_context = True  # keep only the O(T) variants
     c.lengths = ",".join(str(1024 * 2**i) for i in range(8))  # 1024 .. 131072
     c.max_call_s = 120.0  # longer calls are acceptable here
     c.time_budget_s = 0.0  # no whole-sweep budget (runs until every variant stops growing)

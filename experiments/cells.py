@@ -238,10 +238,10 @@ def _variants(config: Any) -> list[str]:
     for name in names:
         if name not in known:
             raise ConfigError("variants", f"unknown variant {name!r}; known: {', '.join(known)}")
-    if config.get("only_linear_in_length", False):
-        names = [n for n in names if av.spec(n).linear_in_length]
+    if config.get("only_long_context", False):
+        names = [n for n in names if av.spec(n).long_context]
         if not names:
-            raise ConfigError("variants", "none is linear_in_length (only_linear_in_length=True)")
+            raise ConfigError("variants", "no variant is registered long_context (only_long_context=True)")
     baselines = [b for b in csv_field(config, "baselines") if b in names]
     return baselines + [n for n in names if n not in baselines]  # baselines run first
 

@@ -1,80 +1,151 @@
-"""Mask predicates: the tile answers agree with `dense` (exact, or conservative where allowed)."""
+"""Mask predicates, property-tested: tile answers, `reach`, jax vs numpy, `pairs` against `dense`.
+
+Random masks of every kind meet random shapes, offsets and tiles; `dense` is the reference.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from attention_variants.bigbird import BigBird
-from attention_variants.masks import BlockSparse, Causal, Fixed, Mask, Window
+from attention_variants.masks import BlockSparse, Causal, Fixed, Mask, Window, window_extent
 
-T, S = 70, 70
+SETTINGS = settings(max_examples=60, deadline=None)
+LENGTHS = st.integers(1, 80)
+OFFSETS = st.sampled_from([0, 0, 1, 7, 33])
 
-MASKS = [
-    Mask(),
-    Causal(),
-    Window(1),
-    Window(9),
-    Window(9, causal=False),
-    Window(100),
-    Fixed(8, 2),
-    Fixed(8, 0),
-    Fixed(8, 8),
-    Fixed(7, 3, causal=False),
-    Fixed(16, 5),
-    BigBird(4, 2, 1, 2).at(T, S),
-    BigBird(5, 3, 2, 1, seed=1, causal=False).at(T, S),
-    BigBird(8, 1, 0, 3, seed=2).at(T, S),
-]
-EXACT = (Causal, Window, Fixed)  # tile_visible exact for any tiles
+WINDOWS = st.builds(Window, st.integers(0, 20), st.integers(0, 20))
+FIXED = st.integers(1, 16).flatmap(
+    lambda block: st.builds(Fixed, st.just(block), st.integers(0, block), st.booleans())
+)
+BIGBIRDS = st.builds(
+    BigBird,
+    block=st.integers(1, 8),
+    window=st.one_of(st.integers(1, 4), st.tuples(st.integers(0, 3), st.integers(0, 3))),
+    num_global=st.integers(0, 3),
+    num_random=st.integers(0, 4),
+    seed=st.integers(0, 1000),
+    causal=st.booleans(),
+)
+TABLES = hnp.arrays(bool, hnp.array_shapes(min_dims=2, max_dims=2, max_side=8))
+BLOCK_SPARSE = st.builds(
+    lambda table, block, causal: BlockSparse.of(table, block, causal),
+    TABLES,
+    st.integers(1, 16),
+    st.booleans(),
+)
+KINDS = {
+    "full": st.just(Mask()),
+    "causal": st.just(Causal()),
+    "window": WINDOWS,
+    "fixed": FIXED,
+    "bigbird": BIGBIRDS,
+    "block_sparse": BLOCK_SPARSE,
+}
+MASKS = st.one_of(*KINDS.values())
+EXACT = (Causal, Window, Fixed)  # tile_visible is exact for these (and for Mask() itself)
 
 
-def random_tiles(seed, n=3000):
-    rng = np.random.default_rng(seed)
-    q = np.sort(rng.integers(0, T, (2, n)), axis=0)
-    k = np.sort(rng.integers(0, S, (2, n)), axis=0)
-    return q[0], q[1], k[0], k[1]
+def sized(mask, T, S, q_offset=0):
+    """The mask as the engine sizes it for T queries at q_offset and S keys."""
+    return mask.sized(max(T + q_offset, S), S)
+
+
+def random_tiles(rng, T, S, n=300):
+    """n tiles within [0, T) x [0, S), of every size from one element to the whole."""
+    sizes = rng.choice([1, 2, 4, 16, 81], (2, n))
+    q_lo, k_lo = rng.integers(0, T, n), rng.integers(0, S, n)
+    q_hi = np.minimum(q_lo + rng.integers(0, sizes[0]), T - 1)
+    k_hi = np.minimum(k_lo + rng.integers(0, sizes[1]), S - 1)
+    return q_lo, q_hi, k_lo, k_hi
 
 
 def truth(dense, q_lo, q_hi, k_lo, k_hi):
-    """Whether each tile has some visible pair, and whether all its pairs are visible."""
+    """Whether each tile (row indices of `dense`) has some visible pair, and has only those."""
     parts = [dense[a : b + 1, c : d + 1] for a, b, c, d in zip(q_lo, q_hi, k_lo, k_hi, strict=True)]
     return np.array([p.any() for p in parts]), np.array([p.all() for p in parts])
 
 
-@pytest.mark.parametrize("mask", MASKS, ids=repr)
-def test_tile_answers_are_safe(mask):
-    bounds = random_tiles(hash(repr(mask)) % 1000)
-    any_, all_ = truth(mask.dense(T, S), *bounds)
+@pytest.mark.parametrize("kind", KINDS)
+@SETTINGS
+@given(data=st.data(), T=LENGTHS, S=LENGTHS, q_offset=OFFSETS, seed=st.integers(0, 2**32 - 1))
+def test_tile_answers_are_safe(kind, data, T, S, q_offset, seed):
+    mask = sized(data.draw(KINDS[kind], "mask"), T, S, q_offset)
+    q_lo, q_hi, k_lo, k_hi = random_tiles(np.random.default_rng(seed), T, S)
+    any_, all_ = truth(mask.dense(T, S, q_offset), q_lo, q_hi, k_lo, k_hi)
+    bounds = q_lo + q_offset, q_hi + q_offset, k_lo, k_hi
     visible = np.broadcast_to(mask.tile_visible(*bounds), any_.shape)
     full = np.broadcast_to(mask.tile_full(*bounds), any_.shape)
     assert not np.any(any_ & ~visible), "a tile with a visible pair was skipped"
     assert not np.any(full & ~all_), "a tile with a hidden pair was called full"
-    if isinstance(mask, EXACT):
+    if isinstance(mask, EXACT) or type(mask) is Mask:
         np.testing.assert_array_equal(visible, any_)
 
 
-@pytest.mark.parametrize("mask", [m for m in MASKS if isinstance(m, (Fixed, BlockSparse))])
-def test_aligned_tiles_are_exact(mask):
-    """Tiles aligned with the pattern: both answers exact (no tile computed or masked in vain)."""
-    b = mask.block
-    bk = b if isinstance(mask, BlockSparse) else max(np.gcd(b, mask.summary), 1)
-    q_lo = np.arange(0, T, b)[:, None]
-    k_lo = np.arange(0, S, bk)[None, :]
-    q_hi, k_hi = np.minimum(q_lo + b, T) - 1, np.minimum(k_lo + bk, S) - 1
-    dense = mask.dense(T, S)
-    bounds = [np.broadcast_to(x, (q_lo.size, k_lo.size)).ravel() for x in (q_lo, q_hi, k_lo, k_hi)]
-    any_, all_ = truth(dense, *bounds)
-    np.testing.assert_array_equal(np.broadcast_to(mask.tile_visible(*bounds), any_.shape), any_)
-    np.testing.assert_array_equal(np.broadcast_to(mask.tile_full(*bounds), all_.shape), all_)
+@pytest.mark.parametrize("kind", KINDS)
+@SETTINGS
+@given(data=st.data(), T=LENGTHS, S=LENGTHS, q_offset=OFFSETS)
+def test_reach_bounds_the_visible_pairs(kind, data, T, S, q_offset):
+    mask = sized(data.draw(KINDS[kind], "mask"), T, S, q_offset)
+    q, k = np.nonzero(mask.dense(T, S, q_offset))
+    behind, ahead = mask.reach
+    if behind is not None:
+        assert np.all(k >= q + q_offset - behind)
+    if ahead is not None:
+        assert np.all(k <= q + q_offset + ahead)
 
 
-@pytest.mark.parametrize("mask", MASKS[1:], ids=repr)
-def test_visible_on_jax_tiles_matches_numpy(mask):
-    q_pos, k_pos = np.arange(T)[:, None], np.arange(S)[None, :]
-    out = mask.visible(jnp.asarray(q_pos), jnp.asarray(k_pos))
-    np.testing.assert_array_equal(np.asarray(out), mask.visible(q_pos, k_pos))
+@SETTINGS
+@given(MASKS, LENGTHS, LENGTHS, OFFSETS, st.data())
+def test_visible_on_jax_matches_numpy(mask, T, S, q_offset, data):
+    """On a fixed 80 x 80 grid (one jax compilation per op), past the sizes too."""
+    mask = sized(mask, T, S, q_offset)
+    q_pos, k_pos = q_offset + np.arange(80)[:, None], np.arange(80)[None, :]
+    doc_len = np.asarray(data.draw(st.lists(st.integers(1, S), min_size=80, max_size=80)))
+    for args in [(), (S,), (doc_len[:, None],)]:
+        expected = np.broadcast_to(mask.visible(q_pos, k_pos, *args), (80, 80))
+        out = mask.visible(*(jnp.asarray(x) for x in (q_pos, k_pos, *args)))
+        np.testing.assert_array_equal(np.broadcast_to(np.asarray(out), (80, 80)), expected)
+
+
+@SETTINGS
+@given(st.one_of(WINDOWS, FIXED, BIGBIRDS), LENGTHS, LENGTHS)
+def test_pairs_count_the_dense_pattern(mask, T, S):
+    if getattr(mask, "causal", False):
+        S = T  # causal counts are for square rows
+    assert mask.pairs(T, S) == int(sized(mask, T, S).dense(T, S).sum())
+
+
+@SETTINGS
+@given(LENGTHS, LENGTHS)
+def test_causal_pairs_are_half_the_full_count(T, S):
+    assert Causal().pairs(T, S) == T * S / 2
+    assert Mask().pairs(T, S) == T * S
+
+
+@SETTINGS
+@given(BIGBIRDS, st.integers(1, 8))
+def test_causal_bigbird_keeps_the_pattern_of_a_prefix(mask, blocks):
+    mask = dataclasses.replace(mask, causal=True)
+    n = blocks * mask.block
+    long = mask.sized(2 * n, 2 * n).dense(2 * n, 2 * n)
+    np.testing.assert_array_equal(long[:n, :n], mask.sized(n, n).dense(n, n))
+
+
+@SETTINGS
+@given(BIGBIRDS, LENGTHS, st.integers(0, 80))
+def test_noncausal_bigbird_draws_for_the_document_length(mask, L, extra):
+    mask = dataclasses.replace(mask, causal=False)
+    pos = np.arange(L)
+    out = mask.sized(L + extra, L + extra).visible(pos[:, None], pos[None, :], doc_len=L)
+    np.testing.assert_array_equal(np.broadcast_to(out, (L, L)), mask.sized(L, L).dense(L, L))
 
 
 def test_block_sparse_is_hashable_and_drops_blocks_above_the_diagonal():
@@ -88,11 +159,13 @@ def test_block_sparse_is_hashable_and_drops_blocks_above_the_diagonal():
 @pytest.mark.parametrize(
     "make,option",
     [
-        (lambda: Window(0), "window"),
-        (lambda: Window(2.5), "window"),
+        (lambda: Window(-1, 0), "left"),
+        (lambda: Window(2, -1), "right"),
+        (lambda: Window(2.5), "left"),
         (lambda: Fixed(0, 0), "block"),
         (lambda: Fixed(8, 9), "summary"),
         (lambda: Fixed(8, -1), "summary"),
+        (lambda: window_extent("window", 0), "window"),
         (lambda: BlockSparse.of(np.ones((2, 2)), 0), "block"),
     ],
 )
@@ -101,6 +174,10 @@ def test_bad_options_name_the_option(make, option):
         make()
 
 
-def test_bigbird_pattern_needs_lengths():
-    with pytest.raises(NotImplementedError, match="at"):
-        BigBird().visible(np.arange(3), np.arange(3))
+@pytest.mark.parametrize(
+    "block,summary,segmented,tiles",
+    [(128, 16, False, (128, 16)), (128, 15, False, (128, 16)), (128, 0, False, (128, 128)),
+     (8, 3, False, (8, 8)), (128, 16, True, None)],
+)  # fmt: skip
+def test_fixed_preferred_tiles(block, summary, segmented, tiles):
+    assert Fixed(block, summary).preferred_tiles(segmented) == tiles

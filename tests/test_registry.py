@@ -1,8 +1,17 @@
-"""The registry: names, lookup errors, eager option validation, registration rules."""
+"""The registry: names, lookup errors, eager option validation, families, implementation table."""
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from conftest import random_qkv
 
 import attention_variants as av
+from attention_variants import registry
+from attention_variants.families import LinearState, MaskedSoftmax
+from attention_variants.masks import Mask
 from attention_variants.registry import register
 
 
@@ -19,9 +28,10 @@ def test_unknown_name_lists_the_known_ones():
 
 
 def test_unknown_option_is_a_type_error_listing_accepted_ones():
-    with pytest.raises(TypeError, match="'blockwise'.*blok_q.*accepted options: block_k, block_q"):
+    accepted = "accepted options: block_k, block_q, implementation"
+    with pytest.raises(TypeError, match=f"'blockwise'.*blok_q.*{accepted}"):
         av.get("blockwise", blok_q=64)
-    with pytest.raises(TypeError, match="accepted options: none"):
+    with pytest.raises(TypeError, match="accepted options: implementation$"):
         av.get("dense", window=3)
 
 
@@ -31,26 +41,107 @@ def test_bad_option_values_fail_at_get_time(value):
         av.get("blockwise", block_q=value)
 
 
-def test_bad_implementation_is_rejected():
-    with pytest.raises(ValueError, match="implementation"):
+def test_bad_option_values_fail_when_calling_the_unbound_kernel():
+    q, k, v = random_qkv(0)
+    with pytest.raises(ValueError, match="chunk"):
+        av.spec("linear").fn(q, k, v, chunk=0)
+
+
+def test_unknown_implementation_lists_the_known_ones():
+    with pytest.raises(ValueError, match="implementation 'triton'.*auto, cudnn, xla"):
         av.get("xla", implementation="triton")
 
 
 def test_get_binds_options():
     fn = av.get("blockwise", block_q=32)
-    assert fn.keywords == {"block_q": 32, "block_k": av.spec("blockwise").defaults["block_k"]}
+    defaults = av.spec("blockwise").defaults
+    assert fn.keywords == {"block_q": 32, "block_k": defaults["block_k"], "implementation": "auto"}
 
 
 def test_spec_carries_metadata():
     spec = av.spec("blockwise")
-    assert spec.exact and spec.linear_in_length and spec.reference is not None
+    assert spec.exact and spec.long_context and spec.family == "masked_softmax"
     assert spec.flops(1, 1024, 1024, 8, 64, causal=True) == 4 * 8 * 64 * 1024 * 1024 / 2
     assert spec.flops(1, 1024, 1024, 8, 64, causal=False) == 4 * 8 * 64 * 1024 * 1024
+    assert not av.spec("dense").long_context and not av.spec("linear").exact
+    assert av.spec("linear").decode is not None and av.spec("blockwise").decode is None
 
 
-def test_registration_rules():
-    with pytest.raises(ValueError, match="already registered"):
-        register("dense", exact=True, reference=None, flops=None)(lambda q, k, v: q)
-    with pytest.raises(TypeError, match="contract keyword"):
-        register("no_contract_kw", exact=True, reference=None, flops=None)(lambda q, k, v: q)
-    assert "no_contract_kw" not in av.names()
+def test_auto_picks_per_backend_and_explicit_requests_name_what_is_missing():
+    q, k, v = random_qkv(1)
+    spec = av.spec("xla")
+    assert spec.choose("auto", q, k, v)[0] == "xla"  # cuDNN is GPU only
+    with pytest.raises(NotImplementedError, match="'cudnn' does not support.*float32"):
+        spec.choose("cudnn", q, k, v)
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    seg = jnp.zeros((2, 37), jnp.int32)
+    with pytest.raises(NotImplementedError, match="'cudnn' does not support segment_ids"):
+        spec.choose("cudnn", *bf16, segment_ids=seg)
+    if jax.default_backend() == "cpu":
+        with pytest.raises(NotImplementedError, match="'cpu' backend"):
+            spec.choose("cudnn", *bf16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dilated(Mask):
+    """A toy declared mask: causal keys at even distance."""
+
+    shift_invariant = True
+
+    @property
+    def reach(self):
+        return None, 0
+
+    def visible(self, q_pos, k_pos, doc_len=None):
+        return (k_pos <= q_pos) & ((q_pos - k_pos) % 2 == 0)
+
+    def pairs(self, T, S):
+        return sum(i // 2 + 1 for i in range(T))
+
+
+def _registered(name, family, declaration):
+    register(name, family=family, test_options=({"block_q": 8},))(declaration)
+    return av.spec(name)
+
+
+def test_a_declared_mask_gets_a_kernel_reference_and_flops():
+    def dilated(*, causal, stride=2):
+        return Dilated() if causal else Mask()
+
+    try:
+        spec = _registered("toy_dilated", MaskedSoftmax(), dilated)
+        q, k, v = random_qkv(2, T=30)
+        out = av.get("toy_dilated", block_q=8, block_k=8)(q, k, v)
+        np.testing.assert_allclose(out, spec.reference(q, k, v), rtol=1e-5, atol=1e-5)
+        vis = np.array([[j <= i and (i - j) % 2 == 0 for j in range(30)] for i in range(30)])
+        ref = av.get("dense")(q, k, v)  # not equal: the toy mask hides odd distances
+        assert not np.allclose(out, ref)
+        np.testing.assert_array_equal(spec.mask(causal=True).dense(30, 30), vis)
+        assert spec.flops(1, 30, 30, 1, 1) == 4 * vis.sum()
+        assert set(spec.defaults) == {"stride", "block_q", "block_k", "implementation"}
+        with pytest.raises(ValueError, match="already registered"):
+            _registered("toy_dilated", MaskedSoftmax(), dilated)
+    finally:
+        registry._REGISTRY.pop("toy_dilated", None)
+
+
+def test_a_declared_feature_map_gets_a_kernel_reference_and_a_decode_step():
+    def relu_features(q, k, *, scale=None, eps=1e-3):
+        return (
+            jax.nn.relu(q.astype(jnp.float32)) + eps,
+            jax.nn.relu(k.astype(jnp.float32)) + eps,
+            None,
+        )
+
+    try:
+        register("toy_relu", family=LinearState(num_features=lambda H, eps=1e-3: H))(relu_features)
+        spec = av.spec("toy_relu")
+        q, k, v = random_qkv(3, B=1, T=20, N=2, K=1)
+        out = av.get("toy_relu", chunk=8)(q, k, v)
+        np.testing.assert_allclose(out, spec.reference(q, k, v), rtol=1e-5, atol=1e-5)
+        state = spec.decode.init_state(1, 1, 16)
+        for t in range(20):
+            step, state = spec.decode.step(state, q[:, t], k[:, t], v[:, t])
+            np.testing.assert_allclose(step, out[:, t], rtol=1e-5, atol=1e-5)
+    finally:
+        registry._REGISTRY.pop("toy_relu", None)

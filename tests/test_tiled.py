@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import random_qkv
 
-from attention_variants.common import softmax_attention
+from attention_variants.common import layout, softmax_attention
 from attention_variants.masks import Causal, Mask
 from attention_variants.tiled import BlockSizes, make_schedule, tiled_attention
 
@@ -17,28 +17,29 @@ from attention_variants.tiled import BlockSizes, make_schedule, tiled_attention
 class EveryThirdRowBlind(Mask):
     """Causal, but queries at positions divisible by 3 see no key at all."""
 
-    def visible(self, q_pos, k_pos):
+    def visible(self, q_pos, k_pos, doc_len=None):
         return (k_pos <= q_pos) & (q_pos % 3 != 0)
 
-    def tile_visible(self, q_lo, q_hi, k_lo, k_hi):
-        return k_lo <= q_hi
+    @property
+    def reach(self):
+        return None, 0
 
 
 def test_rows_that_see_nothing_return_zeros_with_finite_gradients():
     q, k, v = random_qkv(0, T=30)
     mask = EveryThirdRowBlind()
     blocks = BlockSizes(8, 4)
-    out = tiled_attention(q, k, v, mask, block_sizes=blocks)
+    out = tiled_attention(q, k, v, mask, layout(q, k), block_sizes=blocks)
     np.testing.assert_array_equal(out[:, ::3], 0.0)
-    ref = softmax_attention(q, k, v, mask=mask.dense(30, 30))
+    ref = softmax_attention(q, k, v, visible=mask.dense(30, 30)[None])
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))  # noqa: E731
-    grads = jax.grad(loss(lambda *a: tiled_attention(*a, mask, block_sizes=blocks)), (0, 1, 2))(
-        q, k, v
-    )
-    refs = jax.grad(loss(lambda *a: softmax_attention(*a, mask=mask.dense(30, 30))), (0, 1, 2))(
-        q, k, v
-    )
+    grads = jax.grad(
+        loss(lambda *a: tiled_attention(*a, mask, layout(q, k), block_sizes=blocks)), (0, 1, 2)
+    )(q, k, v)
+    refs = jax.grad(
+        loss(lambda *a: softmax_attention(*a, visible=mask.dense(30, 30)[None])), (0, 1, 2)
+    )(q, k, v)
     for g, r in zip(grads, refs, strict=True):
         assert bool(jnp.all(jnp.isfinite(g)))
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
@@ -70,8 +71,26 @@ def temp_bytes(T, fn):
 
 
 def test_forward_and_backward_memory_grows_linearly():
-    blockwise = lambda q, k, v: tiled_attention(q, k, v, Causal(), block_sizes=BlockSizes(128, 128))  # noqa: E731
+    blockwise = lambda q, k, v: tiled_attention(
+        q, k, v, Causal(), layout(q, k), block_sizes=BlockSizes(128, 128)
+    )  # noqa: E731
     small, large = temp_bytes(2048, blockwise), temp_bytes(8192, blockwise)
     assert large < 4.5 * small, (small, large)  # O(T): 4x the length, ~4x the memory
-    dense = lambda q, k, v: softmax_attention(q, k, v, mask=Causal().dense(8192, 8192))  # noqa: E731
+    dense = lambda q, k, v: softmax_attention(q, k, v, visible=Causal().dense(8192, 8192)[None])  # noqa: E731
     assert temp_bytes(8192, dense) > 20 * large  # the materialised scores dwarf it
+
+
+def test_traced_offset_schedules_every_tile_and_prunes_at_run_time():
+    """Decoding under jit: the offset is traced, so the band is checked per tile at run time."""
+    sched = make_schedule(Causal(), 8, 256, 8, 64, False, None)
+    assert sched.tiles == 4 and int(sched.full.sum()) == 0
+    q, k, v = random_qkv(1, T=8, S=256)
+    fn = jax.jit(lambda o: tiled_attention(q, k, v, Causal(), layout(q, k, q_offset=o),
+                                           block_sizes=BlockSizes(8, 64)))  # fmt: skip
+    ref = softmax_attention(q, k, v, visible=Causal().dense(8, 256, q_offset=100)[None])
+    np.testing.assert_allclose(fn(jnp.int32(100)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_static_offset_shifts_the_schedule():
+    sched = make_schedule(Causal(), 64, 256, 64, 64, False, 64)  # queries at 64..127
+    assert sched.tiles == 2 and int(sched.full.sum()) == 1
