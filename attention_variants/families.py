@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from attention_variants import chunked
 from attention_variants.common import (
     check_inputs,
+    check_positive,
     layout,
     softmax_attention,
     softmax_flops,
@@ -79,9 +80,9 @@ class MaskedSoftmax:
 
         def check(**options) -> None:
             mask(True, **options), mask(False, **options)
-            tiles = [options.get(t) for t in tile_defaults]
-            if tile_defaults and None not in tiles:
-                BlockSizes(*tiles)
+            for tile in tile_defaults:  # None: the mask's preferred tiles
+                if options.get(tile) is not None:
+                    check_positive(**{tile: options[tile]})
 
         def prepare(q, k, v, call, options):
             check_inputs(q, k, v)

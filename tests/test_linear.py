@@ -14,8 +14,7 @@ from conftest import packed_segments, random_qkv
 
 import attention_variants as av
 from attention_variants.common import softmax_attention
-from attention_variants.linear import linear_init_state, linear_step
-from attention_variants.performer import performer_init_state, performer_step, random_features
+from attention_variants.performer import random_features
 
 F32 = dict(rtol=1e-5, atol=1e-5)
 SMALL = {"linear": {}, "performer": {"num_features": 32}}
@@ -39,11 +38,9 @@ def test_output_does_not_depend_on_chunk_size(name, causal, segmented):
 def test_recurrent_step_equals_causal_output(name):
     B, T, N, K, H = 2, 23, 4, 2, 16
     q, k, v = random_qkv(22, B=B, T=T, N=N, K=K, H=H)
-    if name == "linear":
-        state, step = linear_init_state(B, K, H), jax.jit(linear_step)
-    else:
-        state = performer_init_state(B, K, H, num_features=32)
-        step = jax.jit(lambda s, q, k, v: performer_step(s, q, k, v, num_features=32))
+    decode = av.spec(name).decode  # derived by the family from the feature map
+    state = decode.init_state(B, K, H, **SMALL[name])
+    step = jax.jit(lambda s, q, k, v: decode.step(s, q, k, v, **SMALL[name]))
     full = av.get(name, chunk=8, **SMALL[name])(q, k, v)
     for t in range(T):
         out, state = step(state, q[:, t], k[:, t], v[:, t])
@@ -54,7 +51,9 @@ def test_recurrent_step_equals_causal_output(name):
 def test_performer_error_falls_with_num_features(causal):
     q, k, v = random_qkv(23, B=1, T=64, N=2, K=2, H=16)
     q, k = 0.5 * q, 0.5 * k  # mild logits, where the estimator converges quickly
-    exact = softmax_attention(q, k, v, mask=np.tril(np.ones((64, 64), bool)) if causal else None)
+    exact = softmax_attention(
+        q, k, v, visible=np.tril(np.ones((1, 64, 64), bool)) if causal else None
+    )
 
     def error(num_features):
         return np.mean(
@@ -127,11 +126,3 @@ def test_bad_options_raise(name, option, value):
     q, k, v = random_qkv(27)
     with pytest.raises(ValueError, match=option):
         av.spec(name).fn(q, k, v, **{option: value})
-
-
-def test_repeated_segment_ids_are_rejected_when_concrete():
-    q = jax.random.normal(jax.random.key(0), (1, 6, 2, 8))
-    seg = jnp.array([[0, 0, 1, 1, 0, 0]], jnp.int32)
-    for name in ("linear", "performer"):
-        with pytest.raises(ValueError, match="contiguous run"):
-            av.get(name)(q, q, q, segment_ids=seg)
