@@ -21,7 +21,14 @@ import functools
 import numpy as np
 
 from attention_variants.families import MaskedSoftmax
-from attention_variants.masks import BlockTable, _lookup, block_pairs, check_int, window_extent
+from attention_variants.masks import (
+    BlockTable,
+    _lookup,
+    block_pairs,
+    check_int,
+    visible_pairs,
+    window_extent,
+)
 from attention_variants.registry import register
 
 BLOCK, WINDOW, GLOBAL, RANDOM = 64, (1, 1), 2, 3  # the paper's ITC setting (block 64, 3/2/3 blocks)
@@ -111,7 +118,10 @@ class BigBird(BlockTable):
         return np.tril(table) if self.causal else table
 
     def pairs(self, T, S):
-        return block_pairs(self.sized(T, S).table, self.block, T, S, self.causal)
+        sized = self.sized(T, S)
+        if self.causal and T != S:
+            return visible_pairs(sized, T, S)
+        return block_pairs(sized.table, self.block, T, S, self.causal)
 
     def preferred_tiles(self, segmented):
         return None if segmented else (self.block, self.block)

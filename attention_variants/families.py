@@ -34,10 +34,6 @@ from attention_variants.masks import Mask
 from attention_variants.registry import Implementation
 from attention_variants.tiled import BlockSizes, tiled_attention
 
-CALL_DEFAULTS = dict(
-    causal=True, segment_ids=None, kv_segment_ids=None, q_offset=0, scale=None, return_lse=False
-)
-
 
 def keyword_defaults(fn: Callable, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """The keyword-only parameters of `fn` and their defaults (the variant's options)."""
@@ -48,10 +44,23 @@ def keyword_defaults(fn: Callable, skip: tuple[str, ...] = ()) -> dict[str, Any]
     }
 
 
-def _split(options: Mapping[str, Any], names) -> tuple[dict, dict]:
-    return {k: v for k, v in options.items() if k in names}, {
-        k: v for k, v in options.items() if k not in names
-    }
+def contract(body: Callable) -> Callable:
+    """A function with the contract's signature around body(q, k, v, call, options), where
+    `call` holds the contract's keywords and `options` the variant's."""
+
+    def fn(q, k, v, *, causal=True, segment_ids=None, kv_segment_ids=None, q_offset=0,
+           scale=None, return_lse=False, **options):  # fmt: skip
+        call = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                    q_offset=q_offset, scale=scale, return_lse=return_lse)  # fmt: skip
+        return body(q, k, v, call, options)
+
+    fn.__doc__ = body.__doc__
+    return fn
+
+
+def _pick(options: Mapping[str, Any], names) -> dict[str, Any]:
+    """The options among `names` (a declaration's own, without tile or chunk sizes)."""
+    return {k: v for k, v in options.items() if k in names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +85,7 @@ class MaskedSoftmax:
             tile_defaults = dict(block_q=None, block_k=None)
 
         def mask(causal: bool = True, **options) -> Mask:
-            return declaration(causal=causal, **_split(options, mask_defaults)[0])
+            return declaration(causal=causal, **_pick(options, mask_defaults))
 
         def check(**options) -> None:
             mask(True, **options), mask(False, **options)
@@ -99,19 +108,17 @@ class MaskedSoftmax:
             positions = max(q.shape[1] + (lay.q_offset or 0), k.shape[1])
             return m.sized(positions, k.shape[1]), lay
 
-        def reference(q, k, v, *, causal=True, segment_ids=None, kv_segment_ids=None,
-                      q_offset=0, scale=None, return_lse=False, **options):  # fmt: skip
+        @contract
+        def reference(q, k, v, call, options):
             """Softmax under the explicit [T, S] mask, float32 statistics."""
-            call = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                        q_offset=q_offset)  # fmt: skip
             m, lay = prepare(q, k, v, call, options)
-            vis = visible(m, lay)
-            return softmax_attention(q, k, v, visible=vis, scale=scale, return_lse=return_lse)
+            return softmax_attention(
+                q, k, v, visible=visible(m, lay), scale=call["scale"], return_lse=call["return_lse"]
+            )
 
-        def tiled(q, k, v, *, causal=True, segment_ids=None, kv_segment_ids=None, q_offset=0,
-                  scale=None, return_lse=False, **options):  # fmt: skip
-            call = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                        q_offset=q_offset)  # fmt: skip
+        @contract
+        def tiled(q, k, v, call, options):
+            """Tile by tile: only the tiles the mask shows run (`tiled.py`)."""
             m, lay = prepare(q, k, v, call, options)
             tiles = [options.get(t) for t in tile_defaults]
             if None in tiles:
@@ -120,8 +127,9 @@ class MaskedSoftmax:
             else:
                 tiles = BlockSizes(*tiles)
             return tiled_attention(
-                q, k, v, m, lay, scale=scale, block_sizes=tiles, return_lse=return_lse
-            )
+                q, k, v, m, lay, scale=call["scale"], block_sizes=tiles,
+                return_lse=call["return_lse"],
+            )  # fmt: skip
 
         def flops(B, T, S, N, H, *, causal=True, **options) -> float:
             return softmax_flops(B, N, H, mask(causal, **options).pairs(T, S))
@@ -189,44 +197,37 @@ class LinearState:
         feature_defaults = keyword_defaults(declaration, skip=("scale",))
 
         def features(q, k, scale, options):
-            return declaration(q, k, scale=scale, **_split(options, feature_defaults)[0])
+            return declaration(q, k, scale=scale, **_pick(options, feature_defaults))
 
         def check(**options) -> None:
             chunked.Chunking(options["chunk"])
-            self.num_features(8, **_split(options, feature_defaults)[0])
+            self.num_features(8, **_pick(options, feature_defaults))
 
-        def prepare(q, k, v, call):
-            check_inputs(q, k, v)
-            _not_served(name, q, k, call)
-            lay = layout(q, k, segment_ids=call["segment_ids"])
-            return lay.q_seg
+        def linear_state(sums):
+            @contract
+            def fn(q, k, v, call, options):
+                check_inputs(q, k, v)
+                _not_served(name, q, k, call)
+                seg = layout(q, k, segment_ids=call["segment_ids"]).q_seg  # run ids
+                qf, kf, m = features(q, k, call["scale"], options)
+                return sums(qf, kf, v, call["causal"], seg, m, options).astype(q.dtype)
 
-        def kernel(q, k, v, *, causal=True, segment_ids=None, kv_segment_ids=None, q_offset=0,
-                   scale=None, return_lse=False, **options):  # fmt: skip
-            call = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                        q_offset=q_offset, return_lse=return_lse)  # fmt: skip
-            seg = prepare(q, k, v, call)
-            qf, kf, m = features(q, k, scale, options)
-            out = chunked.linear_attention(
+            return fn
+
+        kernel = linear_state(
+            lambda qf, kf, v, causal, seg, m, options: chunked.linear_attention(
                 qf, kf, v, causal=causal, segment_ids=seg, log_scale=m, chunk=options["chunk"]
             )
-            return out.astype(q.dtype)
-
-        def reference(q, k, v, *, causal=True, segment_ids=None, kv_segment_ids=None, q_offset=0,
-                      scale=None, return_lse=False, **options):  # fmt: skip
-            """The explicit sums over the same features and an explicit [T, S] mask."""
-            call = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                        q_offset=q_offset, return_lse=return_lse)  # fmt: skip
-            seg = prepare(q, k, v, call)
-            qf, kf, m = features(q, k, scale, options)
-            out = chunked.linear_attention_reference(
+        )
+        reference = linear_state(  # the explicit sums over an explicit [T, S] mask
+            lambda qf, kf, v, causal, seg, m, _: chunked.linear_attention_reference(
                 qf, kf, v, causal=causal, segment_ids=seg, log_scale=m
             )
-            return out.astype(q.dtype)
+        )
 
         def flops(B, T, S, N, H, *, causal=True, **options) -> float:
             options = {**feature_defaults, "chunk": self.chunking.chunk, **options}
-            own = _split(options, feature_defaults)[0]
+            own = _pick(options, feature_defaults)
             F = self.num_features(H, **own)
             sums = chunked.chunked_flops(
                 B, T, S, N, H, causal=causal, features=F, chunk=options["chunk"]
@@ -234,14 +235,14 @@ class LinearState:
             return self.map_flops(B, T, S, N, H, **own) + sums
 
         def init_state(batch: int, kv_heads: int, head_dim: int, **options) -> chunked.State:
-            own = _split({**feature_defaults, **options}, feature_defaults)[0]
+            own = _pick({**feature_defaults, **options}, feature_defaults)
             q = jnp.zeros((1, 1, 1, head_dim), jnp.float32)
             _, _, m = declaration(q, q, scale=None, **own)
             F = self.num_features(head_dim, **own)
             return chunked.init_state(batch, kv_heads, F, head_dim, stabilised=m is not None)
 
         def step(state, q, k, v, *, scale=None, **options):
-            own = _split({**feature_defaults, **options}, feature_defaults)[0]
+            own = _pick({**feature_defaults, **options}, feature_defaults)
             qf, kf, m = declaration(q[:, None], k[:, None], scale=scale, **own)
             m = None if m is None else m[:, 0]
             out, state = chunked.recurrent_step(state, qf[:, 0], kf[:, 0], v, log_scale=m)

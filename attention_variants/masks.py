@@ -85,8 +85,9 @@ class Mask:
         return np.broadcast_to(np.asarray(self.visible(q_pos, np.arange(S)[None, :], S)), (T, S))
 
     def pairs(self, T: int, S: int) -> float:
-        """Visible (query, key) pairs of an unpacked row: the FLOP count's measure."""
-        return T * S
+        """Visible (query, key) pairs of an unpacked row: the FLOP count's measure (subclasses
+        without a closed form count the dense mask)."""
+        return T * S if type(self) is Mask else visible_pairs(self, T, S)
 
     def sized(self, positions: int, keys: int) -> Mask:
         """This mask for positions below `positions` and rows of `keys` keys (most ignore it)."""
@@ -179,6 +180,8 @@ class Fixed(Mask):
         b, c = self.block, self.summary
         i = np.arange(T, dtype=np.int64)
         m = i // b
+        if self.causal and T != S:
+            return visible_pairs(self, T, S)
         if self.causal:  # own block up to i, plus `summary` keys of each earlier block
             return int((i % b + 1 + m * c).sum())
         summaries = lambda n: np.maximum(n - (b - c), 0)  # noqa: E731  (among a block's first n)
@@ -291,6 +294,8 @@ class BlockSparse(BlockTable):
         return vis & (k_pos <= q_pos) if self.causal else vis
 
     def pairs(self, T, S):
+        if self.causal and T != S:
+            return visible_pairs(self, T, S)
         return block_pairs(self.table, self.block, T, S, self.causal)
 
 

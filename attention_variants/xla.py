@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from attention_variants.common import log_sum_exp, masked_scores, visible
-from attention_variants.families import MaskedSoftmax
+from attention_variants.families import MaskedSoftmax, contract
 from attention_variants.masks import Mask, causal_or_full
 from attention_variants.registry import Implementation, register
 
@@ -26,10 +26,9 @@ def _plain(q, k, call) -> bool:
 
 def _implementations(kernels):
     def library(implementation: str):
-        def fn(q, k, v, *, causal=True, segment_ids=None, kv_segment_ids=None, q_offset=0,
-               scale=None, return_lse=False):  # fmt: skip
-            call = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                        q_offset=q_offset)  # fmt: skip
+        @contract
+        def fn(q, k, v, call, options):
+            causal, scale, return_lse = call["causal"], call["scale"], call["return_lse"]
             mask, lay = kernels.prepare(q, k, v, call, {})
             library = dict(scale=scale, implementation=implementation)
             if _plain(q, k, call):

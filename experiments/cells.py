@@ -241,7 +241,7 @@ def _variants(config: Any) -> list[str]:
     if config.get("only_long_context", False):
         names = [n for n in names if av.spec(n).long_context]
         if not names:
-            raise ConfigError("variants", "no variant is registered long_context (only_long_context=True)")
+            raise ConfigError("variants", "none is registered long_context (only_long_context)")
     baselines = [b for b in csv_field(config, "baselines") if b in names]
     return baselines + [n for n in names if n not in baselines]  # baselines run first
 

@@ -95,16 +95,19 @@ def test_performer_is_stable_for_large_keys():
 
 
 @pytest.mark.parametrize("name", ["linear", "performer"])
-def test_long_bfloat16_is_finite(name):
+def test_long_bfloat16_stays_close_to_float32(name):
+    """T=65536 in bf16: output and gradients near the same kernel's float32 run."""
     T = 65536
     q, k, v = random_qkv(26, B=1, T=T, N=1, K=1, H=16, dtype=jnp.bfloat16)
     fn = av.get(name, chunk=256, **SMALL[name])
-    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))  # noqa: E731
-    out = jax.jit(fn)(q, k, v)
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-    for x in (out, *grads):
-        assert bool(jnp.all(jnp.isfinite(x.astype(jnp.float32))))
-    assert float(jnp.std(out[0, -1].astype(jnp.float32))) > 0  # not collapsed to zeros
+    loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v).astype(jnp.float32)))  # noqa: E731
+    run = jax.jit(lambda *x: (fn(*x), *jax.grad(loss, argnums=(0, 1, 2))(*x)))
+    for low, high in zip(
+        run(q, k, v), run(*(x.astype(jnp.float32) for x in (q, k, v))), strict=True
+    ):
+        low, high = low.astype(jnp.float32), np.asarray(high)
+        scale = float(np.abs(high).max())
+        np.testing.assert_allclose(low, high, rtol=0.05, atol=0.02 * scale)
 
 
 @pytest.mark.parametrize(

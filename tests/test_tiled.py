@@ -71,9 +71,9 @@ def temp_bytes(T, fn):
 
 
 def test_forward_and_backward_memory_grows_linearly():
-    blockwise = lambda q, k, v: tiled_attention(
-        q, k, v, Causal(), layout(q, k), block_sizes=BlockSizes(128, 128)
-    )  # noqa: E731
+    def blockwise(q, k, v):
+        return tiled_attention(q, k, v, Causal(), layout(q, k), block_sizes=BlockSizes(128, 128))
+
     small, large = temp_bytes(2048, blockwise), temp_bytes(8192, blockwise)
     assert large < 4.5 * small, (small, large)  # O(T): 4x the length, ~4x the memory
     dense = lambda q, k, v: softmax_attention(q, k, v, visible=Causal().dense(8192, 8192)[None])  # noqa: E731

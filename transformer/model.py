@@ -8,24 +8,21 @@ owns projections and positions; the kernel only sees q [B,T,N,H], k, v [B,S,K,H]
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import optax
 
 import attention_variants as av
+from attention_variants.common import run_starts
 from transformer.config import ModelConfig
 
 
 def segment_positions(segment_ids, T: int):
-    """Position of each token within its packed sequence: [B, T] -> [B, T] int32."""
+    """Position of each token within its document (a run of equal ids), as the attention
+    masks use: [B, T] -> [B, T] int32."""
     index = jnp.arange(T, dtype=jnp.int32)
     if segment_ids is None:
         return index[None]
-    starts = jnp.concatenate(
-        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
-    )
-    start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
-    return index - start_index
+    return index - run_starts(segment_ids)
 
 
 def apply_rope(x, positions, base: float):
