@@ -84,10 +84,6 @@ class BigBird(BlockTable):
         check_int("seed", self.seed, 0)
 
     @property
-    def needs_doc_len(self) -> bool:
-        return not self.causal and self.num_random > 0
-
-    @property
     def reach(self):
         return None, (0 if self.causal else None)
 

@@ -49,8 +49,8 @@ def check_positive(**values) -> None:
 class Layout(NamedTuple):
     """Where each query and key sits, after the contract's normalisation.
 
-    q_pos [B|1, T], k_pos [B|1, S]: int32 positions on the mask's coordinates (within the
-    document with segments; absolute otherwise). q_abs [B|1, T]: absolute query positions
+    q_pos [B|1, T], k_pos [B|1, S]: int32 positions on the mask's coordinates (absolute, or
+    within the document for block patterns). q_abs [B|1, T]: absolute query positions
     (q_offset + i), for causal tile pruning. q_seg [B, T], k_seg [B, S]: document ids (equal
     ids: same document), or None. doc_len [B, T]: keys in the query's document, or None (the
     whole key row). q_offset: the offset when static (a Python int), None when traced.
@@ -69,35 +69,48 @@ class Layout(NamedTuple):
         return self.q_seg is not None
 
 
+def _run_starts(ids):
+    """[B, T] ids -> bool: where a new run of equal ids begins."""
+    change = ids[:, 1:] != ids[:, :-1]
+    return jnp.concatenate([jnp.ones_like(ids[:, :1], bool), change], 1)
+
+
 def run_ids(ids):
     """[B, T] ids -> int32 run ids: a new id wherever the id changes (documents = runs)."""
-    change = jnp.concatenate([jnp.zeros_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], 1)
-    return jnp.cumsum(change, axis=1, dtype=jnp.int32)
+    return jnp.cumsum(_run_starts(ids), axis=1, dtype=jnp.int32) - 1
 
 
 def run_starts(ids):
     """[B, T] ids -> int32 index of the start of the run holding each position."""
     index = jnp.arange(ids.shape[1], dtype=jnp.int32)
-    start = jnp.concatenate([jnp.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], 1)
-    return jax.lax.cummax(jnp.where(start, index, 0), axis=1)
+    return jax.lax.cummax(jnp.where(_run_starts(ids), index, 0), axis=1)
 
 
-def run_lengths(runs):
-    """[B, T] run ids (0, 1, ...) -> int32 length of the run holding each position."""
-    T = runs.shape[1]
-    counts = jax.vmap(lambda r: jnp.zeros(T, jnp.int32).at[r].add(1))(runs)
-    return jnp.take_along_axis(counts, runs, axis=1)
+def key_documents(q_seg, k_seg):
+    """For each query, the first key of its document and the document's key count (0: none).
+
+    Documents are contiguous runs of one id among the keys, so a stable sort of the key ids and
+    a binary search find them without comparing every query with every key.
+    """
+    order = jnp.argsort(k_seg, axis=1, stable=True)  # [B, S]
+    ids = jnp.take_along_axis(k_seg, order, 1)
+    search = jax.vmap(lambda ids, x, side: jnp.searchsorted(ids, x, side=side), (0, 0, None))
+    lo, hi = search(ids, q_seg, "left"), search(ids, q_seg, "right")
+    first = jnp.take_along_axis(order, jnp.clip(lo, 0, k_seg.shape[1] - 1), 1)
+    return first.astype(jnp.int32), (hi - lo).astype(jnp.int32)
 
 
-def _offset(q_offset, B: int):
-    """q_offset as a static int, or (None, int32 [B]) when it is a traced or array value."""
+def offset_of(q_offset, B: int):
+    """(static, [B]): q_offset as a Python int when it is one (None when traced or an array),
+    and as int32 [B]. Raises ValueError naming q_offset when it is neither."""
     if isinstance(q_offset, (int, np.integer)) and not isinstance(q_offset, bool):
         return int(q_offset), jnp.full((B,), int(q_offset), jnp.int32)
-    q_offset = jnp.asarray(q_offset)
-    if q_offset.shape not in ((), (B,)) or not jnp.issubdtype(q_offset.dtype, jnp.integer):
+    bad = q_offset is None or isinstance(q_offset, (bool, float))
+    q_offset = None if bad else jnp.asarray(q_offset)
+    if bad or q_offset.shape not in ((), (B,)) or not jnp.issubdtype(q_offset.dtype, jnp.integer):
         raise ValueError(
             f"q_offset must be an int or an int array of shape () or [B] = ({B},), "
-            f"got {q_offset.dtype} {q_offset.shape}"
+            f"got {q_offset if bad else (q_offset.dtype, q_offset.shape)}"
         )
     return None, jnp.broadcast_to(q_offset.astype(jnp.int32), (B,))
 
@@ -107,18 +120,20 @@ def _check_ids(name: str, ids, shape) -> None:
         raise ValueError(f"{name} must be int [B, length] = {shape}, got {ids.dtype} {ids.shape}")
 
 
-def layout(q, k, *, segment_ids=None, kv_segment_ids=None, q_offset=0, doc_len=False) -> Layout:
+def layout(
+    q, k, *, segment_ids=None, kv_segment_ids=None, q_offset=0, within_document=False
+) -> Layout:
     """Normalises the contract's position arguments (see README, "The kernel contract").
 
     Without kv_segment_ids the keys share the queries' ids (T == S): both become run ids, so a
-    repeated id is a new document. With kv_segment_ids a query sees keys of an equal id, and
-    each id must be one run. A query chunk at q_offset whose first run has the id of the key at
-    q_offset continues that key's document (chunked prefill, decoding). `doc_len`: also count
-    the keys of each query's document (needs ids shared by queries and keys).
+    repeated id is a new document. With kv_segment_ids a query sees the keys of an equal id,
+    and each id must be one run. Positions are absolute (queries at q_offset + i), or with
+    `within_document` counted from the first key of the document (block patterns), with
+    `doc_len`, the document's number of keys.
     """
     B, T = q.shape[:2]
     S = k.shape[1]
-    static, offset = _offset(q_offset, B)
+    static, offset = offset_of(q_offset, B)
     i = jnp.arange(T, dtype=jnp.int32)
     q_abs = offset[:, None] + i if static is None else (static + i)[None]
     k_index = jnp.arange(S, dtype=jnp.int32)[None]
@@ -127,8 +142,7 @@ def layout(q, k, *, segment_ids=None, kv_segment_ids=None, q_offset=0, doc_len=F
             raise ValueError("kv_segment_ids given without segment_ids (the queries' ids)")
         return Layout(q_abs, k_index, q_abs, None, None, None, static)
     _check_ids("segment_ids", segment_ids, (B, T))
-    shared = kv_segment_ids is None
-    if shared:
+    if kv_segment_ids is None:
         if T != S:
             raise ValueError(f"kv_segment_ids [B, S] is needed when T != S, got T={T}, S={S}")
         q_seg = k_seg = run_ids(segment_ids)
@@ -138,24 +152,11 @@ def layout(q, k, *, segment_ids=None, kv_segment_ids=None, q_offset=0, doc_len=F
         if not isinstance(q_seg, jax.core.Tracer) and not isinstance(k_seg, jax.core.Tracer):
             check_runs(np.asarray(q_seg), "segment_ids")
             check_runs(np.asarray(k_seg), "kv_segment_ids")
-    k_start = run_starts(k_seg)
-    k_pos = k_index - k_start
-    q_start = run_starts(q_seg)
-    # The chunk's first run continues the key document at q_offset when the ids agree.
-    at = jnp.clip(offset, 0, S - 1)[:, None]
-    continues = (offset[:, None] >= 0) & (offset[:, None] < S)
-    continues &= jnp.take_along_axis(k_seg, at, 1) == q_seg[:, :1]
-    carried = jnp.where(continues, jnp.take_along_axis(k_pos, at, 1), 0)  # [B, 1]
-    q_pos = i - q_start + jnp.where(q_start == 0, carried, 0)
-    lengths = None
-    if doc_len:
-        if not (shared and static == 0):
-            raise NotImplementedError(
-                "this mask needs each document's length, which is known only for self-attention "
-                "(no kv_segment_ids, q_offset=0)"
-            )
-        lengths = run_lengths(q_seg)
-    return Layout(q_pos, k_pos, q_abs, q_seg, k_seg, lengths, static)
+    if not within_document:
+        return Layout(q_abs, k_index, q_abs, q_seg, k_seg, None, static)
+    first, count = key_documents(q_seg, k_seg)
+    q_pos = jnp.where(count > 0, q_abs - first, 0)  # a query with no key document sees nothing
+    return Layout(q_pos, k_index - run_starts(k_seg), q_abs, q_seg, k_seg, count, static)
 
 
 def check_runs(ids: np.ndarray, name: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
+from dataclasses import astuple
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,6 +27,7 @@ from attention_variants.common import (
     check_inputs,
     check_positive,
     layout,
+    offset_of,
     softmax_attention,
     softmax_flops,
     visible,
@@ -96,17 +98,17 @@ class MaskedSoftmax:
         def prepare(q, k, v, call, options):
             check_inputs(q, k, v)
             m = mask(call["causal"], **options)
-            segmented = call["segment_ids"] is not None
             lay = layout(
                 q,
                 k,
                 segment_ids=call["segment_ids"],
                 kv_segment_ids=call["kv_segment_ids"],
                 q_offset=call["q_offset"],
-                doc_len=m.needs_doc_len and segmented,
+                within_document=not m.shift_invariant,
             )
-            positions = max(q.shape[1] + (lay.q_offset or 0), k.shape[1])
-            return m.sized(positions, k.shape[1]), lay
+            T, S = q.shape[1], k.shape[1]  # a traced offset is taken to be at most S
+            positions = T + S if lay.q_offset is None else max(T + lay.q_offset, S)
+            return m.sized(positions, S), lay
 
         @contract
         def reference(q, k, v, call, options):
@@ -121,11 +123,10 @@ class MaskedSoftmax:
             """Tile by tile: only the tiles the mask shows run (`tiled.py`)."""
             m, lay = prepare(q, k, v, call, options)
             tiles = [options.get(t) for t in tile_defaults]
-            if None in tiles:
-                preferred = m.preferred_tiles(lay.segmented)
-                tiles = BlockSizes() if preferred is None else BlockSizes(*preferred)
-            else:
-                tiles = BlockSizes(*tiles)
+            if None in tiles:  # the mask's preferred sizes fill what was not given
+                preferred = m.preferred_tiles(lay.segmented) or astuple(BlockSizes())
+                tiles = [p if t is None else t for t, p in zip(tiles, preferred, strict=True)]
+            tiles = BlockSizes(*tiles)
             return tiled_attention(
                 q, k, v, m, lay, scale=call["scale"], block_sizes=tiles,
                 return_lse=call["return_lse"],
@@ -168,12 +169,12 @@ class Decoding:
 def _not_served(name: str, q, k, call) -> None:
     """The linear family's NotImplementedError for what it cannot serve, naming the argument."""
     T, S = q.shape[1], k.shape[1]
-    offset = call["q_offset"]
+    static, _ = offset_of(call["q_offset"], q.shape[0])  # ValueError for a malformed offset
     if call["return_lse"]:
         raise NotImplementedError(f"{name}: return_lse (linear attention has no log-sum-exp)")
     if call["kv_segment_ids"] is not None:
         raise NotImplementedError(f"{name}: kv_segment_ids (segments are self-attention only)")
-    if not (isinstance(offset, int) and offset == 0):
+    if call["causal"] and static != 0:
         raise NotImplementedError(f"{name}: q_offset (decode with the recurrent step instead)")
     if call["causal"] and T != S:
         raise NotImplementedError(f"{name}: causal with T={T} != S={S}")
@@ -234,15 +235,27 @@ class LinearState:
             )
             return self.map_flops(B, T, S, N, H, **own) + sums
 
+        def own_options(options):
+            """The feature map's options, validated (TypeError for an unknown one)."""
+            unknown = sorted(set(options) - set(feature_defaults) - {"chunk"})
+            if unknown:
+                raise TypeError(
+                    f"attention variant {name!r}: unknown option(s) {', '.join(unknown)}; "
+                    f"accepted: {', '.join(sorted(feature_defaults)) or 'none'}"
+                )
+            own = {**feature_defaults, **_pick(options, feature_defaults)}
+            self.num_features(8, **own)  # ValueError for a bad value
+            return own
+
         def init_state(batch: int, kv_heads: int, head_dim: int, **options) -> chunked.State:
-            own = _pick({**feature_defaults, **options}, feature_defaults)
+            own = own_options(options)
             q = jnp.zeros((1, 1, 1, head_dim), jnp.float32)
             _, _, m = declaration(q, q, scale=None, **own)
             F = self.num_features(head_dim, **own)
             return chunked.init_state(batch, kv_heads, F, head_dim, stabilised=m is not None)
 
         def step(state, q, k, v, *, scale=None, **options):
-            own = _pick({**feature_defaults, **options}, feature_defaults)
+            own = own_options(options)
             qf, kf, m = declaration(q[:, None], k[:, None], scale=scale, **own)
             m = None if m is None else m[:, 0]
             out, state = chunked.recurrent_step(state, qf[:, 0], kf[:, 0], v, log_scale=m)

@@ -6,7 +6,7 @@ would see alone. Without segments they are absolute positions (queries at q_offs
 
 A mask answers, on broadcastable position arrays (numpy or jax):
   * `visible(q_pos, k_pos, doc_len=None)`: which keys each query sees. `doc_len` is the number
-    of keys in the query's document (only masks with `needs_doc_len` read it).
+    of keys in the query's document, given with positions within documents (None: the row).
   * `reach`: (behind, ahead): key k is visible to query q only if q - behind <= k <= q + ahead
     (None: unbounded). It bounds the band of tiles worth computing, and holds in absolute
     positions too, since both positions of a pair shift by the same document start.
@@ -39,7 +39,9 @@ def check_int(name: str, value, minimum: int = 1, maximum: int | None = None) ->
 
 def window_extent(name: str, window) -> tuple[int, int]:
     """`window` as (left, right): a pair as given, or an int W meaning (W - 1, 0), W keys back."""
-    if isinstance(window, (tuple, list)) and len(window) == 2:
+    if isinstance(window, (tuple, list)):
+        if len(window) != 2:
+            raise ValueError(f"{name} must be an int W or a pair (left, right), got {window!r}")
         check_int(f"{name}[0] (left)", window[0], 0)
         check_int(f"{name}[1] (right)", window[1], 0)
         return int(window[0]), int(window[1])
@@ -65,7 +67,6 @@ class Mask:
     """Base class: every key is visible (non-causal, unmasked attention)."""
 
     shift_invariant = True  # visibility depends on k - q only
-    needs_doc_len = False  # `visible` reads the document length
 
     @property
     def reach(self) -> tuple[int | None, int | None]:
@@ -238,9 +239,9 @@ class BlockTable(Mask):
         return np.pad(self.table.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
 
     def _blocks(self, q_lo, q_hi, k_lo, k_hi):
-        shape = np.array(self.table.shape) - 1
-        ql, qh = (np.minimum(x // self.block, shape[0]) for x in (q_lo, q_hi))
-        kl, kh = (np.minimum(x // self.block, shape[1]) for x in (k_lo, k_hi))
+        shape = np.array(self.table.shape) - 1  # bounds clipped into the table, as `visible` does
+        ql, qh = (np.clip(x // self.block, 0, shape[0]) for x in (q_lo, q_hi))
+        kl, kh = (np.clip(x // self.block, 0, shape[1]) for x in (k_lo, k_hi))
         c = self._counts
         seen = c[qh + 1, kh + 1] - c[ql, kh + 1] - c[qh + 1, kl] + c[ql, kl]
         return seen, (qh - ql + 1) * (kh - kl + 1)

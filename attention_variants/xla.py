@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attention_variants.common import log_sum_exp, masked_scores, visible
+from attention_variants.common import log_sum_exp, masked_scores, offset_of, visible
 from attention_variants.families import MaskedSoftmax, contract
 from attention_variants.masks import Mask, causal_or_full
 from attention_variants.registry import Implementation, register
@@ -19,9 +19,8 @@ from attention_variants.registry import Implementation, register
 
 def _plain(q, k, call) -> bool:
     """Whether the call is plain (causal or full) attention, which needs no mask array."""
-    offset = call.get("q_offset", 0)
-    no_offset = isinstance(offset, int) and offset == 0
-    return call.get("segment_ids") is None and no_offset and (q.shape[1] == k.shape[1])
+    static, _ = offset_of(call.get("q_offset", 0), q.shape[0])
+    return call.get("segment_ids") is None and static == 0 and q.shape[1] == k.shape[1]
 
 
 def _implementations(kernels):
@@ -33,7 +32,7 @@ def _implementations(kernels):
             library = dict(scale=scale, implementation=implementation)
             if _plain(q, k, call):
                 out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, **library)
-                vis = mask.dense(q.shape[1], k.shape[1])[None] if return_lse else None
+                vis = visible(mask, lay) if return_lse else None
             else:
                 vis = jnp.broadcast_to(visible(mask, lay), (q.shape[0], q.shape[1], k.shape[1]))
                 out = jax.nn.dot_product_attention(q, k, v, mask=vis[:, None], **library)

@@ -189,8 +189,32 @@ def test_query_chunks_at_an_offset_equal_rows_of_the_full_output(name, opts, seg
         np.testing.assert_allclose(chunk, full[:, a:b], **F32, err_msg=f"rows {a}:{b}")
         traced = jax.jit(lambda o: fn(q[:, a:b], k, v, q_offset=o, **kw))(jnp.int32(a))  # noqa: B023
         np.testing.assert_allclose(traced, full[:, a:b], **F32, err_msg=f"traced {a}:{b}")
-    per_row = fn(q[:, 5:9], k, v, q_offset=jnp.array([5, 5], jnp.int32))
+    kw = dict(kv_segment_ids=seg, segment_ids=None if seg is None else seg[:, 5:9])
+    per_row = fn(q[:, 5:9], k, v, q_offset=jnp.array([5, 5], jnp.int32), **kw)
     np.testing.assert_allclose(per_row, full[:, 5:9], **F32)
+
+
+@pytest.mark.parametrize("name,opts", EXACT)
+@pytest.mark.parametrize("segmented", [False, True])
+def test_key_blocks_merged_by_lse_equal_the_whole(name, opts, segmented):
+    """Ring attention's step: queries 16:32 against key blocks 0:16 and 16:32 (offsets 16 and
+    0), merged by their log-sum-exps, give the full output. Needs masks of k - q only."""
+    spec = av.spec(name)
+    if not spec.mask(causal=True, **spec.options(**opts)).shift_invariant:
+        pytest.skip("block patterns count a document from its first key in the call")
+    q, k, v = random_qkv(24, T=32)
+    seg = packed_segments(25, 2, 32) if segmented else None
+    fn = kernel(name, opts)
+    full = fn(q, k, v, segment_ids=seg)[:, 16:]
+    parts = []
+    for lo, offset in ((0, 16), (16, 0)):
+        keys = slice(lo, lo + 16)
+        ids = {} if seg is None else dict(segment_ids=seg[:, 16:], kv_segment_ids=seg[:, keys])
+        parts.append(fn(q[:, 16:], k[:, keys], v[:, keys], q_offset=offset, return_lse=True, **ids))
+    (a, lse_a), (b, lse_b) = parts
+    lse = jnp.logaddexp(lse_a, lse_b)
+    merged = a * jnp.exp(lse_a - lse)[..., None] + b * jnp.exp(lse_b - lse)[..., None]
+    np.testing.assert_allclose(merged, full, **F32)
 
 
 @pytest.mark.parametrize("name,opts", EXACT)

@@ -18,30 +18,32 @@ from attention_variants.performer import random_features
 
 F32 = dict(rtol=1e-5, atol=1e-5)
 SMALL = {"linear": {}, "performer": {"num_features": 32}}
+DECODES = [n for n in av.names() if av.spec(n).decode is not None]  # every linear-state variant
 
 
-@pytest.mark.parametrize("name", ["linear", "performer"])
+@pytest.mark.parametrize("name", DECODES)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("segmented", [False, True])
 def test_output_does_not_depend_on_chunk_size(name, causal, segmented):
     q, k, v = random_qkv(20, T=100, N=4, K=2)
     seg = packed_segments(21, 2, 100, max_segments=4) if segmented else None
     outs = [
-        av.get(name, chunk=c, **SMALL[name])(q, k, v, causal=causal, segment_ids=seg)
+        av.get(name, chunk=c, **SMALL.get(name, {}))(q, k, v, causal=causal, segment_ids=seg)
         for c in (1, 7, 32, 100, 256)
     ]
     for out in outs[1:]:
         np.testing.assert_allclose(out, outs[0], **F32)
 
 
-@pytest.mark.parametrize("name", ["linear", "performer"])
+@pytest.mark.parametrize("name", DECODES)
 def test_recurrent_step_equals_causal_output(name):
     B, T, N, K, H = 2, 23, 4, 2, 16
     q, k, v = random_qkv(22, B=B, T=T, N=N, K=K, H=H)
     decode = av.spec(name).decode  # derived by the family from the feature map
-    state = decode.init_state(B, K, H, **SMALL[name])
-    step = jax.jit(lambda s, q, k, v: decode.step(s, q, k, v, **SMALL[name]))
-    full = av.get(name, chunk=8, **SMALL[name])(q, k, v)
+    small = SMALL.get(name, {})
+    state = decode.init_state(B, K, H, **small)
+    step = jax.jit(lambda s, q, k, v: decode.step(s, q, k, v, **small))
+    full = av.get(name, chunk=8, **small)(q, k, v)
     for t in range(T):
         out, state = step(state, q[:, t], k[:, t], v[:, t])
         np.testing.assert_allclose(out, full[:, t], **F32, err_msg=f"t={t}")
@@ -129,3 +131,11 @@ def test_bad_options_raise(name, option, value):
     q, k, v = random_qkv(27)
     with pytest.raises(ValueError, match=option):
         av.spec(name).fn(q, k, v, **{option: value})
+
+
+def test_decode_options_are_validated():
+    decode = av.spec("performer").decode
+    with pytest.raises(TypeError, match="num_featurs"):
+        decode.init_state(1, 1, 8, num_featurs=16)
+    with pytest.raises(ValueError, match="num_features"):
+        decode.init_state(1, 1, 8, num_features=0)
