@@ -2,7 +2,8 @@
 
 Positions (within the document) fall in blocks of `block`. Query block a sees key block b when
   * b is in its window, a - left <= b <= a + right, `window=(left, right)` in blocks (default
-    (1, 1): the paper's 3-block window; an int w means (w - 1, 0));
+    (1, 1): the paper's 3-block window, which causal attention clips to the query's block and
+    the one before; an int w means (w - 1, 0));
   * a or b is among the first `num_global` blocks (global blocks see and are seen by all);
   * b is one of `num_random` blocks that row a draws, among the blocks of its document that it
     does not already see: those with the smallest seeded priorities (numpy, seeded by
