@@ -63,6 +63,7 @@ class Layout(NamedTuple):
     k_seg: jax.Array | None
     doc_len: jax.Array | None
     q_offset: int | None
+    within_document: bool = False
 
     @property
     def segmented(self) -> bool:
@@ -156,7 +157,8 @@ def layout(
         return Layout(q_abs, k_index, q_abs, q_seg, k_seg, None, static)
     first, count = key_documents(q_seg, k_seg)
     q_pos = jnp.where(count > 0, q_abs - first, 0)  # a query with no key document sees nothing
-    return Layout(q_pos, k_index - run_starts(k_seg), q_abs, q_seg, k_seg, count, static)
+    k_pos = k_index - run_starts(k_seg)
+    return Layout(q_pos, k_pos, q_abs, q_seg, k_seg, count, static, within_document=True)
 
 
 def check_runs(ids: np.ndarray, name: str) -> None:

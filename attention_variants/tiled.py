@@ -115,6 +115,7 @@ class _Static:
     groups: int  # G = N // K query heads per key/value head
     segmented: bool
     q_offset: int | None  # None: traced
+    absolute: bool  # positions are q_offset + i and j: computed per tile, not loaded
 
     @property
     def schedule(self) -> Schedule:
@@ -126,17 +127,22 @@ class _Static:
 # Inside the engine a query tile is [B, K, G*bq, H]: the G heads that share a key/value head
 # are stacked along rows, so each tile product is one batched matmul with no repeated K/V.
 # Coordinates arrive as tiles too: co = (q_pos, q_abs, doc_len | None, seg_q | None) of shape
-# [nq, B|1, bq] and (k_pos, seg_k | None) of shape [nk, B|1, bk].
+# [nq, B|1, bq] and (k_pos, seg_k | None) of shape [nk, B|1, bk]; absolute positions at a
+# static offset are computed per tile instead (cheaper for the many small tiles of a band).
 
 
 def _tile_visible(st: _Static, qi, ki, co_q, co_k):
     """Boolean [B|1, 1, G*bq, bk] visibility of tile (qi, ki), evaluated from positions."""
     q_pos, _, doc_len, seg_q = co_q
     k_pos, seg_k = co_k
-    q_t = q_pos[qi][:, :, None]  # [B|1, bq, 1]
+    k_index = ki * st.bk + jnp.arange(st.bk)
+    if st.absolute:
+        q_t = (st.q_offset + qi * st.bq + jnp.arange(st.bq))[None, :, None]  # [1, bq, 1]
+        k_t = k_index[None, None, :]
+    else:
+        q_t, k_t = q_pos[qi][:, :, None], k_pos[ki][:, None, :]  # [B|1, bq, 1], [B|1, 1, bk]
     doc_t = None if doc_len is None else doc_len[qi][:, :, None]
-    in_range = (ki * st.bk + jnp.arange(st.bk) < st.S)[None, None, :]
-    vis = st.mask.visible(q_t, k_pos[ki][:, None, :], doc_t) & in_range  # [B|1, bq, bk]
+    vis = st.mask.visible(q_t, k_t, doc_t) & (k_index < st.S)[None, None, :]  # [B|1, bq, bk]
     if st.segmented:
         vis = vis & (seg_q[qi][:, :, None] == seg_k[ki][:, None, :])
     vis = jnp.broadcast_to(vis[:, None], (vis.shape[0], st.groups, st.bq, st.bk))
@@ -321,7 +327,8 @@ def tiled_attention(
     S, K = k.shape[1], k.shape[2]
     G = N // K
     bq, bk = min(block_sizes.block_q, T), min(block_sizes.block_k, S)
-    st = _Static(mask, T, S, bq, bk, G, lay.segmented, lay.q_offset)
+    absolute = lay.q_offset is not None and not lay.within_document
+    st = _Static(mask, T, S, bq, bk, G, lay.segmented, lay.q_offset, absolute)
     co_q = tuple(_coordinate_tiles(x, bq) for x in (lay.q_pos, lay.q_abs, lay.doc_len, lay.q_seg))
     co_k = tuple(_coordinate_tiles(x, bk) for x in (lay.k_pos, lay.k_seg))
     q_scaled = (q.astype(jnp.float32) * default_scale(scale, H)).astype(q.dtype)
