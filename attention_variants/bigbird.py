@@ -30,7 +30,7 @@ from attention_variants.masks import (
     visible_pairs,
     window_extent,
 )
-from attention_variants.registry import register
+from attention_variants.registry import register, spec
 
 BLOCK, WINDOW, GLOBAL, RANDOM = 64, (1, 1), 2, 3  # the paper's ITC setting (block 64, 3/2/3 blocks)
 NEVER = -1  # threshold of a block that is never a random draw
@@ -146,3 +146,9 @@ def bigbird(
 ) -> BigBird:
     """BigBird's mask; tiles default to the blocks (unpacked)."""
     return BigBird(block, window, num_global, num_random, seed, causal)
+
+
+# The reference beside the kernel, derived from the declaration above and compared with
+# the kernel (output and gradients) by the conformance suite:
+# plain softmax under the materialised BigBird mask.
+reference = spec("bigbird").reference

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from attention_variants.families import MaskedSoftmax
 from attention_variants.masks import Mask, causal_or_full
-from attention_variants.registry import Implementation, register
+from attention_variants.registry import Implementation, register, spec
 
 
 def _materialised(kernels):
@@ -15,3 +15,9 @@ def _materialised(kernels):
 def dense(*, causal: bool) -> Mask:
     """Softmax attention with materialised scores (Vaswani et al. 2017): the baseline math."""
     return causal_or_full(causal)
+
+
+# The reference beside the kernel, derived from the declaration above and compared with
+# the kernel (output and gradients) by the conformance suite:
+# the same function: it materialises the scores.
+reference = spec("dense").reference

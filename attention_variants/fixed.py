@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from attention_variants.families import MaskedSoftmax
 from attention_variants.masks import Fixed
-from attention_variants.registry import register
+from attention_variants.registry import register, spec
 
 BLOCK, SUMMARY = 128, 16  # the paper's l=128 with c in {8, 16, 32}
 
@@ -33,3 +33,9 @@ BLOCK, SUMMARY = 128, 16  # the paper's l=128 with c in {8, 16, 32}
 def fixed(*, causal: bool, block=BLOCK, summary=SUMMARY) -> Fixed:
     """The fixed pattern with blocks of `block` and `summary` summary positions per block."""
     return Fixed(block, summary, causal)
+
+
+# The reference beside the kernel, derived from the declaration above and compared with
+# the kernel (output and gradients) by the conformance suite:
+# plain softmax under the materialised fixed-pattern mask.
+reference = spec("fixed").reference

@@ -49,12 +49,17 @@ def window_extent(name: str, window) -> tuple[int, int]:
     return int(window) - 1, 0
 
 
+def everywhere(a, b):
+    """All True with the broadcast shape of a and b (numpy or jax alike)."""
+    return (a - a + b - b) == 0
+
+
 def _band(q_lo, q_hi, k_lo, k_hi, reach):
     """Whether the tile meets the band q - behind <= k <= q + ahead (exact on a rectangle).
 
     Works on numpy and jax bounds alike (the engine also checks it at run time)."""
     behind, ahead = reach
-    vis = (q_lo - q_lo + k_lo - k_lo) == 0  # all True, with the broadcast shape
+    vis = everywhere(q_lo, k_lo)
     if ahead is not None:
         vis = vis & (k_lo <= q_hi + ahead)
     if behind is not None:
@@ -73,7 +78,7 @@ class Mask:
         return None, None
 
     def visible(self, q_pos, k_pos, doc_len=None):
-        return (q_pos >= 0) | (k_pos >= 0) | True  # all True, with the broadcast shape
+        return everywhere(q_pos, k_pos)
 
     def tile_visible(self, q_lo, q_hi, k_lo, k_hi):
         return _band(q_lo, q_hi, k_lo, k_hi, self.reach)

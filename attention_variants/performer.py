@@ -24,7 +24,7 @@ from jax import lax
 
 from attention_variants.common import check_positive, default_scale
 from attention_variants.families import LinearState
-from attention_variants.registry import register
+from attention_variants.registry import register, spec
 
 NUM_FEATURES = 256
 
@@ -81,3 +81,9 @@ def map_flops(B, T, S, N, H, *, num_features=NUM_FEATURES, **_) -> float:
 def performer(q, k, *, scale=None, num_features=NUM_FEATURES, seed=0):
     """FAVOR+ features of q and k with `num_features` random features drawn from `seed`."""
     return features(q, k, scale, num_features, seed)
+
+
+# The reference beside the kernel, derived from the declaration above and compared with
+# the kernel (output and gradients) by the conformance suite:
+# the explicit sums over an explicit [T, S] mask, same random features.
+reference = spec("performer").reference

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from attention_variants.families import MaskedSoftmax
 from attention_variants.masks import Window, window_extent
-from attention_variants.registry import register
+from attention_variants.registry import register, spec
 from attention_variants.tiled import BlockSizes
 
 WINDOW = 512
@@ -35,3 +35,9 @@ def sliding_window(*, causal: bool, window=WINDOW) -> Window:
     """The window (left, right) of `window`; causal clips its right side to 0."""
     left, right = window_extent("window", window)
     return Window(left, 0 if causal else right)
+
+
+# The reference beside the kernel, derived from the declaration above and compared with
+# the kernel (output and gradients) by the conformance suite:
+# plain softmax under the materialised window mask.
+reference = spec("sliding_window").reference

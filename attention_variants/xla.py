@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from attention_variants.common import log_sum_exp, masked_scores, offset_of, visible
 from attention_variants.families import MaskedSoftmax, contract
 from attention_variants.masks import Mask, causal_or_full
-from attention_variants.registry import Implementation, register
+from attention_variants.registry import Implementation, register, spec
 
 
 def _plain(q, k, call) -> bool:
@@ -64,3 +64,9 @@ def _implementations(kernels):
 def xla(*, causal: bool) -> Mask:
     """Causal (or full) softmax through `jax.nn.dot_product_attention`."""
     return causal_or_full(causal)
+
+
+# The reference beside the kernel, derived from the declaration above and compared with
+# the kernel (output and gradients) by the conformance suite:
+# plain softmax under the materialised causal mask.
+reference = spec("xla").reference

@@ -1,6 +1,6 @@
 """Measurement helpers: compile and time a jitted function, read its memory, time a GEMM.
 
-Timing follows DESIGN.md: compile excluded (timed apart), one warm-up call, then the median of
+Timing convention: compile excluded (timed apart), one warm-up call, then the median of
 repeats with min and max, each call ended by `jax.block_until_ready`. Memory is XLA's compiled
 memory analysis, plus a runtime peak sampled while the warm-up call runs (see `PeakSampler`).
 """

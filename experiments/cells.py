@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 import attention_variants as av
 
-BACKWARD_FLOPS = 2.5  # DESIGN.md: backward = 2.5 x forward, so fwd_bwd = 3.5 x forward
+BACKWARD_FLOPS = 2.5  # convention: backward = 2.5 x forward, so fwd_bwd = 3.5 x forward
 
 
 @dataclasses.dataclass(frozen=True)

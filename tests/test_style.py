@@ -1,4 +1,4 @@
-"""The tree stays ruff-clean (lint and format), as DESIGN.md's conventions ask."""
+"""The tree stays ruff-clean (lint and format), as the project's conventions ask."""
 
 import shutil
 import subprocess
