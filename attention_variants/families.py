@@ -135,7 +135,6 @@ class MaskedSoftmax:
         def flops(B, T, S, N, H, *, causal=True, **options) -> float:
             return softmax_flops(B, N, H, mask(causal, **options).pairs(T, S))
 
-        reference.__doc__ = f"{name}: softmax under the explicit mask (the reference)."
         kernels = SimpleNamespace(tiled=tiled, reference=reference, prepare=prepare)
         if self.implementations is None:
             table = {"jax": Implementation(tiled)}
@@ -204,27 +203,27 @@ class LinearState:
             chunked.Chunking(options["chunk"])
             self.num_features(8, **_pick(options, feature_defaults))
 
-        def linear_state(sums):
+        def linear_state(explicit: bool):
+            """The chunked kernel, or (explicit) the plain sums over an explicit [T, S] mask."""
+
             @contract
             def fn(q, k, v, call, options):
                 check_inputs(q, k, v)
                 _not_served(name, q, k, call)
-                seg = layout(q, k, segment_ids=call["segment_ids"]).q_seg  # run ids
+                runs = layout(q, k, segment_ids=call["segment_ids"]).q_seg  # documents: run ids
+                kw = dict(causal=call["causal"], segment_ids=runs)
                 qf, kf, m = features(q, k, call["scale"], options)
-                return sums(qf, kf, v, call["causal"], seg, m, options).astype(q.dtype)
+                if explicit:
+                    out = chunked.linear_attention_reference(qf, kf, v, log_scale=m, **kw)
+                else:
+                    out = chunked.linear_attention(
+                        qf, kf, v, log_scale=m, chunk=options["chunk"], **kw
+                    )
+                return out.astype(q.dtype)
 
             return fn
 
-        kernel = linear_state(
-            lambda qf, kf, v, causal, seg, m, options: chunked.linear_attention(
-                qf, kf, v, causal=causal, segment_ids=seg, log_scale=m, chunk=options["chunk"]
-            )
-        )
-        reference = linear_state(  # the explicit sums over an explicit [T, S] mask
-            lambda qf, kf, v, causal, seg, m, _: chunked.linear_attention_reference(
-                qf, kf, v, causal=causal, segment_ids=seg, log_scale=m
-            )
-        )
+        kernel, reference = linear_state(False), linear_state(True)
 
         def flops(B, T, S, N, H, *, causal=True, **options) -> float:
             options = {**feature_defaults, "chunk": self.chunking.chunk, **options}
