@@ -13,7 +13,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 sweep: $(STAMP)
 	$(PY) -m experiments.sweep --config=configs/context_sweep.py

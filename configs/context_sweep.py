@@ -4,7 +4,7 @@ Run it with `make sweep`, i.e.
 
     python -m experiments.sweep --config=configs/context_sweep.py
 
-B=1, N=K=8 heads, H=64, causal; float32 on CPU, bfloat16 on GPU/TPU. Results go to
+B=1, N=K=8 heads, H=64, causal, one document per row; float32 on CPU, bfloat16 on GPU/TPU. Results go to
 results/context_sweep/ (results.jsonl, report.md, results.csv, scaling.png).
 
 Repeats are adaptive so the sweep fits in 10 minutes on a 2-core CPU: each cell makes one
@@ -18,6 +18,8 @@ skipped, so the 10 minutes hold as variants are added; the longest lengths are d
 
 import ml_collections
 
+from experiments.cells import registered_options
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -25,11 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.variants = "all"  # comma-separated registry names, or "all" for every registered variant
     c.only_long_context = False  # keep only variants registered long_context (O(T) memory)
     c.baselines = "xla,blockwise"  # run first at each length; crossovers are measured against them
-    # Per-variant options {name: {option: value}}; a variant not listed runs its defaults. Listed
-    # entries can be overridden, e.g. --config.options.sliding_window.window=256.
-    c.options = ml_collections.ConfigDict()
-    c.options.xla = {"implementation": "xla"}  # "cudnn" on NVIDIA GPUs
-    c.options.sliding_window = {"window": 512}  # the window of issue 3's targets
+    # Per-variant options {name: {option: value}}, every registered variant's defaults; any can
+    # be overridden, e.g. --config.options.sliding_window.window=256 or
+    # --config.options.bigbird.window='(2, 2)'.
+    c.options = registered_options()
+    c.options.xla.implementation = "xla"  # XLA's own softmax attention; "cudnn" on NVIDIA GPUs
     c.lengths = "512,1024,2048,4096,8192,16384"  # comma-separated context lengths T (= S)
     c.modes = "fwd,fwd_bwd"  # fwd: attention output; fwd_bwd: value_and_grad wrt q, k, v
     c.batch = 1  # B
@@ -37,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.kv_heads = 8  # K, key/value heads (N % K == 0; K < N is GQA)
     c.head_dim = 64  # H
     c.causal = True  # causal self-attention
+    c.segments = 1  # documents packed into each row (segment ids), as training packs them
     c.dtype = "auto"  # "auto": float32 on CPU, bfloat16 on GPU/TPU; or float32|bfloat16|float16
     c.seed = 0  # PRNG seed of the random inputs
     c.cell_budget_s = 2.0  # seconds of timed repeats per cell, after the warm-up call

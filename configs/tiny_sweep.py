@@ -9,7 +9,8 @@ from configs import context_sweep
 def get_config():
     c = context_sweep.get_config()
     c.variants = "xla,blockwise"  # the two baselines
-    c.options = {"blockwise": {"block_q": 64, "block_k": 64}}  # several tiles at these lengths
+    c.options.blockwise.block_q = 64  # several tiles at these lengths
+    c.options.blockwise.block_k = 64
     c.lengths = "128,256"  # short lengths
     c.heads = 2  # N
     c.kv_heads = 1  # K (exercises GQA)

@@ -2,22 +2,23 @@
 
 Timing convention: compile excluded (timed apart), one warm-up call, then the median of
 repeats with min and max, each call ended by `jax.block_until_ready`. Memory is XLA's compiled
-memory analysis, plus a runtime peak sampled while the warm-up call runs (see `PeakSampler`).
+memory analysis, plus the runtime peak of the warm-up call (see `PeakMemory`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
+import resource
 import statistics
-import threading
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import psutil
 
 GiB = 2**30
 
@@ -76,78 +77,78 @@ def compiled_memory(compiled: Any) -> Memory | None:
 
 
 def free_memory_bytes(device: jax.Device) -> int | None:
-    """Memory a new allocation can use: GPU/TPU allocator limit minus bytes in use; CPU
-    /proc/meminfo MemAvailable. None where neither is known."""
+    """Memory a new allocation can use: GPU/TPU allocator limit minus bytes in use; CPU the
+    host's available memory (psutil; Linux's MemAvailable). None where unknown."""
     if device.platform != "cpu":
         stats = device.memory_stats() or {}
         if "bytes_limit" in stats:
             return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
         return None
+    return int(psutil.virtual_memory().available)
+
+
+def _status_bytes(field: str) -> int | None:
+    """A `Name: <n> kB` field of /proc/self/status (Linux), in bytes."""
     try:
-        with open("/proc/meminfo") as f:
+        with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     return None
 
 
-def _resident_bytes() -> int | None:
+def _reset_resident_peak() -> bool:
+    """Resets the kernel's high-water mark of this process's resident set (Linux >= 4.0)."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
-class PeakSampler:
-    """Runtime peak memory growth over a block of code, in bytes (None where unknown).
+def _resident_peak() -> int | None:
+    """The process's peak resident set: VmHWM, else getrusage's (lifetime) maximum."""
+    peak = _status_bytes("VmHWM")
+    if peak is None:
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return peak
 
-    GPU/TPU: the allocator's `bytes_in_use`, sampled, and `peak_bytes_in_use` when the block
-    raised the process peak. CPU: the process resident set (/proc/self/statm) sampled every
-    `interval_s`; a lower bound that can miss peaks shorter than the interval. Both exclude what
-    was resident before the block (the inputs).
+
+class PeakMemory:
+    """Runtime peak memory of a block of code above what was in use when it started, in bytes
+    (`peak_bytes`; None where unknown). Counted by the kernel or the allocator, not sampled.
+
+    CPU: the process's peak resident set, reset at entry where Linux allows it
+    (/proc/self/clear_refs); elsewhere the lifetime peak, known only when the block raised it.
+    GPU/TPU: the allocator's `peak_bytes_in_use`, which cannot be reset: known only when the
+    block raised it.
     """
 
-    def __init__(self, device: jax.Device, interval_s: float = 0.001):
-        self.device, self.interval_s = device, interval_s
+    def __init__(self, device: jax.Device):
+        self.device = device
         self.peak_bytes: int | None = None
-        self._stop = threading.Event()
 
-    def _read(self) -> int | None:
+    def _now_and_peak(self) -> tuple[int | None, int | None]:
         if self.device.platform == "cpu":
-            return _resident_bytes()
-        return (self.device.memory_stats() or {}).get("bytes_in_use")
+            return psutil.Process().memory_info().rss, _resident_peak()
+        stats = self.device.memory_stats() or {}
+        return stats.get("bytes_in_use"), stats.get("peak_bytes_in_use")
 
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            now = self._read()
-            if now is not None:
-                self._max = max(self._max, now)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> PeakSampler:
-        self._base = self._read()
-        self._max = self._base or 0
-        stats = {} if self.device.platform == "cpu" else (self.device.memory_stats() or {})
-        self._process_peak = stats.get("peak_bytes_in_use")
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+    def __enter__(self) -> PeakMemory:
+        self._reset = self.device.platform == "cpu" and _reset_resident_peak()
+        self._base, self._peak = self._now_and_peak()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        if self._base is None:
+        _, peak = self._now_and_peak()
+        if self._base is None or peak is None:
             return
-        now = self._read()
-        self._max = max(self._max, now or 0)
-        if self._process_peak is not None:
-            peak = (self.device.memory_stats() or {}).get("peak_bytes_in_use", 0)
-            if peak > self._process_peak:
-                self._max = max(self._max, peak)
-        self.peak_bytes = self._max - self._base
+        if self._reset or (self._peak is not None and peak > self._peak):
+            self.peak_bytes = max(0, peak - self._base)
 
 
 def choose_repeats(
@@ -170,7 +171,7 @@ def time_calls(
     device: jax.Device | None = None,
 ) -> tuple[Timing, int | None]:
     """Times `call` (warm-up, then adaptive repeats); the runtime peak of the warm-up call."""
-    sampler = PeakSampler(device or jax.devices()[0])
+    sampler = PeakMemory(device or jax.devices()[0])
     with sampler:
         start = time.perf_counter()
         jax.block_until_ready(call())

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 import attention_variants as av
 
@@ -23,7 +27,8 @@ BACKWARD_FLOPS = 2.5  # convention: backward = 2.5 x forward, so fwd_bwd = 3.5 x
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One point of a sweep. `key()` identifies it for resume; `model` only for train_step."""
+    """One point of a sweep. `key()` identifies it for resume; `model` only for train_step.
+    `segments` > 1 packs that many documents into each row (contiguous, near-equal lengths)."""
 
     kind: str
     variant: str
@@ -35,6 +40,8 @@ class Cell:
     head_dim: int
     dtype: str
     mode: str
+    causal: bool = True
+    segments: int = 1
     model: Mapping[str, Any] | None = None
 
     def fields(self) -> dict[str, Any]:
@@ -49,6 +56,8 @@ class Cell:
             "head_dim": self.head_dim,
             "dtype": self.dtype,
             "mode": self.mode,
+            "causal": self.causal,
+            "segments": self.segments,
         }
         if self.model is not None:
             out["model"] = dict(self.model)
@@ -58,13 +67,43 @@ class Cell:
         return row_key(self.fields())
 
 
-KEY_FIELDS = ("variant", "options", "seq_len", "batch", "heads", "kv_heads", "head_dim")
-KEY_FIELDS += ("dtype", "mode", "model")
+# What a workdir's rows must share to be read as one experiment; lengths, variants and modes
+# (the axes of the tables) may differ. `device` is added by the runner.
+SETTING_FIELDS = ("batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "segments")
+SETTING_FIELDS += ("model", "device")
+KEY_FIELDS = ("variant", "options", "seq_len", "mode", *SETTING_FIELDS[:-1])
 
 
-def row_key(row: Mapping[str, Any]) -> str:
+def row_key(row: Mapping[str, Any], fields: tuple[str, ...] = KEY_FIELDS) -> str:
     """The resume key of a result row (or of `Cell.fields()`)."""
-    return json.dumps({f: row.get(f) for f in KEY_FIELDS}, sort_keys=True, default=str)
+    return json.dumps({f: row.get(f) for f in fields}, sort_keys=True, default=str)
+
+
+def setting(row: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The row's experiment setting: (field, value) pairs of SETTING_FIELDS."""
+    return tuple((f, json.dumps(row.get(f), sort_keys=True)) for f in SETTING_FIELDS)
+
+
+class MixedRows(ValueError):
+    """Rows of different settings (shapes, dtype, device) where one experiment was expected."""
+
+
+def check_one_setting(rows: Iterable[Mapping[str, Any]], where: str) -> None:
+    """Raises MixedRows naming each field whose value differs between rows, with row counts."""
+    counts: dict[str, Counter] = {f: Counter() for f in SETTING_FIELDS}
+    for row in rows:
+        for field, value in setting(row):
+            counts[field][value] += 1
+    mixed = {f: c for f, c in counts.items() if len(c) > 1}
+    if mixed:
+        parts = [
+            f"{f} " + ", ".join(f"{v} ({n} rows)" for v, n in c.most_common())
+            for f, c in mixed.items()
+        ]
+        raise MixedRows(
+            f"{where} mixes rows of different settings: {'; '.join(parts)}. "
+            "One workdir holds one setting: use another --workdir (or remove the other rows)."
+        )
 
 
 @dataclasses.dataclass
@@ -77,35 +116,52 @@ class Built:
     tokens: int
 
 
+def document_ids(cell: Cell) -> jax.Array | None:
+    """[B, T] int32 ids of the cell's `segments` packed documents (contiguous, lengths T //
+    segments or one more), or None for one document per row."""
+    if cell.segments == 1:
+        return None
+    ids = np.arange(cell.seq_len) * cell.segments // cell.seq_len
+    return jnp.asarray(np.broadcast_to(ids, (cell.batch, cell.seq_len)), jnp.int32)
+
+
 def attention_flops(cell: Cell, causal: bool) -> float:
-    """Useful forward FLOPs of the cell's attention (the variant's own count)."""
+    """Useful forward FLOPs of the cell's attention (the variant's own count): each packed
+    document attends within itself, so the count is summed over the documents' lengths."""
     spec = av.spec(cell.variant)
-    T = cell.seq_len
     options = spec.options(**cell.options)
-    return float(spec.flops(cell.batch, T, T, cell.heads, cell.head_dim, causal=causal, **options))
+    T, B, N, H = cell.seq_len, cell.batch, cell.heads, cell.head_dim
+    lengths = Counter(np.bincount(np.arange(T) * cell.segments // T).tolist())
+    return float(
+        sum(n * spec.flops(B, L, L, N, H, causal=causal, **options) for L, n in lengths.items())
+    )
 
 
 def build_kernel(cell: Cell, config: Any) -> Built:
-    """One attention call on random q, k, v; `fwd_bwd` is value_and_grad of a random
-    projection of the output with respect to q, k and v."""
+    """One attention call on random q, k, v (and the packed rows' segment ids); `fwd_bwd` is
+    value_and_grad of a random projection of the output with respect to q, k and v."""
     kernel = av.get(cell.variant, **cell.options)
-    causal = bool(config.causal)
     B, T, N, K, H = cell.batch, cell.seq_len, cell.heads, cell.kv_heads, cell.head_dim
     dtype = jnp.dtype(cell.dtype)
     kq, kk, kv, kc = jax.random.split(jax.random.key(config.seed), 4)
     q = jax.random.normal(kq, (B, T, N, H), dtype)
     k = jax.random.normal(kk, (B, T, K, H), dtype)
     v = jax.random.normal(kv, (B, T, K, H), dtype)
-    flops = attention_flops(cell, causal)
+    args = (q, k, v, document_ids(cell))
+    flops = attention_flops(cell, cell.causal)
+
+    def attention(q, k, v, segment_ids):
+        return kernel(q, k, v, causal=cell.causal, segment_ids=segment_ids)
+
     if cell.mode == "fwd":
-        return Built(lambda q, k, v: kernel(q, k, v, causal=causal), (q, k, v), flops, B * T)
+        return Built(attention, args, flops, B * T)
     cotangent = jax.random.normal(kc, (B, T, N, H), jnp.float32)  # random, never zeros
 
-    def loss(q, k, v, ct):
-        return jnp.sum(kernel(q, k, v, causal=causal).astype(jnp.float32) * ct)
+    def loss(q, k, v, segment_ids, ct):
+        return jnp.sum(attention(q, k, v, segment_ids).astype(jnp.float32) * ct)
 
     fn = jax.value_and_grad(loss, argnums=(0, 1, 2))
-    return Built(fn, (q, k, v, cotangent), flops * (1 + BACKWARD_FLOPS), B * T)
+    return Built(fn, (*args, cotangent), flops * (1 + BACKWARD_FLOPS), B * T)
 
 
 # ModelConfig fields that a train_step cell sets itself (from the sweep's fields).
@@ -121,8 +177,9 @@ TRAIN_STEP_FIELDS = (
 
 
 def build_train_step(cell: Cell, config: Any) -> Built:
-    """One TransformerLM training step on random tokens: forward, next-token cross-entropy,
-    backward and an AdamW update. Nothing is donated, so memory counts old and new state."""
+    """One TransformerLM training step on random tokens (packed as the cell says): forward,
+    next-token cross-entropy, backward and an AdamW update. Nothing is donated, so memory
+    counts old and new state."""
     import optax
 
     from transformer import ModelConfig, TransformerLM, next_token_loss
@@ -144,16 +201,17 @@ def build_train_step(cell: Cell, config: Any) -> Built:
     optimizer = optax.adamw(config.learning_rate)
     opt_state = jax.jit(optimizer.init)(params)
 
-    def step(params, opt_state, tokens):
+    def step(params, opt_state, tokens, segment_ids):
         def loss_fn(params):
-            return next_token_loss(model.apply({"params": params}, tokens), tokens)
+            logits = model.apply({"params": params}, tokens, segment_ids)
+            return next_token_loss(logits, tokens, segment_ids)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     flops = train_step_flops(cell, params, cfg.num_layers, cfg.tie_embeddings)
-    return Built(step, (params, opt_state, tokens), flops, B * T)
+    return Built(step, (params, opt_state, tokens, document_ids(cell)), flops, B * T)
 
 
 def train_step_flops(cell: Cell, params: Any, layers: int, tied: bool) -> float:
@@ -246,6 +304,18 @@ def _variants(config: Any) -> list[str]:
     return baselines + [n for n in names if n not in baselines]  # baselines run first
 
 
+def registered_options() -> ConfigDict:
+    """{variant: {option: default}} for every registered variant, as a config section whose
+    every entry can be overridden from the command line (--config.options.fixed.block=32).
+    A default of None becomes a placeholder that accepts any value."""
+    return ConfigDict(
+        {
+            name: {k: placeholder(object) if v is None else v for k, v in spec.defaults.items()}
+            for name, spec in ((n, av.spec(n)) for n in av.names())
+        }
+    )
+
+
 def _options(config: Any, variants: list[str]) -> dict[str, dict[str, Any]]:
     given = _get(config, "options")
     given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
@@ -311,14 +381,21 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
     if not 0 < float_field(config, "memory_fraction") <= 1:
         raise ConfigError("memory_fraction", f"must be in (0, 1], got {config.memory_fraction}")
     int_field(config, "gemm_size", 0)
-    if not isinstance(_get(config, "causal"), bool):
-        raise ConfigError("causal", f"must be True or False, got {config.causal!r}")
+    causal = _get(config, "causal")
+    if not isinstance(causal, bool):
+        raise ConfigError("causal", f"must be True or False, got {causal!r}")
+    segments = int_field(config, "segments")
+    if segments > lengths[0]:
+        raise ConfigError("segments", f"{segments} documents do not fit in T={lengths[0]}")
     model = None
     if kind == "train_step":
         model = _model(config)
         float_field(config, "learning_rate")
+        if not causal:
+            raise ConfigError("causal", "the TransformerLM is causal: train_step needs True")
+    shape = (batch, heads, kv_heads, head_dim, dtype)
     return [
-        Cell(kind, v, options[v], T, batch, heads, kv_heads, head_dim, dtype, mode, model)
+        Cell(kind, v, options[v], T, *shape, mode, causal, segments, model)
         for T in lengths
         for v in variants
         for mode in modes

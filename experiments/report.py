@@ -14,22 +14,26 @@ import csv
 import dataclasses
 import datetime
 import json
-import math
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.cells import row_key
+import numpy as np
+
+from experiments.cells import KEY_FIELDS, MixedRows, check_one_setting, row_key
 
 Row = dict[str, Any]
-SHORT = {"oom": "oom", "error": "err", "skipped": "skip"}
+SHORT = {"oom": "oom", "error": "err", "skipped": "skip", "crashed": "crash"}
 LEGEND = (
-    "Cells: `oom` (predicted from the compiled memory, or real), `skip` (not run; the reason is "
-    "in results.csv `error`), `err`. A skipped or oom cell that was compiled shows its memory. "
-    "Memory is XLA's compiled temp + arguments + outputs; the runtime peak is results.csv "
-    "`peak_bytes` (GPU/TPU: allocator; CPU: growth of the resident set during the warm-up call, "
-    "sampled every 1 ms, a lower bound that misses small, short peaks)."
+    "Cells: `oom` (predicted from the compiled memory, or real), `crash` (the process died "
+    "during the cell, e.g. killed by the host's out-of-memory killer), `skip` (not run; the "
+    "reason is in results.csv `error`), `err`. A skipped or oom cell that was compiled shows "
+    "its memory. Memory is XLA's compiled temp + arguments + outputs; the runtime peak is "
+    "results.csv `peak_bytes` (CPU: the kernel's peak resident set of the process during the "
+    "warm-up call, above what was resident before it; GPU/TPU: the allocator's peak, when the "
+    "call raised it)."
 )
 
 
@@ -110,16 +114,11 @@ def fit_exponent(points: Iterable[tuple[int, float]], span: int = 8) -> Fit | No
     if not pts:
         return None
     pts = [(T, y) for T, y in pts if T >= pts[-1][0] / span]
-    if len(pts) < 2:
+    if len({T for T, _ in pts}) < 2:
         return None
-    xs = [math.log(T) for T, _ in pts]
-    ys = [math.log(y) for _, y in pts]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
-        return None
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-    return Fit(slope, pts[0][0], pts[-1][0], len(pts))
+    lengths, values = np.array(pts, dtype=np.float64).T
+    slope, _ = np.polyfit(np.log(lengths), np.log(values), 1)
+    return Fit(float(slope), pts[0][0], pts[-1][0], len(pts))
 
 
 def _series(rows: Sequence[Row], label: str, mode: str, field: str) -> list[tuple[int, float]]:
@@ -199,12 +198,12 @@ def relative_table(rows: Sequence[Row], mode: str, baseline: str) -> str:
 
 def lra_layout(rows: Sequence[Row], mode: str, baseline: str) -> str:
     """Long Range Arena Table 2 layout: steps/s with the speed-up over `baseline` in brackets,
-    then compiled memory (GiB), per length."""
+    then compiled memory (GiB; LRA's table shows the runtime peak), per length."""
     rows = [r for r in rows if r["mode"] == mode]
     lengths = sorted({r["seq_len"] for r in rows})
     index = _index(rows)
     base = dict(_series(rows, baseline, mode, "time_ms_median"))
-    head = [f"steps/s {T}" for T in lengths] + [f"GiB {T}" for T in lengths]
+    head = [f"steps/s {T}" for T in lengths] + [f"compiled GiB {T}" for T in lengths]
     lines = ["| variant | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for label in _ordered(_label(r) for r in rows):
         speed, memory = [], []
@@ -230,12 +229,15 @@ def terminal_tables(rows: Sequence[Row]) -> str:
 
 
 def write_report(workdir: str | Path) -> Path:
-    """Writes report.md, results.csv and scaling.png in `workdir` from its results.jsonl."""
+    """Writes report.md, results.csv and scaling.png in `workdir` from its results.jsonl.
+    Raises MixedRows when the rows are of different settings (shapes, dtype, device)."""
     workdir = Path(workdir)
-    rows = _tag_options(load_rows(workdir))
+    rows = load_rows(workdir)
+    check_one_setting(rows, str(workdir / "results.jsonl"))
+    rows = _tag_options(rows)
     runs = _meta(workdir)
     write_csv(rows, workdir / "results.csv")
-    plot(rows, workdir / "scaling.png")
+    plotted = plot(rows, workdir / "scaling.png")
     config = runs[-1]["config"] if runs else {}
     baselines = [b.strip() for b in str(config.get("baselines", "xla,blockwise")).split(",")]
     labels = _ordered(_label(r) for r in rows)
@@ -249,6 +251,10 @@ def write_report(workdir: str | Path) -> Path:
             f"{run['gemm_gflops']:.1f} GFLOP/s"
         )
     md.append(f"- report built {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
+    versions = Counter((r.get("git_commit"), r.get("jax_version")) for r in rows)
+    if len(versions) > 1:
+        counts = ", ".join(f"{c} with jax {j} ({n} rows)" for (c, j), n in versions.most_common())
+        md.append(f"- **rows measured by different code**: {counts}")
     md += ["", LEGEND, ""]
     for mode in modes:
         md += [f"## {mode}", "", "Median time (ms):", "", table(rows, mode, "time_ms_median"), ""]
@@ -277,7 +283,7 @@ def write_report(workdir: str | Path) -> Path:
             cells = [label, mode, str(t or "-"), str(m or "-"), longest_fit(rows, label, mode)]
             cells += ["-" if b == label else crossover(rows, label, b, mode) for b in baselines]
             md.append("| " + " | ".join(cells) + " |")
-    md += ["", "![scaling](scaling.png)", ""]
+    md += ["", "![scaling](scaling.png)" if plotted else "(no plot: matplotlib is not installed)"]
     path = workdir / "report.md"
     path.write_text("\n".join(md))
     return path
@@ -292,30 +298,41 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
             writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()})
 
 
-def plot(rows: Sequence[Row], path: Path) -> None:
-    """Two log-log panels, time and compiled memory vs length, with O(T), O(T^2) guides."""
-    import matplotlib
-
+def plot(rows: Sequence[Row], path: Path) -> bool:
+    """Saves `figure(rows)` to `path`; False (and no file) when matplotlib is not installed
+    (`pip install scalable-attention[plot]`)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = figure(rows)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def figure(rows: Sequence[Row]) -> Any:
+    """Two log-log panels, time and compiled memory vs length, with O(T), O(T^2) guides: one
+    colour per variant, one line style per mode, and a legend for each."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     labels = _ordered(_label(r) for r in rows)
-    styles = {"fwd": "--", "fwd_bwd": "-"}
+    modes = _ordered(r["mode"] for r in rows)
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    styles = dict(zip(modes, ["-", "--", ":", "-."] * len(modes), strict=False))
     panels = (("time_ms_median", "median time (ms)"), ("memory_bytes", "compiled memory (bytes)"))
     for ax, (field, name) in zip(axes, panels, strict=True):
-        for i, label in enumerate(labels):
-            for mode in _ordered(r["mode"] for r in rows):
+        for label in labels:
+            for mode in modes:
                 pts = _series(rows, label, mode, field)
                 if pts:
-                    ax.plot(
-                        *zip(*pts, strict=True),
-                        styles.get(mode, ":"),
-                        marker="o",
-                        ms=3,
-                        color=f"C{i % 10}",
-                        label=f"{label} {mode}",
-                    )
+                    ax.plot(*zip(*pts, strict=True), styles[mode], marker="o", ms=3,
+                            color=colours[label])  # fmt: skip
         ys = [r[field] for r in rows if r["status"] == "ok" and r.get(field)]
         lengths = sorted({r["seq_len"] for r in rows if r["status"] == "ok"})
         if ys and len(lengths) > 1:
@@ -326,24 +343,28 @@ def plot(rows: Sequence[Row], path: Path) -> None:
                 ax.annotate(text, (hi, y0 * (hi / lo) ** power), color="gray", fontsize=8)
         ax.set(xscale="log", yscale="log", xlabel="context length T", ylabel=name)
         ax.grid(True, which="both", alpha=0.3)
-    if axes[0].lines:
-        axes[0].legend(fontsize=7, ncol=2, loc="upper left")
+    variant_keys = [Line2D([], [], color=colours[v], marker="o", ms=3) for v in labels]
+    mode_keys = [Line2D([], [], color="black", linestyle=styles[m]) for m in modes]
+    axes[0].add_artist(axes[0].legend(variant_keys, labels, title="variant", fontsize=7,
+                                      loc="upper left"))  # fmt: skip
+    axes[0].legend(mode_keys, modes, title="mode", fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 # -- regression guard ---------------------------------------------------------------------------
 def _pair_rows(old: Sequence[Row], new: Sequence[Row]) -> list[tuple[Row, Row | None]]:
     """Pairs each old row with its new row: same cell, or else the same cell but for its
-    options (a retuned default tile size) when that match is unique on both sides."""
-    by_key = {row_key(r): r for r in new}
-    loose = lambda r: row_key({**r, "options": None})  # noqa: E731
+    options (a retuned default tile size) when that match is unique on both sides. A key field
+    that one file's rows lack (rows written before the field existed) is not compared."""
+    fields = tuple(f for f in KEY_FIELDS if all(f in r for r in [*old, *new]) or f == "model")
+    by_key = {row_key(r, fields): r for r in new}
+    loose = lambda r: row_key({**r, "options": None}, fields)  # noqa: E731
     counts: dict[str, int] = {}
     for r in [*old, *new]:
         counts[loose(r)] = counts.get(loose(r), 0) + 1
     by_loose = {loose(r): r for r in new if counts[loose(r)] == 2}
-    return [(o, by_key.get(row_key(o)) or by_loose.get(loose(o))) for o in old]
+    return [(o, by_key.get(row_key(o, fields)) or by_loose.get(loose(o))) for o in old]
 
 
 def compare(old: Sequence[Row], new: Sequence[Row], threshold: float) -> tuple[list[str], bool]:
@@ -405,7 +426,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give a workdir or --compare OLD NEW")
     if not load_rows(args.workdir):
         parser.error(f"no results.jsonl rows in {args.workdir}")
-    print(f"wrote {write_report(args.workdir)}")
+    try:
+        print(f"wrote {write_report(args.workdir)}")
+    except MixedRows as e:
+        print(f"no report: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,21 +4,29 @@
         [--config.variants=blockwise,xla] [--config.lengths=1024,4096] [--workdir=DIR]
 
 Rows are appended to DIR/results.jsonl (default DIR: results/<config name>) as each cell is
-measured; a rerun with the same DIR skips the cells already there (not the `skipped` ones),
-and a cell that was running when the process died becomes an `error` row. Lengths ascend, the
-baselines first at each. A cell whose compiled memory exceeds the free memory is `oom` without
-running, and its variant is not tried at longer lengths. A cell whose call (extrapolated from
-shorter lengths) would pass `max_call_s` is only compiled, after the timed cells, for its
-memory; cells that would overrun `time_budget_s` are `skipped`, with the reason. An exception
-becomes an `error` row. At the end `experiments.report` (re)builds DIR/report.md, results.csv
-and scaling.png, and the time tables are printed.
-Exit code 0 unless the config is invalid (then 2, naming the field).
+measured. Lengths ascend, the baselines first at each. A rerun with the same DIR resumes:
+  - it reuses the `ok` and `oom` rows measured by the same code (`git_commit`, with a hash of
+    uncommitted changes, and `jax_version`); rows of other code are measured again unless
+    `--reuse_stale`; `error` and `skipped` cells are tried again;
+  - a cell that was running when the process died (e.g. killed by the host's out-of-memory
+    killer) becomes a `crashed` row, and like an `oom` its variant is not tried at longer
+    lengths;
+  - a DIR holding rows of another setting (batch, heads, head dim, dtype, causal, segments,
+    model, device) is refused: one DIR, one experiment.
+A cell whose compiled memory exceeds the free memory is `oom` without running. A cell whose
+call (extrapolated from shorter lengths) would pass `max_call_s` is only compiled, after the
+timed cells, for its memory; cells that would overrun `time_budget_s` are `skipped`, with the
+reason. An exception becomes an `error` row. At the end `experiments.report` (re)builds
+DIR/report.md, results.csv and scaling.png, and the time tables are printed.
+Exit code: 0 when some cell of the sweep has an `ok` row, 1 when none has, 2 for an invalid
+config (naming the field) or a DIR of another setting.
 """
 
 from __future__ import annotations
 
 import datetime
 import gc
+import hashlib
 import json
 import math
 import os
@@ -31,6 +39,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import jax
+import tqdm
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -40,6 +49,8 @@ from experiments.cells import (
     KINDS,
     Cell,
     ConfigError,
+    MixedRows,
+    check_one_setting,
     plan_cells,
     resolve_dtype,
     row_key,
@@ -47,6 +58,9 @@ from experiments.cells import (
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "sweep config file (configs/*.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "results folder; default results/<config name>")
+_REUSE_STALE = flags.DEFINE_bool(
+    "reuse_stale", False, "reuse rows measured by other code (another git_commit or jax version)"
+)
 
 RESULT_FIELDS = (
     "status",
@@ -66,19 +80,33 @@ RESULT_FIELDS = (
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory")
 
 
-def git_commit() -> str | None:
-    """`git describe --always --dirty` of the project checkout, or None outside git."""
+ROOT = Path(__file__).resolve().parents[1]
+CODE = ("attention_variants", "transformer", "experiments", "configs")  # what a row measured
+
+
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout if out.returncode == 0 else None
+
+
+def code_version() -> str:
+    """The version of the measured code, recorded in each row as `git_commit`: `git describe
+    --always --dirty` of the checkout, plus a hash of the uncommitted changes to the code
+    when the tree is dirty (so a rerun of the same edit resumes, any other edit re-measures);
+    outside git, a hash of the packages' sources."""
+    described = (_git("describe", "--always", "--dirty") or "").strip()
+    if not described:
+        digest = hashlib.sha1()
+        for path in sorted(p for name in CODE for p in (ROOT / name).rglob("*.py")):
+            digest.update(path.relative_to(ROOT).as_posix().encode() + path.read_bytes())
+        return f"source-{digest.hexdigest()[:10]}"
+    if described.endswith("-dirty"):
+        diff = _git("diff", "HEAD", "--", *CODE, "setup.cfg") or ""
+        described += "+" + hashlib.sha1(diff.encode()).hexdigest()[:10]
+    return described
 
 
 def _lane(row: dict[str, Any]) -> str:
@@ -86,21 +114,43 @@ def _lane(row: dict[str, Any]) -> str:
     return json.dumps({f: row.get(f) for f in KEY_FIELDS if f != "seq_len"}, sort_keys=True)
 
 
-class Sweep:
-    """Runs cells in order, appending a row per cell to `workdir/results.jsonl`."""
+VERSION_FIELDS = ("git_commit", "jax_version")  # a row measured with other values is stale
+STOPS_GROWTH = ("oom", "crashed")  # a lane is not tried at longer lengths after these
 
-    def __init__(self, config: Any, cells: list[Cell], workdir: Path, out: TextIO = sys.stdout):
+
+class Sweep:
+    """Runs cells in order, appending a row per cell to `workdir/results.jsonl`.
+
+    Rows already there are reused when they are `ok`, `oom` or `crashed` *and* were measured by
+    the same code (VERSION_FIELDS) or `reuse_stale`; other cells are measured (again). Rows of
+    another setting (shapes, dtype, device) are refused: raises `MixedRows`.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        cells: list[Cell],
+        workdir: Path,
+        out: TextIO = sys.stdout,
+        reuse_stale: bool = False,
+    ):
         self.config, self.cells, self.workdir, self.out = config, cells, workdir, out
         self.device = jax.devices()[0]
         self.path = workdir / "results.jsonl"
         self.inflight = workdir / "inflight.json"
-        self.rows = {row_key(r): r for r in report.load_rows(self.path)}
         self.costs: list[float] = []  # seconds spent per measured cell, for the ETA
         self.common = {
             "device": f"{self.device.platform}:{self.device.device_kind}",
             "jax_version": jax.__version__,
-            "git_commit": git_commit(),
+            "git_commit": code_version(),
         }
+        rows = report.load_rows(self.path)
+        planned = [{**cell.fields(), **self.common} for cell in cells]
+        check_one_setting([*rows, *planned], f"this sweep and the rows in {self.path}")
+        version = [self.common[f] for f in VERSION_FIELDS]
+        fresh = [r for r in rows if reuse_stale or [r.get(f) for f in VERSION_FIELDS] == version]
+        self.stale = len(rows) - len(fresh)
+        self.rows = {row_key(r): r for r in fresh}
 
     # -- bookkeeping -------------------------------------------------------------------------
     def append(self, row: dict[str, Any]) -> None:
@@ -121,14 +171,18 @@ class Sweep:
             return
         cell = json.loads(self.inflight.read_text())
         if row_key(cell) not in self.rows:
-            row = {**cell, **dict.fromkeys(RESULT_FIELDS), **self.common, "status": "error"}
-            row["error"] = "the sweep process died during this cell (killed, e.g. out of memory)"
+            row = {**cell, **dict.fromkeys(RESULT_FIELDS), **self.common, "status": "crashed"}
+            row["error"] = (
+                "the sweep process died during this cell (killed, e.g. by the host's out-of-"
+                "memory killer); not retried, and longer lengths are skipped"
+            )
             self.append(row)
         self.inflight.unlink()
 
     def done(self, cell: Cell) -> bool:
+        """Measured already (ok, oom, crashed); `error` and `skipped` cells are tried again."""
         row = self.rows.get(cell.key())
-        return row is not None and row["status"] != "skipped"
+        return row is not None and row["status"] in ("ok", *STOPS_GROWTH)
 
     # -- planning ------------------------------------------------------------------------------
     def lane(self, cell: Cell) -> list[dict[str, Any]]:
@@ -163,9 +217,9 @@ class Sweep:
         """("time" | "memory" | "skip", reason). A cell whose call would pass `max_call_s` is
         only compiled, for its memory (and oom prediction), after all timed cells; none is
         tried after an oom; none starts that would overrun `time_budget_s`."""
-        oom = [r["seq_len"] for r in self.lane(cell) if r["status"] == "oom"]
-        if oom:
-            return "skip", f"stopped growing: oom at T={oom[-1]}"
+        stop = [r for r in self.lane(cell) if r["status"] in STOPS_GROWTH]
+        if stop:
+            return "skip", f"stopped growing: {stop[-1]['status']} at T={stop[-1]['seq_len']}"
         predicted = self.predict(cell)
         c, left = self.config, self.config.time_budget_s - elapsed
         if predicted and predicted[0] > c.max_call_s:
@@ -256,38 +310,48 @@ class Sweep:
         todo = [cell for cell in self.cells if not self.done(cell)]
         if len(todo) < len(self.cells):
             print(f"resuming: {len(self.cells) - len(todo)} cells already done", file=self.out)
+        if self.stale:
+            print(
+                f"{self.stale} rows in {self.path} were measured by other code (git_commit or "
+                "jax_version differs): their cells are measured again (--reuse_stale keeps them)",
+                file=self.out,
+            )
         deferred: list[Cell] = []  # compiled for memory only, after every timed cell
+        # A live bar (current cell, elapsed, predicted time left) on a terminal; one line per
+        # cell in every case, so logs show the progress too.
+        bar = tqdm.tqdm(total=len(todo), file=self.out, disable=None, unit="cell", leave=False)
         finished: set[str] = set()
-        for phase in (todo, deferred):
-            for cell in phase:
-                action, reason = self.decide(cell, time.perf_counter() - start)
-                if action == "memory" and phase is todo:
-                    deferred.append(cell)
-                    continue
-                if action == "skip":
-                    row = self.row(cell, "skipped", reason)
-                else:
-                    self.inflight.write_text(json.dumps(cell.fields()))
-                    t0 = time.perf_counter()
-                    row = self.measure(cell, gemm, reason)
-                    self.costs.append(time.perf_counter() - t0)
-                    gc.collect()
-                self.append(row)
-                self.inflight.unlink(missing_ok=True)
-                finished.add(cell.key())
-                elapsed = time.perf_counter() - start
-                eta = self.eta([c for c in todo if c.key() not in finished], elapsed)
-                line = progress_line(len(finished), len(todo), elapsed, eta, row)
-                print(line, file=self.out, flush=True)
+        with bar:
+            for phase in (todo, deferred):
+                for cell in phase:
+                    action, reason = self.decide(cell, time.perf_counter() - start)
+                    if action == "memory" and phase is todo:
+                        deferred.append(cell)
+                        continue
+                    if action == "skip":
+                        row = self.row(cell, "skipped", reason)
+                    else:
+                        bar.set_description(f"{cell.variant} T={cell.seq_len} {cell.mode}")
+                        self.inflight.write_text(json.dumps(cell.fields()))
+                        t0 = time.perf_counter()
+                        row = self.measure(cell, gemm, reason)
+                        self.costs.append(time.perf_counter() - t0)
+                        gc.collect()
+                    self.append(row)
+                    self.inflight.unlink(missing_ok=True)
+                    elapsed = time.perf_counter() - start
+                    finished.add(cell.key())
+                    eta = self.eta([c for c in todo if c.key() not in finished], elapsed)
+                    bar.set_postfix_str(f"{tqdm.tqdm.format_interval(eta)} left", refresh=False)
+                    bar.update(1)
+                    line = progress_line(len(finished), len(todo), elapsed, eta, row)
+                    bar.write(line, file=self.out)
         return gemm
 
 
-def _clock(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
 def progress_line(i: int, n: int, elapsed: float, eta: float, row: dict[str, Any]) -> str:
-    head = f"[{i:>3}/{n} {_clock(elapsed)} eta {_clock(eta)}]"
+    clock = tqdm.tqdm.format_interval
+    head = f"[{i:>3}/{n} {clock(elapsed)} eta {clock(eta)}]"
     cell = f"{row['variant']:<14} T={row['seq_len']:<6} {row['mode']:<10} {row['status']:<7}"
     if row["status"] != "ok":
         mem = f" ({row['memory_bytes'] / 2**20:.0f} MiB)" if row.get("memory_bytes") else ""
@@ -298,12 +362,19 @@ def progress_line(i: int, n: int, elapsed: float, eta: float, row: dict[str, Any
     return f"{head} {cell} {timing}  compile {row['compile_s']:5.1f} s  {mem:8.0f} MiB  {rate}"
 
 
-def run(config: Any, workdir: Path, command: str, out: TextIO = sys.stdout) -> Path:
-    """Validates `config`, runs the sweep into `workdir`, writes the report; returns its path.
-    Raises ConfigError for an invalid config."""
+def run(
+    config: Any,
+    workdir: Path,
+    command: str,
+    out: TextIO = sys.stdout,
+    reuse_stale: bool = False,
+) -> int:
+    """Validates `config`, runs the sweep into `workdir` and writes the report; returns how
+    many of the sweep's cells have an `ok` row. Raises ConfigError for an invalid config and
+    MixedRows when the workdir holds rows of another setting."""
     dtype = resolve_dtype(config.dtype, jax.devices()[0].platform)
     cells = plan_cells(config, dtype)
-    sweep = Sweep(config, cells, workdir, out)
+    sweep = Sweep(config, cells, workdir, out, reuse_stale)
     started = datetime.datetime.now(datetime.UTC)
     t0 = time.perf_counter()
     try:
@@ -324,10 +395,8 @@ def run(config: Any, workdir: Path, command: str, out: TextIO = sys.stdout) -> P
     report.append_meta(workdir, meta)
     path = report.write_report(workdir)
     print(report.terminal_tables(report.load_rows(workdir / "results.jsonl")), file=out)
-    print(
-        f"wrote {path}, results.csv and scaling.png in {workdir} ({meta['wall_s']:.0f} s)", file=out
-    )
-    return path
+    print(f"wrote {path} and its tables and plot ({meta['wall_s']:.0f} s)", file=out)
+    return sum(sweep.rows.get(cell.key(), {}).get("status") == "ok" for cell in cells)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -360,10 +429,17 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill is not a crashed cell
     name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
     workdir = Path(_WORKDIR.value or Path("results") / name)
+    command = " ".join(["python -m experiments.sweep", *sys.argv[1:]])
     try:
-        run(config, workdir, " ".join(["python -m experiments.sweep", *sys.argv[1:]]))
+        ok = run(config, workdir, command, reuse_stale=_REUSE_STALE.value)
     except ConfigError as e:
         _fail(str(e))
+    except MixedRows as e:
+        print(e, file=sys.stderr)
+        sys.exit(2)
+    if not ok:
+        print("no cell of this sweep ran successfully (see the errors above)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,54 @@ def test_write_report_builds_markdown_csv_and_plot(tmp_path):
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def two_modes():
+    fwd = [r for r in synthetic_rows() if r["status"] == "ok"]
+    bwd = [{**r, "mode": "fwd_bwd", "time_ms_median": 3 * r["time_ms_median"]} for r in fwd]
+    return fwd + bwd
+
+
+def test_plot_has_a_colour_per_variant_and_a_line_style_per_mode():
+    from matplotlib.legend import Legend
+
+    fig = report.figure(two_modes())
+    children = fig.axes[0].get_children()
+    legends = {a.get_title().get_text(): a for a in children if isinstance(a, Legend)}
+    assert set(legends) == {"variant", "mode"}
+    variants, modes = legends["variant"], legends["mode"]
+    assert [t.get_text() for t in variants.get_texts()] == ["quadratic", "linear"]
+    colours = [h.get_color() for h in variants.legend_handles]
+    assert [t.get_text() for t in modes.get_texts()] == ["fwd", "fwd_bwd"]
+    styles = [h.get_linestyle() for h in modes.legend_handles]
+    assert len(set(colours)) == 2 and len(set(styles)) == 2
+    # Every plotted series is drawn in its variant's colour and its mode's style.
+    series = [line for line in fig.axes[0].get_lines() if line.get_marker() == "o"]
+    drawn = {(line.get_color(), line.get_linestyle()) for line in series}
+    assert drawn == {(c, s) for c in colours for s in styles}
+
+
+def test_the_report_refuses_rows_of_different_settings(tmp_path, capsys):
+    rows = synthetic_rows()
+    rows += [make_row("linear", 512, head_dim=128), make_row("linear", 1024, dtype="bfloat16")]
+    write_jsonl(tmp_path / "results.jsonl", rows)
+    with pytest.raises(report.MixedRows, match=r"head_dim 64 \(\d+ rows\), 128 \(1 rows\)"):
+        report.write_report(tmp_path)
+    assert report.main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "head_dim" in err and "dtype" in err and "batch" not in err
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_the_report_labels_rows_of_different_code(tmp_path):
+    rows = [make_row("a", T, git_commit="abc", jax_version="1") for T in (512, 1024)]
+    rows.append(make_row("a", 2048, git_commit="def", jax_version="1"))
+    write_jsonl(tmp_path / "results.jsonl", rows)
+    text = report.write_report(tmp_path).read_text()
+    assert (
+        "rows measured by different code**: abc with jax 1 (2 rows), def with jax 1 (1 rows)"
+        in text
+    )
+
+
 def test_load_rows_last_row_wins_and_torn_line_is_ignored(tmp_path):
     rows = [make_row("a", 512, ms=1.0), make_row("a", 512, ms=2.0)]
     path = write_jsonl(tmp_path / "r.jsonl", rows)
@@ -133,6 +181,13 @@ def test_compare_matches_a_cell_whose_options_changed(tmp_path, capsys):
     new = [make_row("a", 512, ms=20.0, options={"block_q": 256})]
     assert compare_files(tmp_path, old, new) == 1  # the retuned kernel is compared, and slower
     assert "2.00" in capsys.readouterr().out
+
+
+def test_compare_pairs_rows_written_before_a_key_field_existed(tmp_path, capsys):
+    old = [make_row("a", 512, ms=10.0)]  # no `segments` field: written by an older sweep
+    new = [make_row("a", 512, ms=10.5, segments=1)]
+    assert compare_files(tmp_path, old, new) == 0
+    assert "1.05" in capsys.readouterr().out
 
 
 def test_compare_rejects_an_empty_file(tmp_path):

@@ -16,7 +16,8 @@ from experiments import bench, cells, report, sweep
 
 ROW_FIELDS = {
     "variant", "options", "seq_len", "batch", "heads", "kv_heads", "head_dim", "dtype", "mode",
-    "status", "error", "compile_s", "time_ms_median", "time_ms_min", "time_ms_max", "repeats",
+    "causal", "segments", "status", "error", "compile_s", "time_ms_median", "time_ms_min",
+    "time_ms_max", "repeats",
     "memory_bytes", "peak_bytes", "useful_flops", "gflops", "gemm_fraction", "tokens_per_s",
     "device", "jax_version", "git_commit",
 }  # fmt: skip
@@ -29,9 +30,9 @@ def tiny(**changes):
     return config
 
 
-def run(config, workdir):
+def run(config, workdir, reuse_stale=False):
     out = io.StringIO()
-    sweep.run(config, workdir, "test", out=out)
+    sweep.run(config, workdir, "test", out=out, reuse_stale=reuse_stale)
     return report.load_rows(workdir), out.getvalue()
 
 
@@ -111,16 +112,97 @@ def test_resume_measures_only_missing_cells(tmp_path, monkeypatch, no_gemm):
     assert len(rows) == 12
 
 
-def test_crash_during_a_cell_becomes_an_error_row(tmp_path, monkeypatch, no_gemm):
+def test_a_crash_during_a_cell_stops_growth_like_an_oom(tmp_path, monkeypatch, no_gemm):
     calls = []
     monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(lambda cell: 1.0, calls))
-    config = tiny(lengths="64", variants="xla", modes="fwd")
-    cell = sweep.plan_cells(config, "float32")[0]
-    (tmp_path / "inflight.json").write_text(json.dumps(cell.fields()))  # died mid-cell
+    config = tiny(lengths="64,128", modes="fwd")
+    killed = sweep.plan_cells(config, "float32")[0]  # xla at T=64
+    (tmp_path / "inflight.json").write_text(json.dumps(killed.fields()))  # died mid-cell
     rows, _ = run(config, tmp_path)
-    assert calls == []  # not retried
-    assert rows[0]["status"] == "error" and "died" in rows[0]["error"]
+    assert calls == [("blockwise", 64, "fwd"), ("blockwise", 128, "fwd")]  # xla not retried
+    xla = [r for r in rows if r["variant"] == "xla"]
+    assert [r["status"] for r in xla] == ["crashed", "skipped"]
+    assert "died" in xla[0]["error"]
+    assert xla[1]["error"] == "stopped growing: crashed at T=64"
     assert not (tmp_path / "inflight.json").exists()
+    calls.clear()
+    run(config, tmp_path)  # the crashed cell stays done, and its lane stays stopped
+    assert calls == []
+
+
+def rewrite(workdir, **changes):
+    """Edits every row of a workdir's results.jsonl, as if measured otherwise."""
+    rows = [{**json.loads(line), **changes} for line in lines(workdir)]
+    (workdir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("field", ["git_commit", "jax_version"])
+def test_rows_of_other_code_are_measured_again_unless_reuse_stale(
+    tmp_path, monkeypatch, no_gemm, field
+):
+    calls = []
+    monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(lambda cell: 1.0, calls))
+    config = tiny(lengths="64", modes="fwd")
+    run(config, tmp_path)
+    assert len(calls) == 2
+    rewrite(tmp_path, **{field: "0123abc"})  # measured by another version
+    calls.clear()
+    _, out = run(config, tmp_path, reuse_stale=True)
+    assert calls == [] and "resuming: 2 cells already done" in out
+    rows, out = run(config, tmp_path)
+    assert len(calls) == 2 and "2 rows in" in out and "measured again" in out
+    assert {r[field] for r in rows} == {sweep.Sweep(config, [], tmp_path).common[field]}
+
+
+def test_the_code_version_changes_with_an_uncommitted_edit(tmp_path, monkeypatch):
+    diffs = {"describe": "abc1234-dirty\n"}
+    monkeypatch.setattr(sweep, "_git", lambda command, *args: diffs[command])
+    diffs["diff"] = "+x = 1\n"
+    first = sweep.code_version()
+    assert first.startswith("abc1234-dirty+") and sweep.code_version() == first
+    diffs["diff"] = "+x = 2\n"
+    assert sweep.code_version() != first
+    diffs["describe"] = None  # not a git checkout: a hash of the sources
+    assert sweep.code_version().startswith("source-")
+
+
+def test_error_rows_are_retried(tmp_path, monkeypatch, no_gemm):
+    calls = []
+    monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(lambda cell: 1.0, calls))
+    config = tiny(lengths="64", modes="fwd")
+    run(config, tmp_path)
+    rewrite(tmp_path, status="error", error="RuntimeError: transient")
+    calls.clear()
+    rows, _ = run(config, tmp_path)
+    assert calls == [("xla", 64, "fwd"), ("blockwise", 64, "fwd")]
+    assert {r["status"] for r in rows} == {"ok"}
+
+
+def test_a_workdir_of_another_setting_is_refused(tmp_path, monkeypatch, no_gemm):
+    calls = []
+    monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(lambda cell: 1.0, calls))
+    run(tiny(lengths="64", modes="fwd"), tmp_path)
+    before = lines(tmp_path)
+    for change in ({"head_dim": 32}, {"batch": 2}, {"segments": 2}, {"causal": False}):
+        with pytest.raises(cells.MixedRows, match=next(iter(change))):
+            run(tiny(lengths="64", modes="fwd", **change), tmp_path)
+    rewrite(tmp_path, device="gpu:H100")
+    with pytest.raises(cells.MixedRows, match="device"):
+        run(tiny(lengths="64", modes="fwd"), tmp_path)
+    assert len(lines(tmp_path)) == len(before)  # nothing was measured
+
+
+def test_run_counts_ok_cells_and_is_zero_when_every_cell_failed(tmp_path, monkeypatch, no_gemm):
+    def failing(cell, config):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setitem(cells.KINDS, "kernel", failing)
+    config = tiny(lengths="64")
+    assert sweep.run(config, tmp_path, "test", out=io.StringIO()) == 0
+    monkeypatch.undo()
+    monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(lambda cell: 1.0, []))
+    monkeypatch.setattr(report, "plot", lambda rows, path: False)
+    assert sweep.run(config, tmp_path, "test", out=io.StringIO()) == 4  # errors retried
 
 
 def test_oom_is_predicted_without_running_and_stops_growth(tmp_path, monkeypatch, no_gemm):
