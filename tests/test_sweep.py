@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import attention_variants as av
@@ -269,6 +272,8 @@ def test_slow_variants_stop_growing_and_the_budget_is_kept(tmp_path, monkeypatch
         ({"options": {"blockwise": {"block_q": -1}}}, "options.blockwise"),
         ({"options": {"blockwise": {"tile": 8}}}, "options.blockwise"),
         ({"options": {"nope": {}}}, "options.nope"),
+        ({"segments": 0}, "segments"),
+        ({"segments": 1000}, "segments"),
     ],
 )
 def test_bad_config_values_name_the_field(changes, field):
@@ -298,12 +303,64 @@ def test_cli_exits_2_on_a_bad_config(tmp_path, override, needle):
     assert not (tmp_path / "results.jsonl").exists()
 
 
+def sweep_cli(tmp_path, *overrides):
+    cmd = [sys.executable, "-m", "experiments.sweep", "--config=configs/tiny_sweep.py"]
+    cmd += ["--config.lengths=64", "--config.modes=fwd", "--config.gemm_size=64"]
+    cmd += [*overrides, f"--workdir={tmp_path}"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_overrides_options_of_a_variant_the_config_does_not_list(tmp_path):
+    assert "fixed" not in tiny().variants
+    fixed = ["block=32", "summary=8", "block_q=16"]  # block_q: a None default
+    result = sweep_cli(
+        tmp_path, "--config.variants=fixed", *[f"--config.options.fixed.{o}" for o in fixed]
+    )
+    assert result.returncode == 0, result.stderr
+    (row,) = report.load_rows(tmp_path)
+    assert row["status"] == "ok", row["error"]
+    assert (row["options"]["block"], row["options"]["summary"], row["options"]["block_q"]) == (
+        32,
+        8,
+        16,
+    )
+
+
+def test_cli_exits_1_when_every_cell_failed(tmp_path):
+    if jax.default_backend() == "gpu":
+        pytest.skip("cuDNN may run here")
+    # cuDNN does not run on a CPU: every cell is an error row.
+    result = sweep_cli(
+        tmp_path, "--config.variants=xla", "--config.options.xla.implementation=cudnn"
+    )
+    assert result.returncode == 1, result.stderr
+    assert "no cell of this sweep ran successfully" in result.stderr
+    assert {r["status"] for r in report.load_rows(tmp_path)} == {"error"}
+
+
+def test_packed_rows_give_each_document_its_own_attention_and_flops():
+    config = tiny(segments=4, variants="blockwise", lengths="64")
+    cell = cells.plan_cells(config, "float32")[0]
+    built = cells.build_kernel(cell, config)
+    q, k, v, ids = built.args
+    assert ids.shape == (1, 64) and [int(n) for n in jnp.bincount(ids[0])] == [16] * 4
+    packed = built.fn(*built.args)
+    # The third document alone, as its own sequence, gives the same output.
+    alone = av.get("blockwise", **cell.options)(q[:, 32:48], k[:, 32:48], v[:, 32:48], causal=True)
+    np.testing.assert_allclose(packed[:, 32:48], alone, rtol=1e-5, atol=1e-5)
+    spec = av.spec("blockwise")
+    per_document = spec.flops(1, 16, 16, 2, 16, causal=True, **cell.options)
+    assert built.useful_flops == pytest.approx(4 * per_document)
+    with pytest.raises(cells.ConfigError, match="segments"):
+        cells.plan_cells(tiny(segments=128, lengths="64"), "float32")
+
+
 def test_train_step_cells_time_the_model(tmp_path, no_gemm):
     from configs import model_sweep
 
     config = model_sweep.get_config()
     config.update(dict(variants="blockwise", lengths="32", heads=2, kv_heads=1, head_dim=8))
-    config.update(dict(cell_budget_s=0.05, min_repeats=2, max_repeats=2))
+    config.update(dict(cell_budget_s=0.05, min_repeats=2, max_repeats=2, segments=2))
     config.model.update(dict(num_layers=1, mlp_dim=32, vocab_size=64))
     rows, _ = run(config, tmp_path)
     (row,) = rows
@@ -313,7 +370,7 @@ def test_train_step_cells_time_the_model(tmp_path, no_gemm):
     assert row["repeats"] == 2 and row["memory_bytes"] > 0
     # 6 x matmul weights x tokens (tied 64x16 embedding, q/k/v/out, gated MLP) + attention.
     weights = 64 * 16 + (16 * 16 + 2 * 16 * 8 + 16 * 16) + 3 * 16 * 32
-    attention = 3.5 * 4 * 2 * 8 * 32 * 32 / 2
+    attention = 2 * 3.5 * 4 * 2 * 8 * 16 * 16 / 2  # two packed documents of 16 tokens
     assert row["useful_flops"] == pytest.approx(6 * weights * 32 + attention)
 
 
