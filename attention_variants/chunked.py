@@ -9,8 +9,11 @@ is computed from running sums of phi(k_s) v_s^T instead of a [T, S] score matrix
 form runs chunk by chunk (the chunkwise-parallel form, e.g. Hua et al. 2022 "Transformer Quality
 in Linear Time"): quadratic inside a chunk of C positions, plus a float32 state [B, K, F, H+1]
 carried between chunks by `lax.scan`. A column of ones appended to V makes the last state column
-the normaliser sum_s phi(k_s). Time is O(T (C F + F H)) per head; a step holds one chunk's
-[C, C] scores, so memory is O(T) for inputs and outputs plus O(C^2 + F H).
+the normaliser sum_s phi(k_s). Time is O(T (C F + F H)) per head. The forward holds one chunk's
+[C, C] scores at a time: memory O(T) for inputs and outputs plus O(C^2 + F H). The backward is
+the scan's own autodiff, which keeps every chunk's incoming state and scores for the reverse
+pass: O(T/C F H + T C) per head, still linear in T (about the size of q, k and v themselves at
+C = F = H = 64), not O(C^2 + F H).
 
 Features arrive computed: qf [B, T, N, F], kf [B, S, K, F] (non-negative, float32). Performer's
 exponential features also pass `log_scale` m [B, S, K]: the true key feature is kf * exp(m).

@@ -4,8 +4,10 @@
 
 LRA's efficiency benchmark: the byte-level text classification model (6 layers, 8 heads,
 width 512, FFN 2048, byte vocabulary), batch 32, lengths 1K-4K; steps/s and peak memory of each
-variant relative to the vanilla Transformer: here `xla` (jax.nn.dot_product_attention, like
-the Flax dot-product attention LRA's Transformer used). An edit of configs/model_sweep.py.
+variant relative to the vanilla Transformer. Our report's LRA table shows steps/s and XLA's
+compiled memory of the step (the runtime peak is results.csv `peak_bytes`), relative to `xla`
+(jax.nn.dot_product_attention, like the Flax dot-product attention LRA's Transformer used).
+An edit of configs/model_sweep.py.
 At batch 32 one 4K step is ~20 TFLOP, minutes on a 2-core CPU: run it on a GPU/TPU, or on
 a CPU with `--config.batch=1 --config.model.num_layers=2` as docs/lra_speed.md did. Our model
 is a causal decoder LM with a gated MLP, not LRA's bidirectional encoder with a [CLS] head

@@ -97,12 +97,13 @@ def check_one_setting(rows: Iterable[Mapping[str, Any]], where: str) -> None:
     mixed = {f: c for f, c in counts.items() if len(c) > 1}
     if mixed:
         parts = [
-            f"{f} " + ", ".join(f"{v} ({n} rows)" for v, n in c.most_common())
-            for f, c in mixed.items()
+            f"{f} " + ", ".join(f"{v} ({n})" for v, n in c.most_common()) for f, c in mixed.items()
         ]
+        missing = any("null" in c for c in mixed.values())
         raise MixedRows(
-            f"{where} mixes rows of different settings: {'; '.join(parts)}. "
-            "One workdir holds one setting: use another --workdir (or remove the other rows)."
+            f"rows of different settings in {where}: {'; '.join(parts)}"
+            + (" (null: rows written by an older version, without the field)" if missing else "")
+            + ". One workdir holds one setting: use another --workdir (or remove the other rows)."
         )
 
 

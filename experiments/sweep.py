@@ -146,7 +146,7 @@ class Sweep:
         }
         rows = report.load_rows(self.path)
         planned = [{**cell.fields(), **self.common} for cell in cells]
-        check_one_setting([*rows, *planned], f"this sweep and the rows in {self.path}")
+        check_one_setting([*rows, *planned], f"{self.path} and this sweep's cells")
         version = [self.common[f] for f in VERSION_FIELDS]
         fresh = [r for r in rows if reuse_stale or [r.get(f) for f in VERSION_FIELDS] == version]
         self.stale = len(rows) - len(fresh)

@@ -115,7 +115,7 @@ def test_the_report_refuses_rows_of_different_settings(tmp_path, capsys):
     rows = synthetic_rows()
     rows += [make_row("linear", 512, head_dim=128), make_row("linear", 1024, dtype="bfloat16")]
     write_jsonl(tmp_path / "results.jsonl", rows)
-    with pytest.raises(report.MixedRows, match=r"head_dim 64 \(\d+ rows\), 128 \(1 rows\)"):
+    with pytest.raises(report.MixedRows, match=r"head_dim 64 \(\d+\), 128 \(1\)"):
         report.write_report(tmp_path)
     assert report.main([str(tmp_path)]) == 1
     err = capsys.readouterr().err
