@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
-from ml_collections.config_dict import placeholder
+from ml_collections.config_dict import FieldReference
 
 import attention_variants as av
 
@@ -307,12 +307,15 @@ def _variants(config: Any) -> list[str]:
 
 def registered_options() -> ConfigDict:
     """{variant: {option: default}} for every registered variant, as a config section whose
-    every entry can be overridden from the command line (--config.options.fixed.block=32).
-    A default of None becomes a placeholder that accepts any value."""
+    every entry can be overridden from the command line (--config.options.fixed.block=32,
+    --config.options.sliding_window.window='(256, 0)'). Entries take any Python literal (the
+    variant validates it), so an int default accepts a tuple, and None accepts an int."""
     return ConfigDict(
         {
-            name: {k: placeholder(object) if v is None else v for k, v in spec.defaults.items()}
-            for name, spec in ((n, av.spec(n)) for n in av.names())
+            name: {
+                k: FieldReference(v, field_type=object) for k, v in av.spec(name).defaults.items()
+            }
+            for name in av.names()
         }
     )
 

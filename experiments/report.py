@@ -22,7 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from experiments.cells import KEY_FIELDS, MixedRows, check_one_setting, row_key
+from experiments.cells import (
+    KEY_FIELDS,
+    SETTING_FIELDS,
+    MixedRows,
+    check_one_setting,
+    row_key,
+    setting,
+)
 
 Row = dict[str, Any]
 SHORT = {"oom": "oom", "error": "err", "skipped": "skip", "crashed": "crash"}
@@ -31,9 +38,9 @@ LEGEND = (
     "during the cell, e.g. killed by the host's out-of-memory killer), `skip` (not run; the "
     "reason is in results.csv `error`), `err`. A skipped or oom cell that was compiled shows "
     "its memory. Memory is XLA's compiled temp + arguments + outputs; the runtime peak is "
-    "results.csv `peak_bytes` (CPU: the kernel's peak resident set of the process during the "
-    "warm-up call, above what was resident before it; GPU/TPU: the allocator's peak, when the "
-    "call raised it)."
+    "results.csv `peak_bytes` (CPU: the operating system's record of the process's peak resident "
+    "set during the warm-up call, above what was resident before it; GPU/TPU: the allocator's "
+    "peak, known only when the call raised the process's peak, else empty)."
 )
 
 
@@ -71,6 +78,11 @@ def _meta(workdir: Path) -> list[dict[str, Any]]:
 def _label(row: Row) -> str:
     """Variant name, plus options where one variant appears with several option sets."""
     return row["variant"] + row.get("_suffix", "")
+
+
+def _version(row: Row) -> tuple[Any, Any]:
+    """The code that measured a row (or a sweep run): its git commit and jax version."""
+    return row.get("git_commit"), row.get("jax_version")
 
 
 def _ordered(values: Iterable[Any]) -> list[Any]:
@@ -179,9 +191,10 @@ def table(rows: Sequence[Row], mode: str, field: str, scale: float = 1.0) -> str
             elif r["status"] != "ok":
                 value = r.get(field) if field == "memory_bytes" else None
                 shown = f" {_num(value / scale)}" if value else ""
-                cells.append(SHORT[r["status"]] + shown)
+                cells.append(SHORT[r["status"]] + shown + r.get("_mark", ""))
             else:
-                cells.append(_num(r[field] / scale) if r.get(field) is not None else "?")
+                value = _num(r[field] / scale) if r.get(field) is not None else "?"
+                cells.append(value + r.get("_mark", ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -234,8 +247,9 @@ def write_report(workdir: str | Path) -> Path:
     workdir = Path(workdir)
     rows = load_rows(workdir)
     check_one_setting(rows, str(workdir / "results.jsonl"))
-    rows = _tag_options(rows)
     runs = _meta(workdir)
+    latest = _version(runs[-1] if runs else rows[-1]) if rows else None
+    rows = [{**r, "_mark": "†"} if _version(r) != latest else r for r in _tag_options(rows)]
     write_csv(rows, workdir / "results.csv")
     plotted = plot(rows, workdir / "scaling.png")
     config = runs[-1]["config"] if runs else {}
@@ -243,6 +257,9 @@ def write_report(workdir: str | Path) -> Path:
     labels = _ordered(_label(r) for r in rows)
     modes = _ordered(r["mode"] for r in rows)
     md = [f"# Sweep report: {workdir.name}", ""]
+    if rows:
+        shown = ", ".join(f"{f}={json.loads(v)}" for f, v in setting(rows[0]) if v != "null")
+        md += [f"Setting of every row: {shown}.", ""]
     for run in runs:
         md.append(
             f"- `{run['command']}` on {run['started']}: {run['wall_s']:.0f} s wall; "
@@ -251,10 +268,13 @@ def write_report(workdir: str | Path) -> Path:
             f"{run['gemm_gflops']:.1f} GFLOP/s"
         )
     md.append(f"- report built {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
-    versions = Counter((r.get("git_commit"), r.get("jax_version")) for r in rows)
+    versions = Counter(_version(r) for r in rows)
     if len(versions) > 1:
         counts = ", ".join(f"{c} with jax {j} ({n} rows)" for (c, j), n in versions.most_common())
-        md.append(f"- **rows measured by different code**: {counts}")
+        md.append(
+            f"- **rows measured by different code**: {counts}; cells marked † were measured by "
+            f"other code than the latest run ({latest[0]}, jax {latest[1]})"
+        )
     md += ["", LEGEND, ""]
     for mode in modes:
         md += [f"## {mode}", "", "Median time (ms):", "", table(rows, mode, "time_ms_median"), ""]
@@ -323,7 +343,8 @@ def figure(rows: Sequence[Row]) -> Any:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     labels = _ordered(_label(r) for r in rows)
     modes = _ordered(r["mode"] for r in rows)
-    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20").colors
+    colours = {label: palette[i % len(palette)] for i, label in enumerate(labels)}
     styles = dict(zip(modes, ["-", "--", ":", "-."] * len(modes), strict=False))
     panels = (("time_ms_median", "median time (ms)"), ("memory_bytes", "compiled memory (bytes)"))
     for ax, (field, name) in zip(axes, panels, strict=True):
@@ -416,6 +437,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for p, rows in zip(args.compare, (old, new), strict=True):
             if not rows:
                 parser.error(f"no rows in {p}")
+        shared = [f for f in SETTING_FIELDS if all(f in r for r in [*old, *new])]
+        try:  # a field one file lacks (written before it existed) is not compared
+            check_one_setting([{f: r[f] for f in shared} for r in [*old, *new]], "OLD and NEW")
+        except MixedRows as e:
+            parser.error(f"not comparable: {e}")
         lines, worse = compare(old, new, args.threshold)
         print("\n".join(lines))
         bad = sum(line.endswith(("SLOWER", "WORSE")) for line in lines)

@@ -94,19 +94,25 @@ def _git(*args: str) -> str | None:
 
 def code_version() -> str:
     """The version of the measured code, recorded in each row as `git_commit`: `git describe
-    --always --dirty` of the checkout, plus a hash of the uncommitted changes to the code
-    when the tree is dirty (so a rerun of the same edit resumes, any other edit re-measures);
-    outside git, a hash of the packages' sources."""
-    described = (_git("describe", "--always", "--dirty") or "").strip()
+    --always` of the checkout, plus `-dirty+<hash>` of the uncommitted changes to the code
+    (edits and new files under CODE) when there are any, so a rerun of the same edit resumes
+    and any other edit re-measures (an edit of the docs alone changes nothing). Outside git,
+    a hash of the packages' sources."""
+    described = (_git("describe", "--always") or "").strip()
     if not described:
         digest = hashlib.sha1()
         for path in sorted(p for name in CODE for p in (ROOT / name).rglob("*.py")):
             digest.update(path.relative_to(ROOT).as_posix().encode() + path.read_bytes())
         return f"source-{digest.hexdigest()[:10]}"
-    if described.endswith("-dirty"):
-        diff = _git("diff", "HEAD", "--", *CODE, "setup.cfg") or ""
-        described += "+" + hashlib.sha1(diff.encode()).hexdigest()[:10]
-    return described
+    edits = _git("diff", "HEAD", "--", *CODE, "setup.cfg") or ""
+    new = (_git("ls-files", "--others", "--exclude-standard", "--", *CODE) or "").split()
+    if not edits and not new:
+        return described
+    digest = hashlib.sha1(edits.encode())
+    for name in sorted(new):
+        path = ROOT / name
+        digest.update(name.encode() + (path.read_bytes() if path.is_file() else b""))
+    return f"{described}-dirty+{digest.hexdigest()[:10]}"
 
 
 def _lane(row: dict[str, Any]) -> str:
@@ -149,8 +155,9 @@ class Sweep:
         check_one_setting([*rows, *planned], f"{self.path} and this sweep's cells")
         version = [self.common[f] for f in VERSION_FIELDS]
         fresh = [r for r in rows if reuse_stale or [r.get(f) for f in VERSION_FIELDS] == version]
-        self.stale = len(rows) - len(fresh)
         self.rows = {row_key(r): r for r in fresh}
+        keys = {row_key(r) for r in rows} - set(self.rows)
+        self.stale = sum(cell.key() in keys for cell in cells)  # this sweep's stale cells
 
     # -- bookkeeping -------------------------------------------------------------------------
     def append(self, row: dict[str, Any]) -> None:
@@ -166,23 +173,34 @@ class Sweep:
         return row
 
     def recover_crash(self) -> None:
-        """A cell that was running when a previous sweep died is recorded as an error."""
+        """A cell that was running when a previous sweep of the same code and setting died is
+        recorded as `crashed` (unless it has a result by now). A crash of other code gives the
+        cell a fresh try; to retry a crashed cell of the same code, delete its row."""
         if not self.inflight.exists():
             return
-        cell = json.loads(self.inflight.read_text())
-        if row_key(cell) not in self.rows:
+        try:
+            cell = json.loads(self.inflight.read_text())
+        except json.JSONDecodeError:  # torn by a power loss: nothing to record
+            cell = {}
+        same_code = all(cell.get(f) == self.common[f] for f in VERSION_FIELDS)
+        planned = {c.key() for c in self.cells}
+        if same_code and row_key(cell) in planned and not self.done_key(row_key(cell)):
             row = {**cell, **dict.fromkeys(RESULT_FIELDS), **self.common, "status": "crashed"}
             row["error"] = (
                 "the sweep process died during this cell (killed, e.g. by the host's out-of-"
                 "memory killer); not retried, and longer lengths are skipped"
             )
             self.append(row)
+            print(f"recorded a crash: {cell['variant']} T={cell['seq_len']} {cell['mode']}",
+                  file=self.out)  # fmt: skip
         self.inflight.unlink()
 
     def done(self, cell: Cell) -> bool:
         """Measured already (ok, oom, crashed); `error` and `skipped` cells are tried again."""
-        row = self.rows.get(cell.key())
-        return row is not None and row["status"] in ("ok", *STOPS_GROWTH)
+        return self.done_key(cell.key())
+
+    def done_key(self, key: str) -> bool:
+        return self.rows.get(key, {}).get("status") in ("ok", *STOPS_GROWTH)
 
     # -- planning ------------------------------------------------------------------------------
     def lane(self, cell: Cell) -> list[dict[str, Any]]:
@@ -216,7 +234,7 @@ class Sweep:
     def decide(self, cell: Cell, elapsed: float) -> tuple[str, str | None]:
         """("time" | "memory" | "skip", reason). A cell whose call would pass `max_call_s` is
         only compiled, for its memory (and oom prediction), after all timed cells; none is
-        tried after an oom; none starts that would overrun `time_budget_s`."""
+        tried after an oom or a crash; none starts that would overrun `time_budget_s`."""
         stop = [r for r in self.lane(cell) if r["status"] in STOPS_GROWTH]
         if stop:
             return "skip", f"stopped growing: {stop[-1]['status']} at T={stop[-1]['seq_len']}"
@@ -312,8 +330,8 @@ class Sweep:
             print(f"resuming: {len(self.cells) - len(todo)} cells already done", file=self.out)
         if self.stale:
             print(
-                f"{self.stale} rows in {self.path} were measured by other code (git_commit or "
-                "jax_version differs): their cells are measured again (--reuse_stale keeps them)",
+                f"{self.stale} cells have rows in {self.path} measured by other code (git_commit "
+                "or jax_version differs): measured again (--reuse_stale keeps those rows)",
                 file=self.out,
             )
         deferred: list[Cell] = []  # compiled for memory only, after every timed cell
@@ -332,7 +350,7 @@ class Sweep:
                         row = self.row(cell, "skipped", reason)
                     else:
                         bar.set_description(f"{cell.variant} T={cell.seq_len} {cell.mode}")
-                        self.inflight.write_text(json.dumps(cell.fields()))
+                        self.inflight.write_text(json.dumps({**cell.fields(), **self.common}))
                         t0 = time.perf_counter()
                         row = self.measure(cell, gemm, reason)
                         self.costs.append(time.perf_counter() - t0)
@@ -346,6 +364,7 @@ class Sweep:
                     bar.update(1)
                     line = progress_line(len(finished), len(todo), elapsed, eta, row)
                     bar.write(line, file=self.out)
+                    self.out.flush()
         return gemm
 
 

@@ -1,6 +1,7 @@
 """Report: exponent fits, crossovers, tables, files, and the --compare regression guard."""
 
 import json
+import sys
 
 import pytest
 
@@ -80,6 +81,7 @@ def test_write_report_builds_markdown_csv_and_plot(tmp_path):
     path = report.write_report(tmp_path)
     text = path.read_text()
     assert "Median time (ms)" in text and "Compiled memory (MiB)" in text
+    assert "Setting of every row: batch=1, heads=8, kv_heads=8, head_dim=64, dtype=float32" in text
     assert "| quadratic | fwd | 2.00 (1024-8192, 4 pts) | 2.00 (1024-8192, 4 pts) |" in text
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(LENGTHS) * 2
@@ -93,6 +95,7 @@ def two_modes():
 
 
 def test_plot_has_a_colour_per_variant_and_a_line_style_per_mode():
+    pytest.importorskip("matplotlib")
     from matplotlib.legend import Legend
 
     fig = report.figure(two_modes())
@@ -109,6 +112,14 @@ def test_plot_has_a_colour_per_variant_and_a_line_style_per_mode():
     series = [line for line in fig.axes[0].get_lines() if line.get_marker() == "o"]
     drawn = {(line.get_color(), line.get_linestyle()) for line in series}
     assert drawn == {(c, s) for c in colours for s in styles}
+
+
+def test_the_report_needs_no_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises
+    write_jsonl(tmp_path / "results.jsonl", synthetic_rows())
+    text = report.write_report(tmp_path).read_text()
+    assert "(no plot: matplotlib is not installed)" in text and "| linear |" in text
+    assert not (tmp_path / "scaling.png").exists()
 
 
 def test_the_report_refuses_rows_of_different_settings(tmp_path, capsys):
@@ -128,10 +139,9 @@ def test_the_report_labels_rows_of_different_code(tmp_path):
     rows.append(make_row("a", 2048, git_commit="def", jax_version="1"))
     write_jsonl(tmp_path / "results.jsonl", rows)
     text = report.write_report(tmp_path).read_text()
-    assert (
-        "rows measured by different code**: abc with jax 1 (2 rows), def with jax 1 (1 rows)"
-        in text
-    )
+    versions = "abc with jax 1 (2 rows), def with jax 1 (1 rows)"
+    assert f"rows measured by different code**: {versions}; cells marked †" in text
+    assert "| a | 1.00† | 1.00† | 1.00 |" in text  # the latest row's code is unmarked
 
 
 def test_load_rows_last_row_wins_and_torn_line_is_ignored(tmp_path):
@@ -188,6 +198,14 @@ def test_compare_pairs_rows_written_before_a_key_field_existed(tmp_path, capsys)
     new = [make_row("a", 512, ms=10.5, segments=1)]
     assert compare_files(tmp_path, old, new) == 0
     assert "1.05" in capsys.readouterr().out
+
+
+def test_compare_refuses_files_of_different_settings(tmp_path, capsys):
+    old = [make_row("a", 512, ms=10.0, device="cpu:cpu")]
+    new = [make_row("a", 512, ms=1.0, device="gpu:H100")]
+    with pytest.raises(SystemExit) as e:
+        compare_files(tmp_path, old, new)
+    assert e.value.code == 2 and "device" in capsys.readouterr().err
 
 
 def test_compare_rejects_an_empty_file(tmp_path):

@@ -115,12 +115,18 @@ def test_resume_measures_only_missing_cells(tmp_path, monkeypatch, no_gemm):
     assert len(rows) == 12
 
 
+def common(config):
+    """The fields the runner adds to each row (device, versions)."""
+    return sweep.Sweep(config, [], Path("/nonexistent")).common
+
+
 def test_a_crash_during_a_cell_stops_growth_like_an_oom(tmp_path, monkeypatch, no_gemm):
     calls = []
     monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(lambda cell: 1.0, calls))
     config = tiny(lengths="64,128", modes="fwd")
     killed = sweep.plan_cells(config, "float32")[0]  # xla at T=64
-    (tmp_path / "inflight.json").write_text(json.dumps(killed.fields()))  # died mid-cell
+    inflight = {**killed.fields(), **common(config)}
+    (tmp_path / "inflight.json").write_text(json.dumps(inflight))  # died mid-cell
     rows, _ = run(config, tmp_path)
     assert calls == [("blockwise", 64, "fwd"), ("blockwise", 128, "fwd")]  # xla not retried
     xla = [r for r in rows if r["variant"] == "xla"]
@@ -131,6 +137,24 @@ def test_a_crash_during_a_cell_stops_growth_like_an_oom(tmp_path, monkeypatch, n
     calls.clear()
     run(config, tmp_path)  # the crashed cell stays done, and its lane stays stopped
     assert calls == []
+    # A crash while retrying an error row is recorded too.
+    retry = tmp_path / "retry"
+    run(config, retry)
+    rewrite(retry, status="error")
+    (retry / "inflight.json").write_text(json.dumps({**killed.fields(), **common(config)}))
+    rows, out = run(config, retry)
+    assert "recorded a crash: xla T=64 fwd" in out
+    assert [r["status"] for r in rows if r["variant"] == "xla"] == ["crashed", "skipped"]
+    # A torn inflight file (power loss) is dropped.
+    (retry / "inflight.json").write_text('{"variant": "x')
+    run(config, retry)
+    assert not (retry / "inflight.json").exists()
+    # A crash of other code (the kernel was changed since) does not condemn the new code.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "inflight.json").write_text(json.dumps({**killed.fields(), "git_commit": "0ld"}))
+    rows, _ = run(config, other)
+    assert ("xla", 64, "fwd") in calls and {r["status"] for r in rows} == {"ok"}
 
 
 def rewrite(workdir, **changes):
@@ -153,19 +177,23 @@ def test_rows_of_other_code_are_measured_again_unless_reuse_stale(
     _, out = run(config, tmp_path, reuse_stale=True)
     assert calls == [] and "resuming: 2 cells already done" in out
     rows, out = run(config, tmp_path)
-    assert len(calls) == 2 and "2 rows in" in out and "measured again" in out
-    assert {r[field] for r in rows} == {sweep.Sweep(config, [], tmp_path).common[field]}
+    assert len(calls) == 2 and "2 cells have rows in" in out and "measured again" in out
+    assert {r[field] for r in rows} == {common(config)[field]}
 
 
-def test_the_code_version_changes_with_an_uncommitted_edit(tmp_path, monkeypatch):
-    diffs = {"describe": "abc1234-dirty\n"}
-    monkeypatch.setattr(sweep, "_git", lambda command, *args: diffs[command])
-    diffs["diff"] = "+x = 1\n"
+def test_the_code_version_changes_with_an_edit_of_the_code_only(tmp_path, monkeypatch):
+    git = {"describe": "abc1234\n", "diff": "", "ls-files": ""}  # a clean checkout
+    monkeypatch.setattr(sweep, "_git", lambda command, *args: git[command])
+    assert sweep.code_version() == "abc1234"  # docs edits are not in `diff -- CODE`
+    git["diff"] = "+x = 1\n"
     first = sweep.code_version()
     assert first.startswith("abc1234-dirty+") and sweep.code_version() == first
-    diffs["diff"] = "+x = 2\n"
-    assert sweep.code_version() != first
-    diffs["describe"] = None  # not a git checkout: a hash of the sources
+    git["diff"] = "+x = 2\n"
+    second = sweep.code_version()
+    assert second != first
+    git["ls-files"] = "attention_variants/new_variant.py\n"  # a new, untracked kernel file
+    assert sweep.code_version() not in (first, second)
+    git["describe"] = None  # not a git checkout: a hash of the sources
     assert sweep.code_version().startswith("source-")
 
 
@@ -310,20 +338,21 @@ def sweep_cli(tmp_path, *overrides):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_overrides_options_of_a_variant_the_config_does_not_list(tmp_path):
-    assert "fixed" not in tiny().variants
-    fixed = ["block=32", "summary=8", "block_q=16"]  # block_q: a None default
-    result = sweep_cli(
-        tmp_path, "--config.variants=fixed", *[f"--config.options.fixed.{o}" for o in fixed]
-    )
+def test_cli_overrides_options_of_variants_the_config_does_not_list(tmp_path):
+    assert "fixed" not in tiny().variants and "sliding_window" not in tiny().variants
+    overrides = [
+        "--config.variants=fixed,sliding_window",
+        "--config.options.fixed.block=32",
+        "--config.options.fixed.block_q=16",  # a None default
+        "--config.options.sliding_window.window=(8, 0)",  # an int default, given a pair
+    ]
+    result = sweep_cli(tmp_path, *overrides)
     assert result.returncode == 0, result.stderr
-    (row,) = report.load_rows(tmp_path)
-    assert row["status"] == "ok", row["error"]
-    assert (row["options"]["block"], row["options"]["summary"], row["options"]["block_q"]) == (
-        32,
-        8,
-        16,
-    )
+    rows = {r["variant"]: r for r in report.load_rows(tmp_path)}
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    fixed = rows["fixed"]["options"]
+    assert (fixed["block"], fixed["summary"], fixed["block_q"]) == (32, 16, 16)
+    assert rows["sliding_window"]["options"]["window"] == [8, 0]  # a tuple, through JSON
 
 
 def test_cli_exits_1_when_every_cell_failed(tmp_path):
