@@ -337,7 +337,13 @@ class Sweep:
         deferred: list[Cell] = []  # compiled for memory only, after every timed cell
         # A live bar (current cell, elapsed, predicted time left) on a terminal; one line per
         # cell in every case, so logs show the progress too.
-        bar = tqdm.tqdm(total=len(todo), file=self.out, disable=None, unit="cell", leave=False)
+        bar = tqdm.tqdm(
+            total=len(todo),
+            file=self.out,
+            disable=None,  # off when `out` is not a terminal
+            leave=False,
+            bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+        )
         finished: set[str] = set()
         with bar:
             for phase in (todo, deferred):
@@ -360,7 +366,8 @@ class Sweep:
                     elapsed = time.perf_counter() - start
                     finished.add(cell.key())
                     eta = self.eta([c for c in todo if c.key() not in finished], elapsed)
-                    bar.set_postfix_str(f"{tqdm.tqdm.format_interval(eta)} left", refresh=False)
+                    left = tqdm.tqdm.format_interval(eta)
+                    bar.set_postfix_str(f"~{left} left, predicted", refresh=False)
                     bar.update(1)
                     line = progress_line(len(finished), len(todo), elapsed, eta, row)
                     bar.write(line, file=self.out)
