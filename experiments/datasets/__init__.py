@@ -1,0 +1,33 @@
+"""The project's TFDS datasets, generated here (nothing is downloaded), and their grain input
+pipeline. Importing this package registers the builders with TFDS:
+
+    import experiments.datasets
+    builder = experiments.datasets.prepare("mqar/small", data_dir)   # builds it when missing
+    tfds.data_source("mqar/small", data_dir=data_dir)["train"][0]
+
+- `mqar`: multi-query associative recall (Zoology); configs `small`, `zoology`.
+- `listops`: Long Range Arena's ListOps; configs `small`, `short`, `lra`.
+- `pystdlib`: the running Python's standard library source, byte-level; configs `small`, `full`.
+"""
+
+from __future__ import annotations
+
+import tensorflow_datasets as tfds
+
+from experiments.datasets.listops import Listops, ListOpsConfig
+from experiments.datasets.mqar import Mqar, MqarConfig
+from experiments.datasets.pystdlib import Pystdlib, PyStdlibConfig
+
+__all__ = ["ListOpsConfig", "Listops", "Mqar", "MqarConfig", "PyStdlibConfig", "Pystdlib"]
+__all__ += ["prepare"]
+
+
+def prepare(
+    name: str, data_dir: str | None = None, config: tfds.core.BuilderConfig | None = None
+) -> tfds.core.DatasetBuilder:
+    """The builder of `name` ("mqar/small", or "mqar" with a `config`), written as array_record
+    into `data_dir` (None: TFDS_DATA_DIR or TFDS's default) when it is not there yet."""
+    kwargs = {"config": config} if config is not None else {}
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record", **kwargs)
+    builder.download_and_prepare()  # nothing to do once prepared
+    return builder

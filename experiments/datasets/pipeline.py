@@ -1,0 +1,72 @@
+"""The input pipeline (grain): shuffled, repeated, batched rows of `inputs`, `targets`,
+`weights` [B, L] for training, one ordered pass for evaluation; text documents are packed.
+
+Task datasets (mqar, listops) already have fixed-length rows. A text dataset (a `text` feature
+of bytes per document) becomes next-token rows: each document gives inputs = text[:-1],
+targets = text[1:], weights = 1, and grain's concat-then-split packer fills rows of L tokens
+with whole documents and pieces of long ones, adding `segment_ids` (1, 2, ... per document in
+the row, 0 on padding) so that no token attends across documents and positions restart per
+document (the model derives them from the ids). Training iterators are grain
+`DatasetIterator`s: `get_state()` / `set_state()` (or orbax, via `grain.checkpoint`) resume
+them exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+FEATURES = ("inputs", "targets", "weights")
+
+
+def is_text(source: Sequence[dict[str, Any]]) -> bool:
+    return "text" in source[0]
+
+
+def _document(example: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A text document as next-token features (one position shorter than the text)."""
+    text = np.asarray(example["text"], np.int32)
+    return {"inputs": text[:-1], "targets": text[1:], "weights": np.ones(len(text) - 1, np.float32)}
+
+
+def _row(example: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {f: np.asarray(example[f]) for f in FEATURES}
+
+
+def _packed(example: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The packer's output as a model row: one `segment_ids`, zero weight on padding."""
+    row = {f: example[f] for f in FEATURES}
+    row["segment_ids"] = example["inputs_segment_ids"].astype(np.int32)
+    row["weights"] = np.where(row["segment_ids"] > 0, row["weights"], 0.0).astype(np.float32)
+    return row
+
+
+def _rows(dataset: grain.MapDataset, text: bool, seq_len: int | None) -> grain.IterDataset:
+    if not text:
+        return dataset.map(_row).to_iter_dataset()
+    if seq_len is None:
+        raise ValueError("a text dataset needs seq_len: its documents are packed into rows")
+    documents = dataset.map(_document).to_iter_dataset()
+    lengths = dict.fromkeys(FEATURES, seq_len)
+    packed = grain.experimental.ConcatThenSplitIterDataset(documents, length_struct=lengths)
+    return packed.map(_packed)
+
+
+def train_batches(
+    source: Sequence[dict[str, Any]], *, batch_size: int, seed: int, seq_len: int | None = None
+) -> grain.DatasetIterator:
+    """An endless iterator of training batches: shuffled with `seed`, reshuffled each epoch."""
+    dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+    rows = _rows(dataset, is_text(source), seq_len)
+    return iter(rows.batch(batch_size, drop_remainder=True))
+
+
+def eval_batches(
+    source: Sequence[dict[str, Any]], *, batch_size: int, seq_len: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over `source` in order; the last batch may be smaller."""
+    rows = _rows(grain.MapDataset.source(source), is_text(source), seq_len)
+    return iter(rows.batch(batch_size, drop_remainder=False))

@@ -1,0 +1,212 @@
+"""The project's TFDS builders and the grain pipeline, on their `small` configs.
+
+Each invariant is written from the task's definition (Zoology's MQAR, LRA's ListOps), not from
+the generator: e.g. ListOps answers are recomputed by a stack evaluator of the token sequence.
+"""
+
+import hashlib
+import sysconfig
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments import datasets
+from experiments.datasets import listops, mqar, pipeline, pystdlib
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def splits(name, data_dir):
+    datasets.prepare(name, data_dir)
+    source = tfds.data_source(name, data_dir=data_dir)
+    return {split: [source[split][i] for i in range(len(source[split]))] for split in source}
+
+
+def test_mqar_rows_follow_the_definition(data_dir):
+    config = next(c for c in datasets.Mqar.BUILDER_CONFIGS if c.name == "small")
+    L, V, N = config.seq_len, config.vocab, config.num_pairs
+    data = splits("mqar/small", data_dir)
+    assert (len(data["train"]), len(data["test"])) == (config.num_train, config.num_test)
+    for row in data["train"] + data["test"]:
+        x, y, w = row["inputs"], row["targets"], row["weights"]
+        assert x.shape == y.shape == w.shape == (L,)
+        assert x.dtype == y.dtype == np.int32 and w.dtype == np.float32
+        keys, values = x[0 : 2 * N : 2], x[1 : 2 * N : 2]
+        assert len(set(keys)) == N and all(1 <= k < V // 2 for k in keys)
+        assert len(set(values)) == N and all(V // 2 <= v < V for v in values)
+        queries = np.flatnonzero(w)
+        assert set(w) <= {0.0, 1.0} and len(queries) == N
+        assert sorted(x[queries]) == sorted(keys)  # every key queried exactly once
+        value_of = dict(zip(keys, values, strict=True))
+        assert all(y[q] == value_of[x[q]] for q in queries)  # the value that followed it
+        assert all(q >= 2 * N and (q - 2 * N) % 2 == 0 for q in queries)
+        rest = np.ones(L, bool)
+        rest[: 2 * N], rest[queries] = False, False
+        assert not x[rest].any() and not y[~np.isin(np.arange(L), queries)].any()
+    train = {r["inputs"].tobytes() for r in data["train"]}
+    assert not train & {r["inputs"].tobytes() for r in data["test"]}  # disjoint
+
+
+def test_mqar_gaps_follow_the_power_law():
+    # P(gap = g) is proportional to (g + 1)^(a - 1), a = 0.01, over L/2 - N slots.
+    config = mqar.MqarConfig(name="t", seq_len=64, vocab=128, num_pairs=1)
+    rng = np.random.default_rng(0)
+    rows = [mqar.mqar_example(config, rng) for _ in range(4000)]
+    gaps = [(np.flatnonzero(row["weights"])[0] - 2) // 2 for row in rows]  # query at 2N + 2g
+    p = (np.arange(31) + 1.0) ** (0.01 - 1)
+    p /= p.sum()
+    for g in (0, 1, 5):
+        assert np.mean(np.equal(gaps, g)) == pytest.approx(p[g], abs=0.025)
+    assert np.mean(gaps) == pytest.approx(np.dot(np.arange(31), p), rel=0.1)
+
+
+def test_builds_are_deterministic_per_seed(tmp_path):
+    a = splits("mqar/small", str(tmp_path / "a"))
+    b = splits("mqar/small", str(tmp_path / "b"))
+    for x, y in zip(a["train"], b["train"], strict=True):
+        assert np.array_equal(x["inputs"], y["inputs"])
+    sizes = dict(seq_len=64, vocab=128, num_pairs=4, num_train=8, num_test=2)
+    config = mqar.MqarConfig(name="seed1", seed=1, **sizes)
+    datasets.prepare("mqar", str(tmp_path / "c"), config=config)
+    other = tfds.data_source("mqar/seed1", data_dir=str(tmp_path / "c"))["train"]
+    assert not np.array_equal(other[0]["inputs"], a["train"][0]["inputs"])
+
+
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        ({"seq_len": 16, "num_pairs": 5}, "num_pairs"),
+        ({"seq_len": 64, "vocab": 64}, "vocab"),
+        ({"seq_len": 63}, "seq_len"),
+        ({"num_train": 0}, "num_train"),
+    ],
+)
+def test_an_mqar_config_that_cannot_be_built_names_its_fields(tmp_path, fields, named):
+    config = mqar.MqarConfig(name="bad", **{"seq_len": 64, "vocab": 128, **fields})
+    with pytest.raises(ValueError, match=named):
+        datasets.prepare("mqar", str(tmp_path), config=config)
+
+
+def evaluate(tokens):
+    """ListOps by a stack machine over the tokens (independent of the generator's trees)."""
+    stack = []
+    for token in tokens:
+        if token.startswith("["):
+            stack.append([token])
+        elif token == "]":
+            operator, *args = stack.pop()
+            result = {
+                "[MIN": min,
+                "[MAX": max,
+                "[MED": lambda a: int(np.median(a)),
+                "[SM": lambda a: sum(a) % 10,
+            }[operator](args)
+            if not stack:
+                return result
+            stack[-1].append(result)
+        elif stack:
+            stack[-1].append(int(token))
+        else:
+            return int(token)
+    raise AssertionError("unbalanced expression")
+
+
+def test_listops_answers_match_an_independent_evaluator(data_dir):
+    config = next(c for c in datasets.Listops.BUILDER_CONFIGS if c.name == "small")
+    data = splits("listops/small", data_dir)
+    depths = []
+    for row in data["train"] + data["test"]:
+        x, y, w = row["inputs"], row["targets"], row["weights"]
+        n = int(np.count_nonzero(x))
+        assert config.min_len <= n <= config.max_len and not x[n:].any()  # padded with 0
+        assert np.flatnonzero(w).tolist() == [n - 1] and w[n - 1] == 1.0
+        tokens = [listops.TOKENS[i] for i in x[:n]]
+        assert listops.TOKENS[y[n - 1]] == str(evaluate(tokens))
+        depth = max(np.cumsum([t.startswith("[") - (t == "]") for t in tokens]))
+        assert depth <= config.max_depth
+        depths.append(depth)
+    assert max(depths) >= 2  # nested expressions occur
+
+
+def test_pystdlib_is_the_stdlib_split_by_path(data_dir):
+    data = splits("pystdlib/small", data_dir)
+    names = {s: [r["path"].decode() for r in rows] for s, rows in data.items()}
+    assert set(names) == {"train", "validation"}
+    assert not set(names["train"]) & set(names["validation"])
+    expected = {rel for rel, _ in pystdlib.stdlib_files(2048)}
+    assert set(names["train"]) | set(names["validation"]) == expected
+    for name in names["validation"]:  # the split is a function of the path alone
+        assert int(hashlib.sha1(name.encode()).hexdigest(), 16) % 20 == 0
+    assert 0.01 < len(names["validation"]) / len(expected) < 0.12
+    root = Path(sysconfig.get_paths()["stdlib"])
+    row = data["train"][0]
+    assert row["text"].tobytes() == (root / row["path"].decode()).read_bytes()
+
+
+def documents(seed, count, low=3, high=40):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(low, high, count)
+    return [{"text": rng.integers(1, 256, n).astype(np.uint8)} for n in lengths]
+
+
+def test_packed_rows_keep_documents_apart():
+    from transformer import ModelConfig, TransformerLM
+
+    docs = documents(0, 30)
+    batch = next(pipeline.train_batches(docs, batch_size=4, seed=0, seq_len=32))
+    ids, x, y, w = batch["segment_ids"], batch["inputs"], batch["targets"], batch["weights"]
+    assert x.shape == ids.shape == (4, 32) and (ids > 0).all()  # concat-then-split: full rows
+    texts = {d["text"].astype(np.int32).tobytes() for d in docs}
+    for row in range(4):
+        for s in np.unique(ids[row]):
+            piece = x[row][ids[row] == s]
+            assert any(piece.tobytes() in t for t in texts)  # one document's tokens
+            tail = y[row][ids[row] == s]
+            assert np.array_equal(piece[1:], tail[:-1])  # targets are the next tokens
+    assert (w == 1).all()
+    # The model sees each document alone: logits of a segment equal those of the segment
+    # run by itself (positions restart, no attention across documents).
+    sizes = dict(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=16, max_len=32)
+    cfg = ModelConfig(vocab_size=256, attention="blockwise", **sizes)
+    model = TransformerLM(cfg)
+    params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
+    apply = jax.jit(model.apply)
+    packed = apply({"params": params}, x, jnp.asarray(ids))
+    row, s = 1, ids[1, -1]
+    alone = apply({"params": params}, x[row : row + 1, ids[row] == s])
+    np.testing.assert_allclose(packed[row, ids[row] == s], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_training_iterator_resumes_from_its_state():
+    docs = documents(1, 50)
+    it = pipeline.train_batches(docs, batch_size=2, seed=3, seq_len=16)
+    for _ in range(7):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(5)]
+    resumed = pipeline.train_batches(docs, batch_size=2, seed=3, seq_len=16)
+    resumed.set_state(state)
+    for a, b in zip(expected, [next(resumed) for _ in range(5)], strict=True):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    other = next(pipeline.train_batches(docs, batch_size=2, seed=4, seq_len=16))
+    first = next(pipeline.train_batches(docs, batch_size=2, seed=3, seq_len=16))
+    assert not np.array_equal(other["inputs"], first["inputs"])  # the seed shuffles
+
+
+def test_eval_batches_cover_the_split_once(data_dir):
+    datasets.prepare("mqar/small", data_dir)
+    source = tfds.data_source("mqar/small", data_dir=data_dir)["test"]
+    batches = list(pipeline.eval_batches(source, batch_size=24))
+    assert [len(b["inputs"]) for b in batches] == [24, 24, 16]
+    rows = np.concatenate([b["inputs"] for b in batches])
+    assert np.array_equal(rows, np.stack([source[i]["inputs"] for i in range(len(source))]))
+    text = pipeline.eval_batches(documents(2, 10), batch_size=3, seq_len=16)
+    total = sum(float(b["weights"].sum()) for b in text)
+    assert total == sum(len(d["text"]) - 1 for d in documents(2, 10))  # every target once
