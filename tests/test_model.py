@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from transformer import ModelConfig, TransformerLM, next_token_loss
-from transformer.model import segment_positions
+from transformer.model import segment_positions, sinusoidal
 
 TINY = dict(
     vocab_size=61, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=48, max_len=64
@@ -20,9 +20,17 @@ def init(cfg, T=40, B=2, seed=0):
     return tokens, params
 
 
-@pytest.mark.parametrize("positions", ["rope", "learned", "none"])
-def test_logits_shape_and_causality(positions):
-    cfg = ModelConfig(**TINY, positions=positions)
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"positions": "rope"},
+        {"positions": "learned"},
+        {"positions": "sinusoidal", "norm": "layer"},
+        {"positions": "none", "mlp_dim": 0},
+    ],
+)
+def test_logits_shape_and_causality(changes):
+    cfg = ModelConfig(**{**TINY, **changes})
     tokens, params = init(cfg)
     logits = TransformerLM(cfg).apply({"params": params}, tokens)
     assert logits.shape == (2, 40, 61) and logits.dtype == jnp.float32
@@ -60,6 +68,28 @@ def test_packed_rows_equal_separate_rows():
     np.testing.assert_allclose(packed[:, 16:], second, rtol=1e-5, atol=2e-5)
 
 
+def test_sinusoidal_positions_follow_the_paper():
+    # Vaswani et al. 2017, 3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...).
+    d = 10
+    pe = np.asarray(sinusoidal(jnp.array([[0, 1, 7, 300]]), d))[0]
+    for row, pos in enumerate([0, 1, 7, 300]):
+        for i in range(d // 2):
+            assert pe[row, 2 * i] == pytest.approx(np.sin(pos / 10000 ** (2 * i / d)), abs=1e-5)
+            assert pe[row, 2 * i + 1] == pytest.approx(np.cos(pos / 10000 ** (2 * i / d)), abs=1e-5)
+
+
+def test_layer_norm_and_attention_only_blocks_change_the_parameters():
+    count = lambda params: sum(x.size for x in jax.tree.leaves(params))  # noqa: E731
+    _, rms = init(ModelConfig(**TINY))
+    _, layer = init(ModelConfig(**TINY, norm="layer"))
+    assert set(rms["block_0"]["attention_norm"]) == {"scale"}
+    assert set(layer["block_0"]["attention_norm"]) == {"scale", "bias"}
+    _, attention_only = init(ModelConfig(**{**TINY, "mlp_dim": 0}))
+    assert "mlp" not in attention_only["block_0"] and "mlp_norm" not in attention_only["block_0"]
+    width, mlp = 64, 48  # N * H, mlp_dim
+    assert count(rms) - count(attention_only) == 2 * (3 * width * mlp + width)
+
+
 def test_segment_positions_restart_per_sequence():
     seg = jnp.array([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
     np.testing.assert_array_equal(segment_positions(seg, 9), [[0, 1, 2, 0, 1, 0, 1, 2, 3]])
@@ -74,6 +104,10 @@ def test_model_config_errors_name_the_field():
         ModelConfig(**{**TINY, "num_kv_heads": 3})
     with pytest.raises(ValueError, match="positions"):
         ModelConfig(**TINY, positions="alibi")
+    with pytest.raises(ValueError, match="norm"):
+        ModelConfig(**TINY, norm="batch")
+    with pytest.raises(ValueError, match="mlp_dim"):
+        ModelConfig(**{**TINY, "mlp_dim": -1})
 
 
 def test_remat_gives_the_same_gradients():

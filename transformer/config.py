@@ -8,7 +8,8 @@ from typing import Any
 
 import attention_variants as av
 
-POSITIONS = ("rope", "learned", "none")
+POSITIONS = ("rope", "learned", "sinusoidal", "none")
+NORMS = ("rms", "layer")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -21,11 +22,12 @@ class ModelConfig:
     num_heads: int = 4  # query heads N
     num_kv_heads: int = 4  # key/value heads K (N % K == 0; K < N is GQA, K == 1 is MQA)
     head_dim: int = 32  # H
-    mlp_dim: int = 256  # hidden width of the gated MLP
+    mlp_dim: int = 256  # hidden width of the gated MLP; 0: attention-only blocks (no MLP)
     max_len: int = 2048  # longest sequence (learned positions; RoPE needs no table)
     attention: str = "dense"  # registry name of the attention kernel
     attention_options: Any = ()  # options bound to the kernel (a mapping; stored sorted)
-    positions: str = "rope"  # "rope" | "learned" | "none"
+    positions: str = "rope"  # "rope" | "learned" | "sinusoidal" (Vaswani et al. 2017) | "none"
+    norm: str = "rms"  # "rms" (RMSNorm) | "layer" (LayerNorm, the original Transformer's)
     embed_dim: int | None = None  # model width D; None means num_heads * head_dim
     dtype: str = "float32"  # activation / compute dtype
     param_dtype: str = "float32"  # parameter dtype
@@ -48,12 +50,15 @@ class ModelConfig:
             "num_heads",
             "num_kv_heads",
             "head_dim",
-            "mlp_dim",
             "max_len",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.mlp_dim, int) or isinstance(self.mlp_dim, bool) or self.mlp_dim < 0:
+            raise ValueError(f"ModelConfig.mlp_dim must be an int >= 0, got {self.mlp_dim!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.embed_dim is not None and (
             not isinstance(self.embed_dim, int)
             or isinstance(self.embed_dim, bool)

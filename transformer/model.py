@@ -1,6 +1,7 @@
 """TransformerLM: a decoder-only Flax (Linen) model whose attention kernel is a registry name.
 
-Pre-norm blocks (RMSNorm), grouped-query attention with RoPE, gated (SwiGLU) MLP. The layer
+Pre-norm blocks (RMSNorm, or LayerNorm), grouped-query attention with RoPE (or learned,
+sinusoidal or no positions), gated (SwiGLU) MLP (or none: attention-only blocks). The layer
 owns projections and positions; the kernel only sees q [B,T,N,H], k, v [B,S,K,H], so swapping
 `config.attention` changes nothing else (same parameters, same shapes).
 """
@@ -23,6 +24,20 @@ def segment_positions(segment_ids, T: int):
     if segment_ids is None:
         return index[None]
     return index - run_starts(segment_ids)
+
+
+def sinusoidal(positions, width: int):
+    """Vaswani et al. 2017, Section 3.5: PE(p, 2i) = sin(p / 10000^(2i/D)), PE(p, 2i+1) =
+    cos(p / 10000^(2i/D)), for integer positions [B, T] -> [B, T, D] float32."""
+    i = jnp.arange(0, width, 2, dtype=jnp.float32)  # 2i
+    angle = positions[..., None].astype(jnp.float32) / 10_000.0 ** (i / width)  # [B, T, D/2]
+    pe = jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1)  # [B, T, D/2, 2]
+    return pe.reshape(*positions.shape, -1)[..., :width]
+
+
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+    norm = nn.RMSNorm if cfg.norm == "rms" else nn.LayerNorm
+    return norm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
 
 def apply_rope(x, positions, base: float):
@@ -83,19 +98,19 @@ class GatedMLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x + Attention(RMSNorm(x)), then x + MLP(RMSNorm(x))."""
+    """x + Attention(Norm(x)), then x + MLP(Norm(x)) (no MLP when mlp_dim is 0)."""
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, deterministic: bool):
         cfg = self.config
-        norm = lambda name: nn.RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)  # noqa: E731
         drop = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
-        x = x + drop(
-            Attention(cfg, name="attention")(norm("attention_norm")(x), positions, segment_ids)
-        )
-        return x + drop(GatedMLP(cfg, name="mlp")(norm("mlp_norm")(x)))
+        attention = Attention(cfg, name="attention")
+        x = x + drop(attention(make_norm(cfg, "attention_norm")(x), positions, segment_ids))
+        if not cfg.mlp_dim:
+            return x
+        return x + drop(GatedMLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x)))
 
 
 class TransformerLM(nn.Module):
@@ -122,10 +137,12 @@ class TransformerLM(nn.Module):
                 param_dtype=cfg.param_dtype,
                 name="position_embed",
             )(positions)
+        elif cfg.positions == "sinusoidal":
+            x = x + sinusoidal(positions, cfg.width).astype(x.dtype)
         block = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
         for i in range(cfg.num_layers):
             x = block(cfg, name=f"block_{i}")(x, positions, segment_ids, deterministic)
-        x = nn.RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm")(x)
+        x = make_norm(cfg, "final_norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
