@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from ml_collections import ConfigDict
 from ml_collections.config_dict import FieldReference
 
@@ -244,6 +246,18 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"config.{field}: {message}")
         self.field = field
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing; a bad value, an unknown field or an unreadable config file is reported as
+    a config error (exit code 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        print(f"invalid config: unknown field {e}", file=sys.stderr)
+    except (flags.Error, OSError, TypeError, ValueError) as e:
+        print(f"invalid config: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _get(config: Any, name: str) -> Any:

@@ -40,7 +40,7 @@ from typing import Any, TextIO
 
 import jax
 import tqdm
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import bench, report
@@ -51,6 +51,7 @@ from experiments.cells import (
     ConfigError,
     MixedRows,
     check_one_setting,
+    parse_flags,
     plan_cells,
     resolve_dtype,
     row_key,
@@ -425,24 +426,13 @@ def run(
     return sum(sweep.rows.get(cell.key(), {}).get("status") == "ok" for cell in cells)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing; a bad value, an unknown field or an unreadable config file is reported as
-    a config error (exit code 2)."""
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-        print(f"invalid config: unknown field {e}", file=sys.stderr)
-    except (flags.Error, OSError, TypeError, ValueError) as e:
-        print(f"invalid config: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _fail(message: str) -> None:
     print(f"invalid config: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
+    logging.set_verbosity(logging.WARNING)  # libraries' info logs (orbax, backends) stay quiet
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}")
     config = _CONFIG.value
@@ -469,4 +459,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)

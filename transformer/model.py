@@ -163,3 +163,12 @@ def next_token_loss(logits, tokens, segment_ids=None):
         return losses.mean()
     same = (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(losses.dtype)
     return jnp.sum(losses * same) / jnp.maximum(jnp.sum(same), 1.0)
+
+
+def weighted_token_stats(logits, targets, weights):
+    """(sum of w * cross-entropy, sum of w * [argmax == target], sum of w) over the positions
+    of `targets` [B, T] with weights `w` [B, T]: the loss counts only what is targeted."""
+    weights = weights.astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    return jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights)

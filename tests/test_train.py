@@ -1,0 +1,162 @@
+"""Training: the loss goes down, a stopped run resumes to the same parameters, SIGTERM saves,
+a corrupt checkpoint falls back, a workdir of another model is refused, bad configs exit 2."""
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import train as train_config
+from experiments import train
+from experiments.cells import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny(data_dir, **changes):
+    config = train_config.get_config()
+    config.update(dict(data_dir=data_dir, num_steps=12, batch_size=8, warmup_steps=2))
+    config.update(dict(eval_every=6, log_every=3, checkpoint_every=4, eval_examples=16))
+    config.model.update(dict(num_layers=1, head_dim=16))
+    config.update(changes)
+    return config
+
+
+def run(config, workdir, **kwargs):
+    out = io.StringIO()
+    metrics = train.train(config, workdir, out=out, **kwargs)
+    return metrics, out.getvalue()
+
+
+def saved_params(workdir, step):
+    """The params of a checkpoint, read by plain orbax (no project code)."""
+    state = ocp.StandardCheckpointer().restore(Path(workdir) / "checkpoints" / str(step) / "state")
+    return state["params"]
+
+
+def assert_same_params(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+
+
+def rows(workdir, tag):
+    with open(Path(workdir) / "metrics.csv") as f:
+        return [(int(r["step"]), float(r["value"])) for r in csv.DictReader(f) if r["tag"] == tag]
+
+
+def test_training_lowers_the_loss_and_writes_its_files(data_dir, tmp_path):
+    config = tiny(data_dir, num_steps=60, eval_every=30, learning_rate=3e-3, warmup_steps=5)
+    metrics, out = run(config, tmp_path)
+    losses = rows(tmp_path, "train/loss")
+    assert losses[-1][1] < losses[0][1] - 0.3
+    assert set(metrics) == {"eval/loss", "eval/accuracy"} and metrics["eval/loss"] < losses[0][1]
+    assert "parameters; from scratch" in out
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model"]["vocab_size"] == 128 and saved["params"] > 0  # from the dataset
+    assert {s for s, _ in rows(tmp_path, "eval/accuracy")} == {30, 60}
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [52, 56, 60]
+
+
+def test_a_stopped_run_resumes_to_the_same_parameters(data_dir, tmp_path):
+    config = tiny(data_dir)
+    run(config, tmp_path / "whole")
+    _, out = run(config, tmp_path / "parts", stop_after=5)  # stops after step 5 (saved)
+    assert (tmp_path / "parts" / "checkpoints" / "5").exists()
+    _, out = run(config, tmp_path / "parts")
+    assert "resuming at step 5" in out
+    assert_same_params(saved_params(tmp_path / "whole", 12), saved_params(tmp_path / "parts", 12))
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous(data_dir, tmp_path):
+    config = tiny(data_dir)
+    run(config, tmp_path, stop_after=8)  # checkpoints 4 and 8
+    for f in (tmp_path / "checkpoints" / "8" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    _, out = run(config, tmp_path)
+    assert "checkpoint 8 is unreadable" in out and "resuming at step 4" in out
+    assert (tmp_path / "corrupt" / "8").exists()
+    whole = tmp_path / "whole"
+    run(config, whole)
+    assert_same_params(saved_params(whole, 12), saved_params(tmp_path, 12))
+
+
+def test_a_workdir_of_another_model_is_refused(data_dir, tmp_path):
+    run(tiny(data_dir, num_steps=4, warmup_steps=1), tmp_path)
+    before = (tmp_path / "config.json").read_text()
+    config = tiny(data_dir, num_steps=4, warmup_steps=1)
+    config.model.num_layers = 2
+    with pytest.raises(train.WorkdirMismatch, match="num_layers: 1 there, 2 here"):
+        run(config, tmp_path)
+    assert (tmp_path / "config.json").read_text() == before
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"num_steps": 0}, "num_steps"),
+        ({"warmup_steps": 20}, "warmup_steps"),
+        ({"dataset": "nope/small"}, "dataset"),
+        ({"eval_split": "validation"}, "eval_split"),
+    ],
+)
+def test_bad_values_name_the_field(data_dir, tmp_path, changes, field):
+    with pytest.raises(ConfigError) as e:
+        run(tiny(data_dir, **changes), tmp_path)
+    assert e.value.field == field
+    assert not (tmp_path / "config.json").exists()
+
+
+def cli(data_dir, workdir, *overrides):
+    cmd = [sys.executable, "-m", "experiments.train", "--config=configs/train.py"]
+    cmd += [f"--workdir={workdir}", f"--config.data_dir={data_dir}", "--config.batch_size=8"]
+    cmd += ["--config.model.num_layers=1", "--config.eval_examples=16", *overrides]
+    return cmd
+
+
+def test_cli_bad_config_exits_2(data_dir, tmp_path):
+    for override, needle in [("--config.nosuch=1", "nosuch"), ("--config.model.norm=x", "norm")]:
+        command = cli(data_dir, tmp_path, override)
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and needle in result.stderr, result.stderr
+
+
+def logged_steps(workdir):
+    return [s for s, _ in rows(workdir, "train/loss")] if (workdir / "metrics.csv").exists() else []
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(data_dir, tmp_path):
+    endless = ["--config.num_steps=100000", "--config.eval_every=100000", "--config.log_every=1"]
+    command = cli(data_dir, tmp_path, *endless, "--config.checkpoint_every=100000")
+    pipe = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, cwd=ROOT, **pipe)
+    deadline = time.time() + 120
+    while time.time() < deadline and max(logged_steps(tmp_path), default=0) < 3:
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, output
+    (saved,) = [int(p.name) for p in (tmp_path / "checkpoints").iterdir()]
+    assert saved >= 3 and f"stopped by signal {signal.SIGTERM.value} at step {saved}" in output
+    command = cli(data_dir, tmp_path, *endless, "--stop_after=2")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming at step {saved}" in result.stdout
+    assert (tmp_path / "checkpoints" / str(saved + 2)).exists()
