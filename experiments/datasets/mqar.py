@@ -72,6 +72,8 @@ class Mqar(TaskBuilder):
 
     BUILDER_CONFIGS = [  # noqa: RUF012  (TFDS reads this class attribute)
         MqarConfig(name="small", seq_len=64, vocab=128, num_pairs=4, num_train=256, num_test=64),
-        MqarConfig(name="zoology", seq_len=128, vocab=8192, num_pairs=8),
+        MqarConfig(
+            name="zoology", seq_len=128, vocab=8192, num_pairs=8, num_train=20000, num_test=1000
+        ),
     ]
     example = staticmethod(mqar_example)
