@@ -45,6 +45,7 @@ class Cell:
     causal: bool = True
     segments: int = 1
     model: Mapping[str, Any] | None = None
+    task: Mapping[str, Any] | None = None  # train_eval: the dataset fields that vary by cell
 
     def fields(self) -> dict[str, Any]:
         """The cell's identifying fields as they appear in a result row."""
@@ -63,6 +64,8 @@ class Cell:
         }
         if self.model is not None:
             out["model"] = dict(self.model)
+        if self.task is not None:
+            out["task"] = dict(self.task)
         return out
 
     def key(self) -> str:
@@ -73,7 +76,7 @@ class Cell:
 # (the axes of the tables) may differ. `device` is added by the runner.
 SETTING_FIELDS = ("batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "segments")
 SETTING_FIELDS += ("model", "device")
-KEY_FIELDS = ("variant", "options", "seq_len", "mode", *SETTING_FIELDS[:-1])
+KEY_FIELDS = ("variant", "options", "seq_len", "mode", "task", *SETTING_FIELDS[:-1])
 
 
 def row_key(row: Mapping[str, Any], fields: tuple[str, ...] = KEY_FIELDS) -> str:
@@ -117,6 +120,7 @@ class Built:
     args: tuple[Any, ...]
     useful_flops: float | None
     tokens: int
+    quality: Callable[[], dict[str, Any]] | None = None  # after timing: trains, evaluates
 
 
 def document_ids(cell: Cell) -> jax.Array | None:
@@ -235,8 +239,20 @@ def train_step_flops(cell: Cell, params: Any, layers: int, tied: bool) -> float:
 KINDS: dict[str, Callable[[Cell, Any], Built]] = {
     "kernel": build_kernel,
     "train_step": build_train_step,
+    "train_eval": lambda cell, config: _quality().build_train_eval(cell, config),
 }
-MODES: dict[str, tuple[str, ...]] = {"kernel": ("fwd", "fwd_bwd"), "train_step": ("train_step",)}
+MODES: dict[str, tuple[str, ...]] = {
+    "kernel": ("fwd", "fwd_bwd"),
+    "train_step": ("train_step",),
+    "train_eval": ("train_eval",),
+}
+TASK_AXES = ("num_pairs",)  # train_eval config fields (comma-separated) swept like lengths
+
+
+def _quality():
+    from experiments import quality  # imports the training stack only when a cell needs it
+
+    return quality
 
 
 # -- planning: a config becomes a list of cells ------------------------------------------------
@@ -405,16 +421,57 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
     segments = int_field(config, "segments")
     if segments > lengths[0]:
         raise ConfigError("segments", f"{segments} documents do not fit in T={lengths[0]}")
-    model = None
-    if kind == "train_step":
+    model, tasks = None, [None]
+    if kind in ("train_step", "train_eval"):
         model = _model(config)
-        float_field(config, "learning_rate")
         if not causal:
-            raise ConfigError("causal", "the TransformerLM is causal: train_step needs True")
+            raise ConfigError("causal", f"the TransformerLM is causal: {kind} needs True")
+    if kind == "train_step":
+        float_field(config, "learning_rate")
+    if kind == "train_eval":
+        tasks = _tasks(config)
     shape = (batch, heads, kv_heads, head_dim, dtype)
     return [
-        Cell(kind, v, options[v], T, *shape, mode, causal, segments, model)
+        Cell(kind, v, options[v], T, *shape, mode, causal, segments, model, task)
         for T in lengths
         for v in variants
+        for task in tasks
         for mode in modes
+        if task is None or _fits(config, T, task)
     ]
+
+
+def _tasks(config: Any) -> list[dict[str, Any]]:
+    """The task grid of a train_eval config: one dict per combination of TASK_AXES values."""
+    for section, names in (("train", ("num_steps", "learning_rate")), ("data", ("dataset",))):
+        for name in names:
+            if name not in _get(config, section):
+                raise ConfigError(f"{section}.{name}", "missing field")
+    int_field(config.train, "num_steps")
+    from experiments import datasets
+
+    try:
+        datasets.builder_class(config.data.dataset)
+    except ValueError as e:
+        raise ConfigError("data.dataset", str(e)) from None
+    tasks = [{}]
+    for axis in (a for a in TASK_AXES if a in config):
+        try:
+            values = [int(v) for v in csv_field(config, axis)]
+        except ValueError:
+            raise ConfigError(axis, f"must be ints, got {config[axis]!r}") from None
+        tasks = [{**t, axis: v} for t in tasks for v in values]
+    return tasks
+
+
+def _fits(config: Any, seq_len: int, task: dict[str, Any]) -> bool:
+    """Whether the task's dataset can be built at this length (e.g. MQAR needs 4N <= L)."""
+    from experiments import datasets
+
+    fields = {**config.data.to_dict(), **task, "seq_len": seq_len}
+    builder = datasets.builder_class(fields.pop("dataset"))
+    try:
+        type(builder.BUILDER_CONFIGS[0])(name="check", **fields).check()
+    except ValueError:
+        return False
+    return True

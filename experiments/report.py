@@ -76,8 +76,13 @@ def _meta(workdir: Path) -> list[dict[str, Any]]:
 
 # -- analysis ----------------------------------------------------------------------------------
 def _label(row: Row) -> str:
-    """Variant name, plus options where one variant appears with several option sets."""
-    return row["variant"] + row.get("_suffix", "")
+    """Variant name, plus options where one variant appears with several option sets, plus
+    the task fields of a train_eval cell (e.g. ` num_pairs=8`)."""
+    return row["variant"] + row.get("_suffix", "") + _task(row)
+
+
+def _task(row: Row) -> str:
+    return "".join(f" {k}={v}" for k, v in (row.get("task") or {}).items())
 
 
 def _version(row: Row) -> tuple[Any, Any]:
@@ -286,6 +291,8 @@ def write_report(workdir: str | Path) -> Path:
             if mode == "train_step":
                 md += [f"Long Range Arena layout (speed-up over `{baselines[0]}`):", ""]
                 md += [lra_layout(rows, mode, baselines[0]), ""]
+    if any(r.get("accuracy") is not None for r in rows):
+        md += quality_section(rows, workdir)
     md += [
         "## Scaling",
         "",
@@ -307,6 +314,63 @@ def write_report(workdir: str | Path) -> Path:
     path = workdir / "report.md"
     path.write_text("\n".join(md))
     return path
+
+
+def quality_section(rows: Sequence[Row], workdir: Path) -> list[str]:
+    """Accuracy per variant and task by length, quality beside cost per cell, quality.png."""
+    rows = [r for r in rows if r["mode"] == "train_eval"]
+    md = ["## Quality", "", "Accuracy on the held-out rows' weighted positions:", ""]
+    md += [table(rows, "train_eval", "accuracy"), "", "Quality beside cost, per cell:", ""]
+    head = ["variant", "T", "task", "accuracy", "loss", "step ms", "compiled MiB", "train s"]
+    md += ["| " + " | ".join([*head, "params"]) + " |", "|---" * (len(head) + 1) + "|"]
+    for r in sorted(rows, key=lambda r: (r["seq_len"], _task(r), r["variant"])):
+        if r["status"] != "ok":
+            md.append(f"| {r['variant']} | {r['seq_len']} | {_task(r)} | {r['status']} |")
+            continue
+        memory = (r.get("memory_bytes") or 0) / 2**20
+        cells = [r["variant"] + r.get("_suffix", ""), r["seq_len"], _task(r).strip()]
+        cells += [f"{r['accuracy']:.3f}", f"{r['loss']:.3f}", _num(r["time_ms_median"])]
+        cells += [f"{memory:.0f}", f"{r['train_s']:.0f}", f"{r['params']:,}"]
+        md.append("| " + " | ".join(map(str, cells)) + " |")
+    if plot_quality(rows, workdir / "quality.png"):
+        md += ["", "![quality](quality.png)"]
+    return [*md, ""]
+
+
+def plot_quality(rows: Sequence[Row], path: Path) -> bool:
+    """Accuracy vs the first task field (e.g. num_pairs), one panel per length, one line per
+    variant; False without matplotlib or task fields."""
+    axis = next((k for r in rows for k in (r.get("task") or {})), None)
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    if axis is None:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["seq_len"] for r in rows})
+    variants = _ordered(r["variant"] + r.get("_suffix", "") for r in rows)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 4), squeeze=False)
+    for ax, T in zip(axes[0], lengths, strict=True):
+        for i, variant in enumerate(variants):
+            pts = sorted(
+                (r["task"][axis], r["accuracy"])
+                for r in rows
+                if r["seq_len"] == T and r["variant"] + r.get("_suffix", "") == variant
+                and r["status"] == "ok"
+            )  # fmt: skip
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", color=f"C{i % 10}", label=variant)
+        ax.set(title=f"T = {T}", xlabel=axis, ylabel="accuracy", ylim=(-0.02, 1.02))
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def write_csv(rows: Sequence[Row], path: Path) -> None:

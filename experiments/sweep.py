@@ -223,7 +223,8 @@ class Sweep:
         call = t1 * (cell.seq_len / T1) ** min(3.0, max(1.0, slope))
         c = self.config
         n = bench.choose_repeats(call, c.cell_budget_s, c.min_repeats, c.max_repeats, c.long_call_s)
-        return call, (ok[-1]["compile_s"] or 0.0) + call * (1 + n)
+        steps = c.train.num_steps if c.kind == "train_eval" else 0  # the training run
+        return call, (ok[-1]["compile_s"] or 0.0) + call * (1 + n + steps)
 
     def compile_cost(self, cell: Cell) -> float:
         """Compile seconds expected at this length (grown linearly from the lane's last)."""
@@ -301,6 +302,11 @@ class Sweep:
             return self.row(cell, status, message)
         seconds = timing.median_ms / 1e3
         gflops = built.useful_flops / seconds / 1e9 if built.useful_flops else None
+        if built.quality:  # a train_eval cell: train and evaluate after timing the step
+            try:
+                values.update(built.quality())
+            except Exception as e:  # noqa: BLE001  (one bad cell must not stop the sweep)
+                return self.row(cell, "error", f"{type(e).__name__}: {e}"[:2000], **values)
         values.update(
             time_ms_median=timing.median_ms,
             time_ms_min=timing.min_ms,
@@ -379,12 +385,15 @@ class Sweep:
 def progress_line(i: int, n: int, elapsed: float, eta: float, row: dict[str, Any]) -> str:
     clock = tqdm.tqdm.format_interval
     head = f"[{i:>3}/{n} {clock(elapsed)} eta {clock(eta)}]"
-    cell = f"{row['variant']:<14} T={row['seq_len']:<6} {row['mode']:<10} {row['status']:<7}"
+    task = "".join(f" {k}={v}" for k, v in (row.get("task") or {}).items())
+    cell = f"{row['variant']:<14} T={row['seq_len']:<6}{task} {row['mode']:<10} {row['status']:<7}"
     if row["status"] != "ok":
         mem = f" ({row['memory_bytes'] / 2**20:.0f} MiB)" if row.get("memory_bytes") else ""
         return f"{head} {cell} {row['error'] or ''}{mem}"
     mem = (row["memory_bytes"] or 0) / 2**20
     rate = f"{row['gflops']:7.1f} GFLOP/s" if row["gflops"] else ""
+    if row.get("accuracy") is not None:
+        rate += f"  accuracy {row['accuracy']:.3f} (trained {row['train_s']:.0f} s)"
     timing = f"{row['time_ms_median']:10.1f} ms x{row['repeats']}"
     return f"{head} {cell} {timing}  compile {row['compile_s']:5.1f} s  {mem:8.0f} MiB  {rate}"
 
@@ -432,7 +441,7 @@ def _fail(message: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    logging.set_verbosity(logging.WARNING)  # libraries' info logs (orbax, backends) stay quiet
+    logging.set_verbosity(logging.ERROR)  # libraries' info and warnings (orbax, TFDS) stay quiet
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}")
     config = _CONFIG.value

@@ -53,11 +53,6 @@ from experiments.datasets import pipeline
 from transformer import ModelConfig, TransformerLM
 from transformer.model import weighted_token_stats
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "training config (configs/*.py)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, config")
-_STOP_AFTER = flags.DEFINE_integer(
-    "stop_after", 0, "save and stop after this many steps of this invocation (0: run to the end)"
-)
 SIGNAL_EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
@@ -75,6 +70,7 @@ class Setup:
     eval_source: Any
     seq_len: int | None  # packed row length of a text dataset, else None
     text: bool
+    targeted: int | None = None  # most weighted positions in a task row (logits only there)
 
     @property
     def model(self) -> TransformerLM:
@@ -108,11 +104,12 @@ def _check(config: Any) -> None:
             raise ConfigError(name, f"must be a number >= 0, got {config[name]!r}")
 
 
-def setup(config: Any) -> Setup:
-    """Validates `config` (ConfigError naming the field), builds the dataset when missing."""
+def setup(config: Any, dataset_config: Any = None) -> Setup:
+    """Validates `config` (ConfigError naming the field), builds the dataset when missing
+    (`config.dataset` names it; `dataset_config`, a builder config, may set it instead)."""
     _check(config)
     try:
-        builder = datasets.prepare(config.dataset, config.data_dir or None)
+        builder = datasets.prepare(config.dataset, config.data_dir or None, dataset_config)
     except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
         raise ConfigError("dataset", str(e)) from None
     splits = builder.as_data_source()
@@ -134,7 +131,16 @@ def setup(config: Any) -> Setup:
         model_config = ModelConfig(**fields)
     except (TypeError, ValueError) as e:
         raise ConfigError("model", str(e)) from None
-    return Setup(config, model_config, train_source, eval_source, seq_len if text else None, text)
+    targeted = None
+    if not text:  # MQAR's N queries, ListOps' one answer: the logits are needed only there
+        most = max(
+            np.count_nonzero(source[i]["weights"])
+            for source in (train_source, eval_source)
+            for i in range(len(source))
+        )
+        targeted = most if 2 * most <= row else None
+    text_len = seq_len if text else None
+    return Setup(config, model_config, train_source, eval_source, text_len, text, targeted)
 
 
 def init_state(setup: Setup) -> dict[str, Any]:
@@ -148,18 +154,23 @@ def init_state(setup: Setup) -> dict[str, Any]:
 
 
 def make_steps(setup: Setup):
-    """The jitted train step (state donated) and eval step."""
+    """The train step (state, batch) -> (state, metrics) and the eval step (params, batch) ->
+    weighted sums; not jitted (the caller jits, donating the state where it can)."""
     model, optimizer, schedule = setup.model, setup.optimizer(), setup.schedule()
 
+    def stats(params, batch, **kwargs):
+        """Weighted loss sums; with `setup.targeted`, logits only at the weighted positions
+        (the same sums: every weighted position of a row is among its top `targeted`)."""
+        targets, weights, at = batch["targets"], batch["weights"], None
+        if setup.targeted:
+            at = jnp.argsort(weights, axis=1, descending=True)[:, : setup.targeted]
+            targets, weights = (jnp.take_along_axis(x, at, axis=1) for x in (targets, weights))
+        inputs, segment_ids = batch["inputs"], batch.get("segment_ids")
+        logits = model.apply({"params": params}, inputs, segment_ids, logits_at=at, **kwargs)
+        return weighted_token_stats(logits, targets, weights)
+
     def loss_fn(params, batch, rng):
-        logits = model.apply(
-            {"params": params},
-            batch["inputs"],
-            batch.get("segment_ids"),
-            deterministic=False,
-            rngs={"dropout": rng},
-        )
-        loss_sum, correct, weight = weighted_token_stats(logits, batch["targets"], batch["weights"])
+        loss_sum, correct, weight = stats(params, batch, deterministic=False, rngs={"dropout": rng})
         return loss_sum / jnp.maximum(weight, 1.0), correct / jnp.maximum(weight, 1.0)
 
     def train_step(state, batch):
@@ -174,10 +185,9 @@ def make_steps(setup: Setup):
         return new, metrics
 
     def eval_step(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"], batch.get("segment_ids"))
-        return weighted_token_stats(logits, batch["targets"], batch["weights"])
+        return stats(params, batch)
 
-    return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+    return train_step, eval_step
 
 
 def evaluate(setup: Setup, eval_step, params) -> dict[str, float]:
@@ -301,6 +311,7 @@ def train(
         file=out,
     )
     train_step, eval_step = make_steps(setup_)
+    train_step, eval_step = jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
     metrics = Metrics(workdir)
     metrics.write(start, {"model/params": params})
     stop: list[int] = []
@@ -347,18 +358,28 @@ def train(
     return last_eval
 
 
+def define_flags() -> None:
+    """The command line's flags (defined only when this module runs as the program, so that
+    the sweep can import the training functions)."""
+    config_flags.DEFINE_config_file("config", None, "training config (configs/*.py)")
+    flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, config")
+    flags.DEFINE_integer(
+        "stop_after", 0, "save and stop after this many steps of this invocation (0: to the end)"
+    )
+
+
 def main(argv: list[str]) -> None:
-    logging.set_verbosity(logging.WARNING)  # libraries' info logs (orbax, backends) stay quiet
+    logging.set_verbosity(logging.ERROR)  # libraries' info and warnings (orbax, TFDS) stay quiet
     if len(argv) > 1:
         print(f"invalid config: unexpected arguments {argv[1:]}", file=sys.stderr)
         sys.exit(2)
-    config, workdir = _CONFIG.value, _WORKDIR.value
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if config is None or workdir is None:
         message = "--config=configs/<name>.py and --workdir are required"
         print(f"invalid config: {message}", file=sys.stderr)
         sys.exit(2)
     try:
-        train(config, Path(workdir), stop_after=_STOP_AFTER.value)
+        train(config, Path(workdir), stop_after=flags.FLAGS.stop_after)
     except ConfigError as e:
         print(f"invalid config: {e}", file=sys.stderr)
         sys.exit(2)
@@ -368,4 +389,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=parse_flags)

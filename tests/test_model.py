@@ -90,6 +90,17 @@ def test_layer_norm_and_attention_only_blocks_change_the_parameters():
     assert count(rms) - count(attention_only) == 2 * (3 * width * mlp + width)
 
 
+def test_logits_at_chosen_positions_equal_the_full_logits():
+    cfg = ModelConfig(**TINY)
+    tokens, params = init(cfg)
+    full = TransformerLM(cfg).apply({"params": params}, tokens)
+    at = jnp.array([[3, 0, 39], [7, 7, 12]])
+    some = TransformerLM(cfg).apply({"params": params}, tokens, logits_at=at)
+    assert some.shape == (2, 3, 61)
+    chosen = jnp.take_along_axis(full, at[..., None], axis=1)
+    np.testing.assert_allclose(some, chosen, rtol=1e-5, atol=1e-5)
+
+
 def test_segment_positions_restart_per_sequence():
     seg = jnp.array([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
     np.testing.assert_array_equal(segment_positions(seg, 9), [[0, 1, 2, 0, 1, 0, 1, 2, 3]])

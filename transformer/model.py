@@ -119,7 +119,9 @@ class TransformerLM(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, segment_ids=None, deterministic: bool = True):
+    def __call__(self, tokens, segment_ids=None, deterministic: bool = True, logits_at=None):
+        """Logits [B, T, vocab]; with `logits_at` (int [B, K] positions) only at those
+        positions, [B, K, vocab] (the output layer is then K/T of its cost)."""
         cfg = self.config
         B, T = tokens.shape
         if T > cfg.max_len and cfg.positions == "learned":
@@ -142,6 +144,8 @@ class TransformerLM(nn.Module):
         block = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
         for i in range(cfg.num_layers):
             x = block(cfg, name=f"block_{i}")(x, positions, segment_ids, deterministic)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # [B, K, D]
         x = make_norm(cfg, "final_norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)

@@ -19,7 +19,16 @@ from experiments.datasets.mqar import Mqar, MqarConfig
 from experiments.datasets.pystdlib import Pystdlib, PyStdlibConfig
 
 __all__ = ["ListOpsConfig", "Listops", "Mqar", "MqarConfig", "PyStdlibConfig", "Pystdlib"]
-__all__ += ["prepare"]
+__all__ += ["builder_class", "prepare"]
+
+
+def builder_class(name: str) -> type[tfds.core.DatasetBuilder]:
+    """The registered builder class of `name` ("mqar"); ValueError naming the known ones."""
+    try:
+        return tfds.builder_cls(name)
+    except tfds.core.registered.DatasetNotFoundError:
+        known = "listops, mqar, pystdlib"
+        raise ValueError(f"unknown dataset {name!r}; the project's: {known}") from None
 
 
 def prepare(

@@ -1,0 +1,58 @@
+"""MQAR ablation: every variant x context length x number of key-value pairs, each cell a fresh
+training run; accuracy beside the step time and memory of the same cell.
+
+    python -m experiments.sweep --config=configs/ablation_mqar.py \
+        [--config.variants=dense,linear] [--config.lengths=64,128] [--config.num_pairs=4,16] \
+        [--config.train.num_steps=800] [--config.model.num_layers=2]
+
+An edit of configs/context_sweep.py with the `train_eval` cell kind (experiments/quality.py):
+Zoology's MQAR model (2 attention-only layers, width 64 = 2 heads x 32, RoPE) on MQAR rows of
+length L with N pairs (V=8192), trained from the same seed for `train.num_steps` AdamW steps at
+batch 64 and evaluated on 500 held-out rows. Pairs that do not fit a length (4N > L) are left
+out. To finish within 30 minutes on a 2-core CPU the grid is small (L = 64, 128; N = 4, 8, 16)
+and training short (600 steps on 12800 rows): far below Zoology's budget, so the absolute
+accuracies are lower; the comparison between variants at equal budget is the point.
+"""
+
+import ml_collections
+
+from configs import context_sweep
+
+
+def get_config():
+    c = context_sweep.get_config()
+    c.kind = "train_eval"  # each cell: time one training step, then train and evaluate
+    c.modes = "train_eval"  # the only mode of this kind
+    c.baselines = "dense"  # the vanilla Transformer first
+    c.lengths = "64,128"  # MQAR row lengths L
+    c.num_pairs = "4,8,16"  # key-value pairs N per row (cells with 4N > L are left out)
+    c.batch = 64  # rows per training step
+    c.heads = 2  # N heads (width 64)
+    c.kv_heads = 2  # K
+    c.head_dim = 32  # H
+    c.options.sliding_window.window = 16  # a window shorter than the rows (16 of 64-128)
+    c.options.sliding_window.block_q = 16  # tiles that fit the short rows
+    c.options.sliding_window.block_k = 16
+    c.options.fixed.block = 16  # fixed: 16-token blocks, 4 summary tokens
+    c.options.fixed.summary = 4
+    c.options.bigbird.block = 8  # bigbird: 8-token blocks
+    c.model = ml_collections.ConfigDict()  # the rest of transformer.ModelConfig
+    c.model.num_layers = 2  # attention-only blocks, as Zoology's MQAR model
+    c.model.mlp_dim = 0  # no MLP
+    c.model.positions = "rope"  # rope | learned | sinusoidal | none
+    c.model.param_dtype = "float32"  # parameters and optimizer state
+    c.data = ml_collections.ConfigDict()  # the dataset of every cell (length and N per cell)
+    c.data.dataset = "mqar"  # the TFDS builder
+    c.data.vocab = 512  # V > L (Zoology: 8192; 512 keeps the logits affordable on a CPU)
+    c.data.num_train = 12800  # training rows (200 batches)
+    c.data.num_test = 500  # held-out rows
+    c.data.seed = 0  # dataset seed
+    c.train = ml_collections.ConfigDict()  # the training of every cell
+    c.train.num_steps = 600  # AdamW steps
+    c.train.learning_rate = 3e-3  # peak learning rate
+    c.train.warmup_steps = 50  # linear warmup, then cosine decay
+    c.train.data_dir = ""  # where datasets are built ("": TFDS_DATA_DIR or TFDS's default)
+    c.cell_budget_s = 1.0  # seconds of timed training steps per cell
+    c.max_call_s = 10.0  # a step slower than this is not trained
+    c.time_budget_s = 1800.0  # whole-grid budget (s)
+    return c
