@@ -1,9 +1,10 @@
 """What one sweep cell measures: a cell kind builds a function and its inputs; the runner in
 `experiments/sweep.py` compiles, predicts memory and times it, whatever the kind.
 
-Kinds: `kernel` (one attention call, modes `fwd` and `fwd_bwd`) and `train_step` (the
-TransformerLM training step: forward, cross-entropy, backward, optax AdamW update). A new kind is
-one builder function added to `KINDS`.
+Kinds: `kernel` (one attention call, modes `fwd` and `fwd_bwd`), `train_step` (the
+TransformerLM training step: forward, cross-entropy, backward, optax AdamW update) and
+`train_eval` (experiments/quality.py: a training step timed, then a whole training run and an
+evaluation for the row's accuracy). A new kind is one builder function added to `KINDS`.
 """
 
 from __future__ import annotations
