@@ -323,9 +323,10 @@ def quality_section(rows: Sequence[Row], workdir: Path) -> list[str]:
     md += [table(rows, "train_eval", "accuracy"), "", "Quality beside cost, per cell:", ""]
     head = ["variant", "T", "task", "accuracy", "loss", "step ms", "compiled MiB", "train s"]
     md += ["| " + " | ".join([*head, "params"]) + " |", "|---" * (len(head) + 1) + "|"]
-    for r in sorted(rows, key=lambda r: (r["seq_len"], _task(r), r["variant"])):
+    order = lambda r: (r["seq_len"], sorted((r.get("task") or {}).items()), r["variant"])  # noqa: E731
+    for r in sorted(rows, key=order):
         if r["status"] != "ok":
-            md.append(f"| {r['variant']} | {r['seq_len']} | {_task(r)} | {r['status']} |")
+            md.append(f"| {r['variant']} | {r['seq_len']} | {_task(r).strip()} | {r['status']} |")
             continue
         memory = (r.get("memory_bytes") or 0) / 2**20
         cells = [r["variant"] + r.get("_suffix", ""), r["seq_len"], _task(r).strip()]
