@@ -47,6 +47,7 @@ class Cell:
     segments: int = 1
     model: Mapping[str, Any] | None = None
     task: Mapping[str, Any] | None = None  # train_eval: the dataset fields that vary by cell
+    training: Mapping[str, Any] | None = None  # train_eval: the config's data.* and train.*
 
     def fields(self) -> dict[str, Any]:
         """The cell's identifying fields as they appear in a result row."""
@@ -67,6 +68,8 @@ class Cell:
             out["model"] = dict(self.model)
         if self.task is not None:
             out["task"] = dict(self.task)
+        if self.training is not None:
+            out["training"] = {k: dict(v) for k, v in self.training.items()}
         return out
 
     def key(self) -> str:
@@ -76,7 +79,7 @@ class Cell:
 # What a workdir's rows must share to be read as one experiment; lengths, variants and modes
 # (the axes of the tables) may differ. `device` is added by the runner.
 SETTING_FIELDS = ("batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "segments")
-SETTING_FIELDS += ("model", "device")
+SETTING_FIELDS += ("model", "training", "device")
 KEY_FIELDS = ("variant", "options", "seq_len", "mode", "task", *SETTING_FIELDS[:-1])
 
 
@@ -422,7 +425,7 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
     segments = int_field(config, "segments")
     if segments > lengths[0]:
         raise ConfigError("segments", f"{segments} documents do not fit in T={lengths[0]}")
-    model, tasks = None, [None]
+    model, tasks, training = None, [None], None
     if kind in ("train_step", "train_eval"):
         model = _model(config)
         if not causal:
@@ -431,9 +434,10 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
         float_field(config, "learning_rate")
     if kind == "train_eval":
         tasks = _tasks(config)
+        training = {"data": config.data.to_dict(), "train": config.train.to_dict()}
     shape = (batch, heads, kv_heads, head_dim, dtype)
     return [
-        Cell(kind, v, options[v], T, *shape, mode, causal, segments, model, task)
+        Cell(kind, v, options[v], T, *shape, mode, causal, segments, model, task, training)
         for T in lengths
         for v in variants
         for task in tasks

@@ -62,8 +62,11 @@ def build_train_eval(cell: cells.Cell, config: Any) -> cells.Built:
     train_step, eval_step = train.make_steps(setup)
     batches = pipeline.train_batches(setup.train_source, batch_size=cell.batch, seed=c.seed)
     params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    flops = cells.train_step_flops(cell, state["params"], setup.model_config.num_layers,
-                                   setup.model_config.tie_embeddings)  # fmt: skip
+    cfg = setup.model_config
+    flops = cells.train_step_flops(cell, state["params"], cfg.num_layers, cfg.tie_embeddings)
+    if setup.targeted:  # the output layer runs at the weighted positions only
+        skipped = cell.batch * (cell.seq_len - setup.targeted)
+        flops -= 6.0 * cfg.vocab_size * cfg.width * skipped
 
     def quality() -> dict[str, Any]:
         start = time.perf_counter()

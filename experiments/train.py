@@ -17,9 +17,10 @@ global-norm clipping, a jitted step with the state donated. The workdir receives
 
 A rerun of the same command resumes from the newest readable checkpoint, with the data position
 and the rng, so a stopped and resumed run ends with the parameters of an uninterrupted one
-(rows logged after the last checkpoint are logged again). An unreadable newest checkpoint is
-moved to `corrupt/` with a warning and the one before it is used. SIGTERM or Ctrl-C saves a
-checkpoint, then exits (143 or 130). A workdir trained with another model config is refused,
+(rows logged after the last checkpoint are logged again; a changed num_steps or learning rate
+resumes with the new schedule). An unreadable newest checkpoint is moved to `corrupt/` with a
+warning and the one before it is used. SIGTERM or Ctrl-C saves a checkpoint, then exits (143 or
+130). A workdir trained with another model or data stream (model.*, RESUME_FIELDS) is refused,
 naming the fields. Exit 2 for an invalid config.
 """
 
@@ -133,11 +134,7 @@ def setup(config: Any, dataset_config: Any = None) -> Setup:
         raise ConfigError("model", str(e)) from None
     targeted = None
     if not text:  # MQAR's N queries, ListOps' one answer: the logits are needed only there
-        most = max(
-            np.count_nonzero(source[i]["weights"])
-            for source in (train_source, eval_source)
-            for i in range(len(source))
-        )
+        most = builder.builder_config.max_targets()
         targeted = most if 2 * most <= row else None
     text_len = seq_len if text else None
     return Setup(config, model_config, train_source, eval_source, text_len, text, targeted)
@@ -232,22 +229,26 @@ class Metrics:
         self.writer.close()
 
 
-def check_workdir(workdir: Path, model_config: ModelConfig) -> None:
-    """Refuses a workdir whose checkpoints belong to another model config."""
+# Fields a checkpoint depends on beyond the model: the optimizer state's structure and the data
+# stream. Others (num_steps, learning_rate, eval_every, ...) may change on resume.
+RESUME_FIELDS = ("dataset", "data_dir", "seq_len", "batch_size", "seed", "grad_clip")
+
+
+def check_workdir(workdir: Path, resolved: dict[str, Any]) -> None:
+    """Refuses a workdir whose checkpoints belong to another model or data stream, naming the
+    fields (model.* and RESUME_FIELDS)."""
     path = workdir / "config.json"
     if not path.exists() or not any((workdir / "checkpoints").glob("[0-9]*")):
         return
-    saved = json.loads(path.read_text())["model"]
-    current = json.loads(json.dumps(dataclasses.asdict(model_config)))
-    fields = sorted(set(saved) | set(current))
-    differ = [
-        f"{k}: {saved.get(k)!r} there, {current.get(k)!r} here"
-        for k in fields
-        if saved.get(k) != current.get(k)
-    ]
+    saved = json.loads(path.read_text())
+    now = json.loads(json.dumps(resolved, default=str))
+    pairs = [(f, saved.get(f), now.get(f)) for f in RESUME_FIELDS]
+    model = sorted(set(saved["model"]) | set(now["model"]))
+    pairs += [(f"model.{k}", saved["model"].get(k), now["model"].get(k)) for k in model]
+    differ = [f"{k}: {a!r} there, {b!r} here" for k, a, b in pairs if a != b]
     if differ:
         raise WorkdirMismatch(
-            f"{workdir} holds checkpoints of another model config ({'; '.join(differ)}); "
+            f"{workdir} holds checkpoints of another run ({'; '.join(differ)}); "
             "use another --workdir. Nothing was changed."
         )
 
@@ -288,13 +289,12 @@ def train(
     """Trains (or resumes) into `workdir`; returns the last evaluation's metrics (empty when
     no step ran). Raises ConfigError or WorkdirMismatch before anything is written."""
     setup_ = setup(config)
-    check_workdir(workdir, setup_.model_config)
-    workdir.mkdir(parents=True, exist_ok=True)
     c = config
     state = init_state(setup_)
     params = sum(x.size for x in jax.tree.leaves(state["params"]))
     resolved = {**c.to_dict(), "model": dataclasses.asdict(setup_.model_config), "params": params}
-    (workdir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
+    check_workdir(workdir, resolved)
+    workdir.mkdir(parents=True, exist_ok=True)
     data = pipeline.train_batches(
         setup_.train_source, batch_size=c.batch_size, seed=c.seed, seq_len=setup_.seq_len
     )
@@ -303,6 +303,7 @@ def train(
         (workdir / "checkpoints").resolve(), options=options, item_names=("state", "data")
     )
     restored = restore(manager, jax.eval_shape(lambda: state), data, out)
+    (workdir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
     start = 0 if restored is None else int(restored["step"])
     state = state if restored is None else restored
     print(

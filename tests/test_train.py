@@ -103,9 +103,30 @@ def test_a_workdir_of_another_model_is_refused(data_dir, tmp_path):
     before = (tmp_path / "config.json").read_text()
     config = tiny(data_dir, num_steps=4, warmup_steps=1)
     config.model.num_layers = 2
-    with pytest.raises(train.WorkdirMismatch, match="num_layers: 1 there, 2 here"):
+    with pytest.raises(train.WorkdirMismatch, match="model.num_layers: 1 there, 2 here"):
         run(config, tmp_path)
+    # Another data stream or optimizer-state structure cannot resume these checkpoints either.
+    for change, needle in [({"batch_size": 16}, "batch_size: 8 there, 16 here"),
+                           ({"grad_clip": 0.0}, "grad_clip: 1.0 there, 0.0 here")]:  # fmt: skip
+        with pytest.raises(train.WorkdirMismatch, match=needle):
+            run(tiny(data_dir, num_steps=4, warmup_steps=1, **change), tmp_path)
     assert (tmp_path / "config.json").read_text() == before
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]
+
+
+def test_logits_at_the_weighted_positions_give_the_same_sums(data_dir):
+    import dataclasses
+
+    from experiments.datasets import pipeline
+
+    setup = train.setup(tiny(data_dir))
+    assert setup.targeted == 4  # mqar/small: N = 4 queries per row of 64
+    params = train.init_state(setup)["params"]
+    batch = next(pipeline.train_batches(setup.train_source, batch_size=8, seed=0))
+    _, targeted = train.make_steps(setup)
+    _, full = train.make_steps(dataclasses.replace(setup, targeted=None))
+    for a, b in zip(targeted(params, batch), full(params, batch), strict=True):
+        assert float(a) == pytest.approx(float(b), rel=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,10 @@ class TaskConfig(tfds.core.BuilderConfig):
     def vocab_size(self) -> int:
         raise NotImplementedError
 
+    def max_targets(self) -> int:
+        """The most weighted positions in a row (the trainer computes logits only there)."""
+        raise NotImplementedError
+
 
 class TaskBuilder(tfds.core.GeneratorBasedBuilder):
     """A TFDS builder of fixed-length task rows; a subclass defines `example(config, rng)`."""

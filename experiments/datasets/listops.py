@@ -5,9 +5,12 @@ A row is a nested list expression over the digits 0-9 with the operators MIN, MA
 `[MAX` opens an operator, `]` closes it, a digit is a token. Trees are drawn as LRA's generator
 draws them: from depth 1, a node is a leaf digit with probability 0.75 (always at
 `max_depth`), else an operator over 2-`max_args` random subtrees; trees whose token count is
-outside [min_len, max_len] are drawn again. The answer is the expression's value: classifying
-it is next-token prediction at the last token of the expression (`targets` holds the answer
-digit there, `weights` is 1 there only); rows are padded with 0 to `seq_len`.
+outside [min_len, max_len] are drawn again. Differences from LRA's files: `max_args` is 9 here
+(LRA's generator: 10), the length bounds are inclusive (LRA: strict), and examples are not
+de-duplicated across splits (LRA: a set), so a short expression can occur in both. The answer
+is the expression's value: classifying it is next-token prediction at the last token of the
+expression (`targets` holds the answer digit there, `weights` is 1 there only); rows are
+padded with 0 to `seq_len`.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class ListOpsConfig(TaskConfig):
 
     def vocab_size(self) -> int:
         return len(TOKENS)
+
+    def max_targets(self) -> int:
+        return 1  # the answer
 
 
 def draw_tree(rng: np.random.Generator, depth: int, max_depth: int, max_args: int) -> Any:

@@ -6,8 +6,9 @@ at position 2N + 2 g_i, where the gaps g_i are distinct and drawn from {0, ..., 
 with probability proportional to (g + 1)^(a - 1), a = 0.01 (most queries come soon after the
 pairs, a few far away). Every other position holds 0. At a query the model must predict the
 value that followed that key: `targets` holds it there and `weights` is 1 at the N queries only.
-This follows Zoology's generator (`zoology/data/multiquery_ar.py`) without its option of
-random filler tokens.
+This follows Zoology's generator (`zoology/data/multiquery_ar.py`) with zero filler: Zoology
+fills the other positions with random tokens by default (`random_non_queries`), which makes
+the queries harder to spot; here they are the only non-zero tokens after the pairs.
 
     import experiments.datasets  # registers the builders
     tfds.builder("mqar/small", data_dir=D).download_and_prepare()
@@ -46,6 +47,9 @@ class MqarConfig(TaskConfig):
 
     def vocab_size(self) -> int:
         return self.vocab
+
+    def max_targets(self) -> int:
+        return self.num_pairs  # the queries
 
 
 def mqar_example(config: MqarConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -4,9 +4,10 @@
 Task datasets (mqar, listops) already have fixed-length rows. A text dataset (a `text` feature
 of bytes per document) becomes next-token rows: each document gives inputs = text[:-1],
 targets = text[1:], weights = 1, and grain's concat-then-split packer fills rows of L tokens
-with whole documents and pieces of long ones, adding `segment_ids` (1, 2, ... per document in
-the row, 0 on padding) so that no token attends across documents and positions restart per
-document (the model derives them from the ids). Training iterators are grain
+with the documents in order, cutting each one that crosses a row boundary (its rest opens the
+next row), and adds `segment_ids` (1, 2, ... per document piece in the row, 0 on padding) so
+that no token attends across documents and positions restart per piece (the model derives
+them from the ids). Training rows are then shuffled again in windows. Training iterators are grain
 `DatasetIterator`s: `get_state()` / `set_state()` (or orbax, via `grain.checkpoint`) resume
 them exactly.
 """
@@ -55,12 +56,21 @@ def _rows(dataset: grain.MapDataset, text: bool, seq_len: int | None) -> grain.I
     return packed.map(_packed)
 
 
+SHUFFLE_WINDOW = 256  # packed text rows are shuffled again in windows of this many rows
+
+
 def train_batches(
     source: Sequence[dict[str, Any]], *, batch_size: int, seed: int, seq_len: int | None = None
 ) -> grain.DatasetIterator:
-    """An endless iterator of training batches: shuffled with `seed`, reshuffled each epoch."""
+    """An endless iterator of training batches: shuffled with `seed`, reshuffled each epoch;
+    packed text rows are shuffled again in windows, so that the consecutive rows of one long
+    document do not fill whole batches."""
     dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
     rows = _rows(dataset, is_text(source), seq_len)
+    if is_text(source):
+        rows = grain.experimental.WindowShuffleIterDataset(
+            rows, window_size=SHUFFLE_WINDOW, seed=seed
+        )
     return iter(rows.batch(batch_size, drop_remainder=True))
 
 
