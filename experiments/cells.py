@@ -474,9 +474,9 @@ def _fits(config: Any, seq_len: int, task: dict[str, Any]) -> bool:
     from experiments import datasets
 
     fields = {**config.data.to_dict(), **task, "seq_len": seq_len}
-    builder = datasets.builder_class(fields.pop("dataset"))
+    dataset_config = datasets.config_for(fields.pop("dataset"), **fields)
     try:
-        type(builder.BUILDER_CONFIGS[0])(name="check", **fields).check()
+        dataset_config.check()
     except ValueError:
         return False
     return True

@@ -10,8 +10,6 @@ quality). Every cell starts from the same seed, so variants differ only in the a
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from typing import Any
 
@@ -27,10 +25,7 @@ def dataset_config(cell: cells.Cell, config: Any) -> Any:
     length and task fields; named by their hash so that each setting is built once."""
     fields = {**config.data.to_dict(), **dict(cell.task or {}), "seq_len": cell.seq_len}
     name = fields.pop("dataset")
-    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
-    builder = datasets.builder_class(name)
-    config_class = type(builder.BUILDER_CONFIGS[0])
-    return name, config_class(name=f"sweep_{digest}", **fields)
+    return name, datasets.config_for(name, **fields)
 
 
 def training_config(cell: cells.Cell, config: Any) -> ConfigDict:

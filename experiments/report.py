@@ -339,17 +339,18 @@ def quality_section(rows: Sequence[Row], workdir: Path) -> list[str]:
 
 
 def plot_quality(rows: Sequence[Row], path: Path) -> bool:
+    """Saves `quality_figure(rows)`; False without matplotlib or task fields."""
+    if not any(r.get("task") for r in rows):
+        return False
+    return _save(quality_figure, rows, path)
+
+
+def quality_figure(rows: Sequence[Row]) -> Any:
     """Accuracy vs the first task field (e.g. num_pairs), one panel per length, one line per
-    variant; False without matplotlib or task fields."""
-    axis = next((k for r in rows for k in (r.get("task") or {})), None)
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-    if axis is None:
-        return False
-    matplotlib.use("Agg")
+    variant."""
     import matplotlib.pyplot as plt
+
+    axis = next(k for r in rows for k in (r.get("task") or {}))
 
     lengths = sorted({r["seq_len"] for r in rows})
     variants = _ordered(r["variant"] + r.get("_suffix", "") for r in rows)
@@ -369,9 +370,7 @@ def plot_quality(rows: Sequence[Row], path: Path) -> bool:
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def write_csv(rows: Sequence[Row], path: Path) -> None:
@@ -384,8 +383,13 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
 
 
 def plot(rows: Sequence[Row], path: Path) -> bool:
-    """Saves `figure(rows)` to `path`; False (and no file) when matplotlib is not installed
-    (`pip install scalable-attention[plot]`)."""
+    """Saves `figure(rows)` to `path`; False when matplotlib is not installed."""
+    return _save(figure, rows, path)
+
+
+def _save(make_figure: Any, rows: Sequence[Row], path: Path) -> bool:
+    """Draws `make_figure(rows)` off-screen into `path`; False (and no file) when matplotlib
+    is not installed (`pip install scalable-attention[plot]`)."""
     try:
         import matplotlib
     except ImportError:
@@ -393,7 +397,7 @@ def plot(rows: Sequence[Row], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = figure(rows)
+    fig = make_figure(rows)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

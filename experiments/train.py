@@ -49,7 +49,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import datasets
-from experiments.cells import ConfigError, parse_flags
+from experiments.cells import ConfigError, float_field, int_field, parse_flags
 from experiments.datasets import pipeline
 from transformer import ModelConfig, TransformerLM
 from transformer.model import weighted_token_stats
@@ -69,9 +69,12 @@ class Setup:
     model_config: ModelConfig
     train_source: Any
     eval_source: Any
-    seq_len: int | None  # packed row length of a text dataset, else None
-    text: bool
+    seq_len: int | None  # packed row length of a text dataset, else None (task rows)
     targeted: int | None = None  # most weighted positions in a task row (logits only there)
+
+    @property
+    def text(self) -> bool:
+        return self.seq_len is not None
 
     @property
     def model(self) -> TransformerLM:
@@ -92,17 +95,13 @@ class Setup:
 
 def _check(config: Any) -> None:
     for name in ("num_steps", "batch_size", "eval_every", "log_every", "checkpoint_every", "keep"):
-        value = config[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(name, f"must be an int >= 1, got {value!r}")
+        int_field(config, name)
     for name in ("warmup_steps", "seq_len", "eval_examples", "seed"):
-        if isinstance(config[name], bool) or not isinstance(config[name], int) or config[name] < 0:
-            raise ConfigError(name, f"must be an int >= 0, got {config[name]!r}")
+        int_field(config, name, 0)
     if config.warmup_steps >= config.num_steps:
         raise ConfigError("warmup_steps", f"must be < num_steps={config.num_steps}")
     for name in ("learning_rate", "weight_decay", "grad_clip"):
-        if not isinstance(config[name], int | float) or config[name] < 0:
-            raise ConfigError(name, f"must be a number >= 0, got {config[name]!r}")
+        float_field(config, name, strict=False)
 
 
 def setup(config: Any, dataset_config: Any = None) -> Setup:
@@ -137,7 +136,7 @@ def setup(config: Any, dataset_config: Any = None) -> Setup:
         most = builder.builder_config.max_targets()
         targeted = most if 2 * most <= row else None
     text_len = seq_len if text else None
-    return Setup(config, model_config, train_source, eval_source, text_len, text, targeted)
+    return Setup(config, model_config, train_source, eval_source, text_len, targeted)
 
 
 def init_state(setup: Setup) -> dict[str, Any]:

@@ -162,11 +162,12 @@ class TransformerLM(nn.Module):
 
 def next_token_loss(logits, tokens, segment_ids=None):
     """Mean cross-entropy of predicting tokens[:, t+1] from position t (within a segment)."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
-    if segment_ids is None:
-        return losses.mean()
-    same = (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(losses.dtype)
-    return jnp.sum(losses * same) / jnp.maximum(jnp.sum(same), 1.0)
+    targets = tokens[:, 1:]
+    same = jnp.ones(targets.shape, jnp.float32)
+    if segment_ids is not None:
+        same = (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(jnp.float32)
+    loss_sum, _, weight = weighted_token_stats(logits[:, :-1], targets, same)
+    return loss_sum / jnp.maximum(weight, 1.0)
 
 
 def weighted_token_stats(logits, targets, weights):

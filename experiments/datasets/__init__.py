@@ -12,6 +12,10 @@ pipeline. Importing this package registers the builders with TFDS:
 
 from __future__ import annotations
 
+import hashlib
+import json
+from typing import Any
+
 import tensorflow_datasets as tfds
 
 from experiments.datasets.listops import Listops, ListOpsConfig
@@ -19,7 +23,7 @@ from experiments.datasets.mqar import Mqar, MqarConfig
 from experiments.datasets.pystdlib import Pystdlib, PyStdlibConfig
 
 __all__ = ["ListOpsConfig", "Listops", "Mqar", "MqarConfig", "PyStdlibConfig", "Pystdlib"]
-__all__ += ["builder_class", "prepare"]
+__all__ += ["builder_class", "config_for", "prepare"]
 
 
 def builder_class(name: str) -> type[tfds.core.DatasetBuilder]:
@@ -29,6 +33,14 @@ def builder_class(name: str) -> type[tfds.core.DatasetBuilder]:
     except tfds.core.registered.DatasetNotFoundError:
         known = "listops, mqar, pystdlib"
         raise ValueError(f"unknown dataset {name!r}; the project's: {known}") from None
+
+
+def config_for(name: str, **fields: Any) -> tfds.core.BuilderConfig:
+    """A config of dataset `name` with `fields` (e.g. seq_len, num_pairs), named by their hash
+    so that each setting is built once; `.check()` says whether it can be built."""
+    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    config_class = type(builder_class(name).BUILDER_CONFIGS[0])
+    return config_class(name=f"config_{digest}", **fields)
 
 
 def prepare(
