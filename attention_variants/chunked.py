@@ -57,7 +57,8 @@ class Chunking:
 
 
 class State(NamedTuple):
-    """Recurrent state of one sequence for decoding: the causal form, one token at a time."""
+    """The running sums after some keys: what the causal form carries between chunks, and a
+    decoding cache (`decoding.py`)."""
 
     kv: jax.Array  # [B, K, F, H+1] float32: sum_s w_s phi(k_s) [v_s, 1]^T
     log_scale: jax.Array | None  # [B, K] running max M of the keys' log scales, or None
@@ -158,13 +159,16 @@ def _chunk_step(strict: bool, G: int, m_given: bool, seg_given: bool):
     return step
 
 
-def causal_sums(qf, kf, v1, *, log_scale=None, segment_ids=None, chunk: int, strict=False):
+def causal_sums(
+    qf, kf, v1, *, log_scale=None, segment_ids=None, chunk: int, strict=False, state=None
+):
     """Chunked causal sums: acc_t = sum_{s<=t} w_ts qf_t.kf_s v1_s, per query head.
 
     qf [B, T, N, F]; kf [B, T, K, F]; v1 [B, T, K, H+1] float32. Key s counts for query t iff
     s <= t (s < t when `strict`) and, with segment_ids, both lie in the same segment.
-    Returns acc [B, T, N, H+1] and, with log_scale, M [B, T, N] (w_ts = exp(m_s - M_t));
-    otherwise M is None.
+    `state` (a `State`, no segment_ids): the sums of keys before these, e.g. a decoding cache.
+    Returns acc [B, T, N, H+1]; with log_scale, M [B, T, N] (w_ts = exp(m_s - M_t)), else
+    None; and the `State` after the last key.
     """
     B, T, N, F = qf.shape
     K = kf.shape[2]
@@ -177,12 +181,13 @@ def causal_sums(qf, kf, v1, *, log_scale=None, segment_ids=None, chunk: int, str
     v = _chunks(v1, C).transpose(1, 0, 3, 2, 4)  # [n, B, K, C, H+1]
     m = None if log_scale is None else _chunks(log_scale, C, NEG).transpose(1, 0, 3, 2)
     seg = None if segment_ids is None else _chunks(segment_ids, C, fill=None).transpose(1, 0, 2)
-    S0 = jnp.zeros((B, K, F, v1.shape[-1]), jnp.float32)
-    M0 = None if m is None else jnp.full((B, K), NEG, jnp.float32)
+    if state is None:
+        state = init_state(B, K, F, v1.shape[-1] - 1, stabilised=m is not None)
     prev0 = jnp.zeros((B,), jnp.int32) if seg is None else seg[0, :, 0]
     step = _chunk_step(strict, G, m is not None, seg is not None)
-    _, (acc, Mt) = lax.scan(step, (S0, M0, prev0), (q, k, v, m, seg))
-    return _unchunk(acc, G, T), None if Mt is None else _unchunk(Mt[..., None], G, T)[..., 0]
+    (S, M, _), (acc, Mt) = lax.scan(step, (*state, prev0), (q, k, v, m, seg))
+    Mt = None if Mt is None else _unchunk(Mt[..., None], G, T)[..., 0]
+    return _unchunk(acc, G, T), Mt, State(S, M)
 
 
 def _unchunk(y, G: int, T: int):
@@ -206,9 +211,10 @@ def _segment_sums(qf, kf, v1, *, log_scale, segment_ids, chunk):
     """Non-causal within packed segments: keys s <= t (forward) plus s > t (a reversed pass)."""
     flip = lambda x: None if x is None else jnp.flip(x, axis=1)  # noqa: E731
     kw = dict(segment_ids=segment_ids, chunk=chunk)
-    acc, M = causal_sums(qf, kf, v1, log_scale=log_scale, **kw)
+    acc, M, _ = causal_sums(qf, kf, v1, log_scale=log_scale, **kw)
     kw["segment_ids"] = flip(segment_ids)
-    acc_b, M_b = causal_sums(*map(flip, (qf, kf, v1)), log_scale=flip(log_scale), strict=True, **kw)
+    reversed_qkv = map(flip, (qf, kf, v1))
+    acc_b, M_b, _ = causal_sums(*reversed_qkv, log_scale=flip(log_scale), strict=True, **kw)
     acc_b, M_b = flip(acc_b), flip(M_b)
     if M is None:
         return acc + acc_b
@@ -227,7 +233,7 @@ def linear_attention(qf, kf, v, *, causal, segment_ids=None, log_scale=None, chu
         log_scale = lax.stop_gradient(log_scale.astype(jnp.float32))
     kw = dict(log_scale=log_scale)
     if causal:
-        acc, _ = causal_sums(qf, kf, v1, segment_ids=segment_ids, chunk=chunk, **kw)
+        acc, _, _ = causal_sums(qf, kf, v1, segment_ids=segment_ids, chunk=chunk, **kw)
     elif segment_ids is not None:
         acc = _segment_sums(qf, kf, v1, segment_ids=segment_ids, chunk=chunk, **kw)
     else:
@@ -268,24 +274,6 @@ def init_state(batch: int, kv_heads: int, features: int, head_dim: int, stabilis
     """An empty decoding state (`stabilised`: with the running max that log_scale needs)."""
     kv = jnp.zeros((batch, kv_heads, features, head_dim + 1), jnp.float32)
     return State(kv, jnp.full((batch, kv_heads), NEG, jnp.float32) if stabilised else None)
-
-
-def recurrent_step(state: State, qf, kf, v, log_scale=None):
-    """One causal token: qf [B, N, F], kf [B, K, F], v [B, K, H] -> out [B, N, H] f32, state.
-
-    The token attends to every earlier key and to itself, as in the causal form.
-    """
-    B, N, _ = qf.shape
-    kv, M = state
-    kf = kf.astype(jnp.float32)
-    if log_scale is not None:
-        M_new = jnp.maximum(M, log_scale.astype(jnp.float32))  # [B, K]
-        kv = kv * jnp.exp(M - M_new)[..., None, None]
-        kf = kf * jnp.exp(log_scale - M_new)[..., None]
-        M = M_new
-    kv = kv + _einsum("BKF,BKH->BKFH", kf, with_ones(v))
-    acc = _einsum("BKGF,BKFH->BKGH", qf.reshape(B, kv.shape[1], -1, qf.shape[-1]), kv)
-    return ratio(acc).reshape(B, N, v.shape[-1]), State(kv, M)
 
 
 def chunked_flops(B, T, S, N, H, *, causal=True, features: int, chunk: int, **_) -> float:

@@ -20,8 +20,6 @@ from dataclasses import astuple
 from types import SimpleNamespace
 from typing import Any
 
-import jax.numpy as jnp
-
 from attention_variants import chunked
 from attention_variants.common import (
     check_inputs,
@@ -32,6 +30,7 @@ from attention_variants.common import (
     softmax_flops,
     visible,
 )
+from attention_variants.decoding import linear_state_cache, masked_softmax_cache
 from attention_variants.masks import Mask
 from attention_variants.registry import Implementation
 from attention_variants.tiled import BlockSizes, tiled_attention
@@ -149,20 +148,8 @@ class MaskedSoftmax:
             check=check,
             implementations=table,
             mask=mask,
+            decode=masked_softmax_cache(name, mask),
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class Decoding:
-    """The recurrent form of a linear-state variant: O(1) time and memory per token.
-
-    init_state(batch, kv_heads, head_dim, **options) -> chunked.State (float32, empty);
-    step(state, q [B,N,H], k [B,K,H], v [B,K,H], *, scale=None, **options) -> (out, state):
-    fed a sequence token by token, it gives the causal kernel's output (up to rounding).
-    """
-
-    init_state: Callable[..., chunked.State]
-    step: Callable[..., tuple[Any, chunked.State]]
 
 
 def _not_served(name: str, q, k, call) -> None:
@@ -234,31 +221,8 @@ class LinearState:
             )
             return self.map_flops(B, T, S, N, H, **own) + sums
 
-        def own_options(options):
-            """The feature map's options, validated (TypeError for an unknown one)."""
-            unknown = sorted(set(options) - set(feature_defaults) - {"chunk"})
-            if unknown:
-                raise TypeError(
-                    f"attention variant {name!r}: unknown option(s) {', '.join(unknown)}; "
-                    f"accepted: {', '.join(sorted(feature_defaults)) or 'none'}"
-                )
-            own = {**feature_defaults, **_pick(options, feature_defaults)}
-            self.num_features(8, **own)  # ValueError for a bad value
-            return own
-
-        def init_state(batch: int, kv_heads: int, head_dim: int, **options) -> chunked.State:
-            own = own_options(options)
-            q = jnp.zeros((1, 1, 1, head_dim), jnp.float32)
-            _, _, m = declaration(q, q, scale=None, **own)
-            F = self.num_features(head_dim, **own)
-            return chunked.init_state(batch, kv_heads, F, head_dim, stabilised=m is not None)
-
-        def step(state, q, k, v, *, scale=None, **options):
-            own = own_options(options)
-            qf, kf, m = declaration(q[:, None], k[:, None], scale=scale, **own)
-            m = None if m is None else m[:, 0]
-            out, state = chunked.recurrent_step(state, qf[:, 0], kf[:, 0], v, log_scale=m)
-            return out.astype(q.dtype), state
+        def count(head_dim, options):
+            return self.num_features(head_dim, **_pick(options, feature_defaults))
 
         return dict(
             family="linear_state",
@@ -268,5 +232,5 @@ class LinearState:
             defaults={**feature_defaults, "chunk": self.chunking.chunk},
             check=check,
             implementations={"jax": Implementation(kernel)},
-            decode=Decoding(init_state, step),
+            decode=linear_state_cache(features, count),
         )

@@ -3,7 +3,7 @@
 Katharopoulos et al. 2020, "Transformers are RNNs: Fast Autoregressive Transformers with Linear
 Attention": out_t = sum_s phi(q_t).phi(k_s) v_s / sum_s phi(q_t).phi(k_s), O(T) in time and
 memory. The `LinearState` family derives the chunked causal kernel, the plain reference, and the
-recurrent decoding step (`av.spec("linear").decode`) from the feature map below.
+recurrent decoding state (`av.decoder("linear")`) from the feature map below.
 
 `scale` is accepted for the contract and not used: the feature map is the paper's, on q and k
 as given (elu(x) + 1 is not homogeneous, so a logit scale has no exact counterpart here).

@@ -63,7 +63,7 @@ class Spec:
     check: Callable[..., None] | None  # check(**options) raises ValueError on a bad value
     implementations: Mapping[str, Implementation]  # in "auto"'s order of preference
     mask: Callable[..., Any] | None = None  # masked softmax: mask(causal=..., **options)
-    decode: Any = None  # linear state: the recurrent step (init_state, step), see families
+    decode: Any = None  # the decoding cache (`decoding.Cache`), or None: cannot decode
     long_context: bool = False  # benchmark metadata: O(T) memory, joins the long sweeps
     test_options: tuple[Mapping[str, Any], ...] = ()  # option sets the test suite also runs
 

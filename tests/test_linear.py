@@ -1,7 +1,7 @@
 """Family-specific properties of the linear-attention variants `linear` and `performer`.
 
-The conformance suite covers the contract; here: chunk-size independence, the recurrent
-decoding step, the Performer's convergence to softmax, seeds, long bf16 inputs, bad options.
+The conformance suite covers the contract (and test_decode.py decoding); here: chunk-size
+independence, the Performer's convergence to softmax, seeds, long bf16 inputs, bad options.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from attention_variants.performer import random_features
 
 F32 = dict(rtol=1e-5, atol=1e-5)
 SMALL = {"linear": {}, "performer": {"num_features": 32}}
-DECODES = [n for n in av.names() if av.spec(n).decode is not None]  # every linear-state variant
+DECODES = [n for n in av.names() if av.spec(n).family == "linear_state"]  # every such variant
 
 
 @pytest.mark.parametrize("name", DECODES)
@@ -33,20 +33,6 @@ def test_output_does_not_depend_on_chunk_size(name, causal, segmented):
     ]
     for out in outs[1:]:
         np.testing.assert_allclose(out, outs[0], **F32)
-
-
-@pytest.mark.parametrize("name", DECODES)
-def test_recurrent_step_equals_causal_output(name):
-    B, T, N, K, H = 2, 23, 4, 2, 16
-    q, k, v = random_qkv(22, B=B, T=T, N=N, K=K, H=H)
-    decode = av.spec(name).decode  # derived by the family from the feature map
-    small = SMALL.get(name, {})
-    state = decode.init_state(B, K, H, **small)
-    step = jax.jit(lambda s, q, k, v: decode.step(s, q, k, v, **small))
-    full = av.get(name, chunk=8, **small)(q, k, v)
-    for t in range(T):
-        out, state = step(state, q[:, t], k[:, t], v[:, t])
-        np.testing.assert_allclose(out, full[:, t], **F32, err_msg=f"t={t}")
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -134,8 +120,7 @@ def test_bad_options_raise(name, option, value):
 
 
 def test_decode_options_are_validated():
-    decode = av.spec("performer").decode
     with pytest.raises(TypeError, match="num_featurs"):
-        decode.init_state(1, 1, 8, num_featurs=16)
+        av.decoder("performer", num_featurs=16)
     with pytest.raises(ValueError, match="num_features"):
-        decode.init_state(1, 1, 8, num_features=0)
+        av.decoder("performer", num_features=0)

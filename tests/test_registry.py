@@ -64,7 +64,7 @@ def test_spec_carries_metadata():
     assert spec.flops(1, 1024, 1024, 8, 64, causal=True) == 4 * 8 * 64 * 1024 * 1024 / 2
     assert spec.flops(1, 1024, 1024, 8, 64, causal=False) == 4 * 8 * 64 * 1024 * 1024
     assert not av.spec("dense").long_context and not av.spec("linear").exact
-    assert av.spec("linear").decode is not None and av.spec("blockwise").decode is None
+    assert av.decoder("linear").kind == "recurrent" and av.decoder("blockwise").kind == "kv"
 
 
 def test_auto_picks_per_backend_and_explicit_requests_name_what_is_missing():
@@ -139,9 +139,10 @@ def test_a_declared_feature_map_gets_a_kernel_reference_and_a_decode_step():
         q, k, v = random_qkv(3, B=1, T=20, N=2, K=1)
         out = av.get("toy_relu", chunk=8)(q, k, v)
         np.testing.assert_allclose(out, spec.reference(q, k, v), rtol=1e-5, atol=1e-5)
-        state = spec.decode.init_state(1, 1, 16)
+        decoder = av.decoder("toy_relu", chunk=8)
+        state = decoder.init(1, 20, 1, 16)
         for t in range(20):
-            step, state = spec.decode.step(state, q[:, t], k[:, t], v[:, t])
-            np.testing.assert_allclose(step, out[:, t], rtol=1e-5, atol=1e-5)
+            step, state = decoder.extend(state, q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], t)
+            np.testing.assert_allclose(step[:, 0], out[:, t], rtol=1e-5, atol=1e-5)
     finally:
         registry._REGISTRY.pop("toy_relu", None)

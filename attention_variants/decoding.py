@@ -1,0 +1,177 @@
+"""Decoding caches: what earlier tokens leave behind for the next, derived from the family.
+
+A model that generates feeds its tokens back one at a time (or a prompt in chunks). Each call
+appends t >= 1 tokens at `position` (the number of tokens already seen) and returns their
+attention output; the cache carries what later tokens still need:
+
+* **KV cache** (masked softmax): the keys and values of every position up to `max_len`. The new
+  queries attend through the variant's own kernel with `q_offset=position` and its own mask,
+  so decoding gives that variant's full forward, not dense causal attention's. Cached positions
+  at or after `position + t` hold zeros, which the causal mask hides. O(max_len) memory.
+* **Window cache** (masked softmax whose causal mask reaches a bounded distance back and
+  depends on k - q only, as `sliding_window`): the last `behind` keys, in position order. The
+  new queries attend through the kernel to [cache, new keys] (the slots before position 0 are
+  masked as another document), then the cache keeps the last `behind` of them. O(W) memory,
+  however long the generation.
+* **Recurrent state** (linear state): the running sums of the chunked engine (`chunked.State`),
+  extended by its causal sums from that state. O(1) memory and time per token.
+
+Keys and values are stored per K/V head (GQA: K, not N), in the model's dtype; the recurrent
+sums stay float32. A cache is a pytree of arrays, so it travels through `jit` and `scan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from attention_variants import chunked, registry
+from attention_variants.common import check_inputs
+
+
+class KeyValues(NamedTuple):
+    """Cached keys and values [B, L, K, H]: every position (KV cache) or the last few (window)."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Cache:
+    """A variant's decoding cache. With the variant's options as keywords:
+
+    kind(**options) -> "kv" | "window" | "recurrent".
+    init(batch, max_len, kv_heads, head_dim, dtype, **options) -> an empty cache (pytree).
+    extend(cache, q [B,t,N,H], k [B,t,K,H], v [B,t,K,H], position, *, scale=None, **options)
+      -> (out [B,t,N,H], cache): the t tokens at positions position..position+t-1 attend
+      causally to everything before them and to each other; `position` may be traced.
+    """
+
+    kind: Callable[..., str]
+    init: Callable[..., Any]
+    extend: Callable[..., tuple[jax.Array, Any]]
+
+
+def _check_step(q, k, v) -> None:
+    check_inputs(q, k, v)
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"decoding appends as many keys as queries, got T={q.shape[1]}, "
+                         f"S={k.shape[1]}")  # fmt: skip
+
+
+def masked_softmax_cache(name: str, mask: Callable[..., Any]) -> Cache:
+    """The KV or window cache of a masked-softmax variant (`mask(causal, **options)`)."""
+
+    def behind(options) -> int | None:
+        """How far back the causal mask reaches when that bounds the cache, else None."""
+        m = mask(True, **options)
+        return m.reach[0] if m.shift_invariant else None
+
+    def kind(**options) -> str:
+        return "kv" if behind(options) is None else "window"
+
+    def init(batch, max_len, kv_heads, head_dim, dtype=jnp.float32, **options) -> KeyValues:
+        length = behind(options)
+        length = max_len if length is None else length
+        zeros = jnp.zeros((batch, length, kv_heads, head_dim), dtype)
+        return KeyValues(zeros, zeros)
+
+    def extend(cache: KeyValues, q, k, v, position, *, scale=None, **options):
+        _check_step(q, k, v)
+        kernel = registry.spec(name).fn
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        if kind(**options) == "kv":
+            keys = lax.dynamic_update_slice_in_dim(cache.k, k, position, axis=1)
+            values = lax.dynamic_update_slice_in_dim(cache.v, v, position, axis=1)
+            out = kernel(q, keys, values, causal=True, q_offset=position, scale=scale, **options)
+            return out, KeyValues(keys, values)
+        B, t = q.shape[:2]
+        length = cache.k.shape[1]
+        keys = jnp.concatenate([cache.k, k], axis=1)  # [B, length + t]: positions in order
+        values = jnp.concatenate([cache.v, v], axis=1)
+        # Slot j holds position `position - length + j`; those before 0 are empty: id 0.
+        filled = jnp.arange(length + t) >= length - position
+        kv_ids = jnp.broadcast_to(filled.astype(jnp.int32), (B, length + t))
+        out = kernel(
+            q, keys, values, causal=True, q_offset=length, scale=scale,
+            segment_ids=jnp.ones((B, t), jnp.int32), kv_segment_ids=kv_ids, **options,
+        )  # fmt: skip
+        return out, KeyValues(keys[:, t:], values[:, t:])
+
+    return Cache(kind, init, extend)
+
+
+def linear_state_cache(
+    features: Callable[..., tuple], num_features: Callable[[int, dict], int]
+) -> Cache:
+    """The recurrent state of a linear-state variant: `features(q, k, scale, options)` gives
+    (qf, kf, log_scale); `num_features(head_dim, options)` the feature count F."""
+
+    def kind(**options) -> str:
+        return "recurrent"
+
+    def init(batch, max_len, kv_heads, head_dim, dtype=jnp.float32, **options) -> chunked.State:
+        q = jnp.zeros((1, 1, 1, head_dim), jnp.float32)
+        stabilised = features(q, q, None, options)[2] is not None
+        F = num_features(head_dim, options)
+        return chunked.init_state(batch, kv_heads, F, head_dim, stabilised=stabilised)
+
+    def extend(state: chunked.State, q, k, v, position, *, scale=None, **options):
+        _check_step(q, k, v)
+        qf, kf, m = features(q, k, scale, options)
+        m = None if m is None else lax.stop_gradient(m.astype(jnp.float32))
+        acc, _, state = chunked.causal_sums(
+            qf, kf, chunked.with_ones(v), log_scale=m, chunk=options["chunk"], state=state
+        )
+        return chunked.ratio(acc).astype(q.dtype), state
+
+    return Cache(kind, init, extend)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """A variant's cache with its options bound (`attention_variants.decoder(name, ...)`)."""
+
+    name: str
+    cache: Cache
+    options: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.cache.kind(**self.options)
+
+    @property
+    def bounded(self) -> bool:
+        """Whether the cache holds at most `max_len` tokens (a KV cache)."""
+        return self.kind == "kv"
+
+    def init(self, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype=jnp.float32):
+        return self.cache.init(batch, max_len, kv_heads, head_dim, dtype, **self.options)
+
+    def extend(self, cache, q, k, v, position, *, scale=None):
+        return self.cache.extend(cache, q, k, v, position, scale=scale, **self.options)
+
+
+def decoder(name: str, **options: Any) -> Decoder:
+    """The decoding cache of variant `name` with `options` bound and validated.
+
+    Raises NotImplementedError naming the variant when its family declares no cache.
+    """
+    s = registry.spec(name)
+    if s.decode is None:
+        raise NotImplementedError(
+            f"attention variant {name!r} cannot decode: its family ({s.family}) declares no "
+            f"decoding cache; variants that can: "
+            f"{', '.join(n for n in registry.names() if registry.spec(n).decode is not None)}"
+        )
+    return Decoder(name, s.decode, s.options(**options))
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes held by a cache's arrays."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))

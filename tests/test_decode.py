@@ -1,0 +1,126 @@
+"""Decoding caches, for every registered variant (no per-variant code): token by token and in
+chunks, the new tokens' outputs equal the variant's full causal forward at their positions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_qkv
+
+import attention_variants as av
+from attention_variants import registry
+from attention_variants.families import MaskedSoftmax
+from attention_variants.masks import causal_or_full
+
+CASES = [
+    pytest.param(name, opts, id=f"{name}-{i}")
+    for name in av.names()
+    for i, opts in enumerate(({}, *av.spec(name).test_options))
+]
+SMALL = [
+    pytest.param(name, (av.spec(name).test_options or ({},))[0], id=name) for name in av.names()
+]
+F32 = dict(rtol=1e-5, atol=1e-5)
+
+
+def full_forward(name, opts, q, k, v):
+    """The variant's causal output over the whole sequence, from its reference."""
+    return av.spec(name).bound_reference(**opts)(q, k, v, causal=True)
+
+
+def decode(name, opts, q, k, v, chunks, max_len=None):
+    """Feeds q, k, v through the cache in chunks of the given lengths; the outputs joined."""
+    B, T, N, H = q.shape
+    decoder = av.decoder(name, **opts)
+    cache = decoder.init(B, max_len or T, k.shape[2], H, q.dtype)
+    extend = jax.jit(decoder.extend)
+    outs, start = [], 0
+    for size in chunks:
+        part = slice(start, start + size)
+        out, cache = extend(cache, q[:, part], k[:, part], v[:, part], jnp.int32(start))
+        outs.append(out)
+        start += size
+    assert start == T
+    return jnp.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+def test_token_by_token_equals_the_full_forward(name, opts):
+    q, k, v = random_qkv(1, B=2, T=21, N=4, K=2, H=16)  # GQA
+    out, _ = decode(name, opts, q, k, v, [1] * 21, max_len=24)
+    np.testing.assert_allclose(out, full_forward(name, opts, q, k, v), **F32)
+
+
+@pytest.mark.parametrize("name,opts", SMALL)
+def test_multi_query_token_by_token(name, opts):
+    q, k, v = random_qkv(2, B=1, T=13, N=4, K=1, H=16)  # MQA
+    out, _ = decode(name, opts, q, k, v, [1] * 13)
+    np.testing.assert_allclose(out, full_forward(name, opts, q, k, v), **F32)
+
+
+@pytest.mark.parametrize("name,opts", SMALL)
+@pytest.mark.parametrize("chunks", [[1] * 5 + [7, 7, 6], [7, 7, 7, 4], [25]], ids=str)
+def test_chunked_prefill_equals_the_full_forward(name, opts, chunks):
+    q, k, v = random_qkv(3, B=2, T=25, N=4, K=2, H=16)
+    out, _ = decode(name, opts, q, k, v, chunks)
+    np.testing.assert_allclose(out, full_forward(name, opts, q, k, v), **F32)
+
+
+def test_each_family_gets_its_cache():
+    kinds = {n: av.decoder(n).kind for n in av.names()}
+    assert kinds["dense"] == kinds["blockwise"] == kinds["fixed"] == kinds["bigbird"] == "kv"
+    assert kinds["sliding_window"] == "window" and kinds["linear"] == "recurrent"
+    # A window spanning its pair form too: (left, right) keeps `left` keys when causal.
+    cache = av.decoder("sliding_window", window=(6, 3)).init(1, 100, 2, 8)
+    assert cache.k.shape == (1, 6, 2, 8)
+
+
+def test_window_cache_stays_window_long():
+    W = 5
+    q, k, v = random_qkv(4, B=2, T=3 * W, N=4, K=2, H=16)
+    opts = {"window": W, "block_q": 4, "block_k": 4}
+    out, cache = decode("sliding_window", opts, q, k, v, [1] * (3 * W), max_len=10_000)
+    assert cache.k.shape == cache.v.shape == (2, W - 1, 2, 16)  # the keys the window still sees
+    np.testing.assert_allclose(out, full_forward("sliding_window", opts, q, k, v), **F32)
+
+
+def test_cache_memory_by_kind():
+    B, K, H = 2, 2, 16
+    kv = av.cache_bytes(av.decoder("dense").init(B, 1000, K, H, jnp.bfloat16))
+    assert kv == 2 * B * 1000 * K * H * 2  # keys and values, bfloat16, K heads (not N)
+    window = av.decoder("sliding_window", window=64)
+    assert av.cache_bytes(window.init(B, 100, K, H)) == av.cache_bytes(window.init(B, 10**5, K, H))
+    recurrent = av.cache_bytes(av.decoder("linear").init(B, 10**6, K, H))
+    assert recurrent == B * K * H * (H + 1) * 4  # float32 sums [B, K, F=H, H+1]
+
+
+def test_bfloat16_cache_keeps_its_dtype():
+    q, k, v = random_qkv(5, B=1, T=9, N=2, K=2, H=16, dtype=jnp.bfloat16)
+    out, cache = decode("blockwise", {"block_q": 4, "block_k": 4}, q, k, v, [4, 1, 4])
+    assert cache.k.dtype == jnp.bfloat16 and out.dtype == jnp.bfloat16
+    ref = full_forward("blockwise", {}, *[x.astype(jnp.float32) for x in (q, k, v)])
+    np.testing.assert_allclose(out.astype(jnp.float32), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_a_family_without_a_cache_cannot_decode():
+    class NoCache(MaskedSoftmax):
+        def build(self, name, declaration):
+            return {**super().build(name, declaration), "decode": None}
+
+    try:
+        av.register("toy_no_cache", family=NoCache(tiles=None))(
+            lambda *, causal: causal_or_full(causal)
+        )
+        with pytest.raises(NotImplementedError, match="'toy_no_cache' cannot decode"):
+            av.decoder("toy_no_cache")
+    finally:
+        registry._REGISTRY.pop("toy_no_cache", None)
+
+
+def test_unknown_variant_and_options_are_named():
+    with pytest.raises(ValueError, match="known variants"):
+        av.decoder("nope")
+    with pytest.raises(TypeError, match="windw"):
+        av.decoder("sliding_window", windw=3)
