@@ -142,7 +142,9 @@ def test_a_declared_feature_map_gets_a_kernel_reference_and_a_decode_step():
         decoder = av.decoder("toy_relu", chunk=8)
         state = decoder.init(1, 20, 1, 16)
         for t in range(20):
-            step, state = decoder.extend(state, q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], t)
+            step, state = decoder.extend(
+                state, q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], t
+            )
             np.testing.assert_allclose(step[:, 0], out[:, t], rtol=1e-5, atol=1e-5)
     finally:
         registry._REGISTRY.pop("toy_relu", None)

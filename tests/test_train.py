@@ -198,3 +198,27 @@ def test_shipped_training_configs_are_valid(name):
     assert config_name in {c.name for c in builder.BUILDER_CONFIGS}
     fields = {**config.model.to_dict(), "vocab_size": 256, "max_len": 128}
     ModelConfig(**fields, attention_options=config.options[fields["attention"]].to_dict())
+
+
+def test_sample_generates_from_the_newest_checkpoint(data_dir, tmp_path):
+    from experiments import sample
+
+    text = tiny(data_dir, dataset="pystdlib/small", eval_split="validation", seq_len=32)
+    text.model.attention = "sliding_window"
+    text.options.sliding_window.update(dict(window=8, block_q=8, block_k=8))
+    run(text, tmp_path / "lm")
+    out = io.StringIO()
+    samples = sample.sample(tmp_path / "lm", "def ", max_new_tokens=6, temperature=0.0,
+                            num_samples=2, out=out)  # fmt: skip
+    assert len(samples) == 2 and samples[0] == samples[1] and samples[0].startswith("def ")
+    assert "step 12" in out.getvalue() and "tokens/s" in out.getvalue()
+    task = tiny(data_dir)  # MQAR: token ids in, token ids out
+    run(task, tmp_path / "mqar")
+    (ids,) = sample.sample(tmp_path / "mqar", "3,7,100", max_new_tokens=2, temperature=0.0, out=out)
+    assert ids.startswith("3,7,100,") and len(ids.split(",")) == 5
+    with pytest.raises(ValueError, match=r"in \[0, 128\), got \[3, 700\]"):
+        sample.sample(tmp_path / "mqar", "3,700", max_new_tokens=2, temperature=0.0, out=out)
+    with pytest.raises(ValueError, match="comma-separated token ids"):
+        sample.sample(tmp_path / "mqar", "def", max_new_tokens=2, temperature=0.0, out=out)
+    with pytest.raises(sample.NoModel, match="train one first"):
+        sample.sample(tmp_path / "empty", "def", max_new_tokens=2, temperature=0.0, out=out)

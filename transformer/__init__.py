@@ -2,5 +2,6 @@
 
 from transformer.config import ModelConfig
 from transformer.model import TransformerLM, next_token_loss
+from transformer.sampling import generate, sample_logits
 
-__all__ = ["ModelConfig", "TransformerLM", "next_token_loss"]
+__all__ = ["ModelConfig", "TransformerLM", "generate", "next_token_loss", "sample_logits"]

@@ -4,11 +4,17 @@ Pre-norm blocks (RMSNorm, or LayerNorm), grouped-query attention with RoPE (or l
 sinusoidal or no positions), gated (SwiGLU) MLP (or none: attention-only blocks). The layer
 owns projections and positions; the kernel only sees q [B,T,N,H], k, v [B,S,K,H], so swapping
 `config.attention` changes nothing else (same parameters, same shapes).
+
+Decoding follows flax's convention: `init(rng, zeros [B, max_len], decode=True)["cache"]` is an
+empty cache (the variant's own, `attention_variants.decoding`: KV, window or recurrent), and
+`apply({"params": p, "cache": c}, tokens [B, t], decode=True, mutable=["cache"])` appends t >= 1
+tokens at the cache's position and returns their logits [B, t, V] with the updated cache.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -56,7 +62,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, decode: bool = False, position=None):
         cfg = self.config
         dense = lambda heads, name: nn.DenseGeneral(  # noqa: E731
             (heads, cfg.head_dim),
@@ -70,8 +76,11 @@ class Attention(nn.Module):
         v = dense(cfg.num_kv_heads, "value")(x)  # [B, T, K, H]
         if cfg.positions == "rope":
             q, k = (apply_rope(t, positions, cfg.rope_base) for t in (q, k))
-        kernel = av.get(cfg.attention, **cfg.kernel_options)
-        out = kernel(q, k, v, causal=True, segment_ids=segment_ids)  # [B, T, N, H]
+        if decode:
+            out = self.cached(q, k, v, position)
+        else:
+            kernel = av.get(cfg.attention, **cfg.kernel_options)
+            out = kernel(q, k, v, causal=True, segment_ids=segment_ids)  # [B, T, N, H]
         return nn.DenseGeneral(
             cfg.width,
             axis=(-2, -1),
@@ -80,6 +89,31 @@ class Attention(nn.Module):
             param_dtype=cfg.param_dtype,
             name="out",
         )(out)
+
+    def cached(self, q, k, v, position):
+        """Attention of the new tokens through the cache (created, empty, at init)."""
+        cfg = self.config
+        decoder = av.decoder(cfg.attention, **cfg.kernel_options)
+        B, T = q.shape[:2]
+        if not self.is_initializing() and not self.has_variable("cache", "attention"):
+            raise ValueError(
+                "decode=True needs a cache: make one with "
+                "model.init(rng, zeros [B, max_len], decode=True)['cache'] and pass it with "
+                "mutable=['cache']"
+            )
+        K, H = cfg.num_kv_heads, cfg.head_dim
+        cache = self.variable("cache", "attention", decoder.init, B, T, K, H, cfg.dtype)
+        if self.is_initializing():  # only the cache's shape matters at init
+            return jnp.zeros_like(q)
+        if decoder.bounded and not isinstance(position, jax.core.Tracer):
+            max_len = cache.value.k.shape[1]
+            if int(position) + T > max_len:
+                raise ValueError(
+                    f"the KV cache holds max_len={max_len} tokens: {int(position)} cached plus "
+                    f"{T} new would be {int(position) + T}"
+                )
+        out, cache.value = decoder.extend(cache.value, q, k, v, position)
+        return out
 
 
 class GatedMLP(nn.Module):
@@ -103,11 +137,12 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, deterministic: bool):
+    def __call__(self, x, positions, segment_ids, deterministic: bool, decode=False, position=None):
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
         attention = Attention(cfg, name="attention")
-        x = x + drop(attention(make_norm(cfg, "attention_norm")(x), positions, segment_ids))
+        h = make_norm(cfg, "attention_norm")(x)
+        x = x + drop(attention(h, positions, segment_ids, decode, position))
         if not cfg.mlp_dim:
             return x
         return x + drop(GatedMLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x)))
@@ -119,18 +154,30 @@ class TransformerLM(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, segment_ids=None, deterministic: bool = True, logits_at=None):
+    def __call__(
+        self, tokens, segment_ids=None, deterministic: bool = True, logits_at=None, decode=False
+    ):
         """Logits [B, T, vocab]; with `logits_at` (int [B, K] positions) only at those
-        positions, [B, K, vocab] (the output layer is then K/T of its cost)."""
+        positions, [B, K, vocab] (the output layer is then K/T of its cost). With `decode`,
+        the tokens continue the sequence held in the "cache" collection (module docstring)."""
         cfg = self.config
         B, T = tokens.shape
-        if T > cfg.max_len and cfg.positions == "learned":
-            raise ValueError(f"sequence length T={T} exceeds max_len={cfg.max_len}")
+        position = None
+        if decode:
+            if segment_ids is not None:
+                raise ValueError("decode=True takes one sequence per row: segment_ids must be None")
+            cached = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+            position = cached.value
+        end = T if position is None or isinstance(position, jax.core.Tracer) else position + T
+        if end > cfg.max_len and cfg.positions == "learned":
+            raise ValueError(f"sequence length {end} exceeds max_len={cfg.max_len}")
         embed = nn.Embed(
             cfg.vocab_size, cfg.width, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed"
         )
         x = embed(tokens)  # [B, T, D]
         positions = jnp.broadcast_to(segment_positions(segment_ids, T), (B, T))
+        if decode:
+            positions = positions + position
         if cfg.positions == "learned":
             x = x + nn.Embed(
                 cfg.max_len,
@@ -141,9 +188,13 @@ class TransformerLM(nn.Module):
             )(positions)
         elif cfg.positions == "sinusoidal":
             x = x + sinusoidal(positions, cfg.width).astype(x.dtype)
-        block = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
+        block = nn.remat(Block, static_argnums=(4, 5)) if cfg.remat else Block
         for i in range(cfg.num_layers):
-            x = block(cfg, name=f"block_{i}")(x, positions, segment_ids, deterministic)
+            x = block(cfg, name=f"block_{i}")(
+                x, positions, segment_ids, deterministic, decode, position
+            )
+        if decode and not self.is_initializing():
+            cached.value = position + T
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # [B, K, D]
         x = make_norm(cfg, "final_norm")(x)

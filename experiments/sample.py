@@ -1,0 +1,150 @@
+"""Generate from a trained model: the newest checkpoint of a training workdir.
+
+    python -m experiments.sample --workdir=runs/lm --prompt="def " --max_new_tokens=200 \
+        --temperature=0.8 [--top_k=40] [--top_p=0.95] [--seed=0] [--num_samples=1]
+
+The workdir's config.json rebuilds the model (its attention variant decodes through its own
+cache: KV, window or recurrent); the parameters come from the newest checkpoint. Text models
+(byte-level, e.g. `pystdlib`) take and print text; task models (MQAR, ListOps) take and print
+comma-separated token ids. Prints the samples, then the compile time and tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+
+from experiments import datasets
+from experiments.datasets.base import TaskBuilder
+from transformer import ModelConfig, TransformerLM
+from transformer.sampling import check_request, generate_tokens
+
+
+class NoModel(ValueError):
+    """The workdir holds no trained model."""
+
+
+def load(workdir: Path) -> tuple[dict, TransformerLM, dict, int]:
+    """(saved config, model, params, step) of the newest checkpoint in `workdir`."""
+    path = workdir / "config.json"
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").glob("[0-9]*"))
+    if not path.exists() or not steps:
+        raise NoModel(
+            f"no trained model in {workdir}: train one first, e.g.\n"
+            f"  python -m experiments.train --config=configs/lm.py --workdir={workdir}"
+        )
+    saved = json.loads(path.read_text())
+    model = TransformerLM(ModelConfig(**saved["model"]))
+    with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
+        step = manager.latest_step()
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return saved, model, restored.state["params"], step
+
+
+def is_text(saved: dict) -> bool:
+    """Whether the model was trained on bytes of text (else on task token ids)."""
+    return not issubclass(datasets.builder_class(saved["dataset"].split("/")[0]), TaskBuilder)
+
+
+def encode(prompt: str, text: bool, vocab_size: int) -> np.ndarray:
+    if text:
+        return np.frombuffer(prompt.encode(), np.uint8).astype(np.int32)
+    try:
+        tokens = np.array([int(t) for t in prompt.split(",")], np.int32)
+    except ValueError:
+        raise ValueError(f"this model takes comma-separated token ids, got {prompt!r}") from None
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got {tokens.tolist()}")
+    return tokens
+
+
+def decode(tokens: np.ndarray, text: bool) -> str:
+    if text:
+        return bytes(tokens.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+    return ",".join(str(t) for t in tokens)
+
+
+def sample(
+    workdir: Path,
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    num_samples: int = 1,
+    out: TextIO = sys.stdout,
+) -> list[str]:
+    """Prints and returns `num_samples` continuations of `prompt` (prompt included)."""
+    saved, model, params, step = load(workdir)
+    text = is_text(saved)
+    tokens = encode(prompt, text, model.config.vocab_size)
+    batch = jnp.asarray(np.tile(tokens, (num_samples, 1)))
+    max_len = check_request(model, len(tokens), max_new_tokens)
+    rng = jax.random.key(seed)
+    options = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        prefill_chunk=0, max_len=max_len,
+    )  # fmt: skip
+    start = time.perf_counter()
+    compiled = generate_tokens.lower(model, params, batch, rng, **options).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    result = np.asarray(jax.block_until_ready(compiled(params, batch, rng)))
+    seconds = time.perf_counter() - start
+    samples = [decode(row, text) for row in result]
+    for i, s in enumerate(samples):
+        print(f"--- sample {i} ({model.config.attention}, step {step}) ---\n{s}", file=out)
+    rate = num_samples * max_new_tokens / seconds
+    print(
+        f"--- {num_samples} x {max_new_tokens} tokens in {seconds:.2f} s ({rate:.0f} tokens/s); "
+        f"compiled in {compile_s:.1f} s",
+        file=out,
+    )
+    return samples
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "a training workdir (config.json and checkpoints/)")
+    flags.DEFINE_string("prompt", "", "text, or comma-separated token ids for task models")
+    flags.DEFINE_integer("max_new_tokens", 200, "tokens to generate after the prompt")
+    flags.DEFINE_float("temperature", 0.8, "softmax temperature; 0: greedy")
+    flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0: all)")
+    flags.DEFINE_float("top_p", 1.0, "nucleus: the fewest tokens whose probability reaches p")
+    flags.DEFINE_integer("seed", 0, "sampling seed")
+    flags.DEFINE_integer("num_samples", 1, "continuations generated together (a batch)")
+
+
+def main(argv: list[str]) -> None:
+    logging.set_verbosity(logging.ERROR)
+    f = flags.FLAGS
+    if len(argv) > 1 or f.workdir is None or not f.prompt:
+        print("usage: --workdir=<training workdir> --prompt=<text or ids>", file=sys.stderr)
+        sys.exit(2)
+    try:
+        sample(
+            Path(f.workdir), f.prompt, max_new_tokens=f.max_new_tokens,
+            temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed,
+            num_samples=f.num_samples,
+        )  # fmt: skip
+    except NoModel as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)
+    except ValueError as e:
+        print(f"invalid request: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,125 @@
+"""The model's decode path (flax's cache convention) and `generate`, for every variant that
+decodes: logits fed token by token or in chunks equal the full forward's."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attention_variants as av
+from transformer import ModelConfig, TransformerLM, generate, sample_logits
+
+SMALL = [
+    pytest.param(name, (av.spec(name).test_options or ({},))[0], id=name) for name in av.names()
+]
+F32 = dict(rtol=1e-5, atol=1e-5)
+
+
+def tiny(attention="dense", options=(), **changes):
+    cfg = ModelConfig(
+        vocab_size=37, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=32,
+        max_len=64, attention=attention, attention_options=options, **changes,
+    )  # fmt: skip
+    model = TransformerLM(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (2, 19), 0, 37)
+    params = model.init(jax.random.key(0), tokens)["params"]
+    return model, params, tokens
+
+
+def decode_logits(model, params, tokens, chunks, max_len=None):
+    """Logits of every position, fed through the cache in chunks of the given sizes."""
+    B, T = tokens.shape
+    cache = model.init(jax.random.key(0), jnp.zeros((B, max_len or T), jnp.int32), decode=True)
+    cache = cache["cache"]
+
+    @jax.jit
+    def extend(cache, part):
+        logits, variables = model.apply(
+            {"params": params, "cache": cache}, part, decode=True, mutable=["cache"]
+        )
+        return logits, variables["cache"]
+
+    outs, start = [], 0
+    for size in chunks:
+        logits, cache = extend(cache, tokens[:, start : start + size])
+        outs.append(logits)
+        start += size
+    return jnp.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("name,opts", SMALL)
+def test_token_by_token_logits_equal_the_full_forward(name, opts):
+    model, params, tokens = tiny(name, opts)
+    full = model.apply({"params": params}, tokens)
+    logits, cache = decode_logits(model, params, tokens, [1] * 19, max_len=24)
+    np.testing.assert_allclose(logits, full, **F32)
+    assert int(cache["position"]) == 19
+
+
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "none"])
+def test_chunked_prefill_with_each_kind_of_positions(positions):
+    model, params, tokens = tiny("sliding_window", {"window": 6}, positions=positions)
+    full = model.apply({"params": params}, tokens)
+    for chunks in ([19], [7, 7, 5], [1, 7, 11]):
+        logits, _ = decode_logits(model, params, tokens, chunks)
+        np.testing.assert_allclose(logits, full, **F32, err_msg=str(chunks))
+
+
+@pytest.mark.parametrize("name,opts", [("blockwise", {"block_q": 4, "block_k": 4}), ("linear", {})])
+def test_greedy_generation_equals_an_argmax_loop_over_the_full_forward(name, opts):
+    model, params, tokens = tiny(name, opts)
+    prompt = tokens[:, :5]
+    out = generate(model, params, prompt, 6, jax.random.key(0), temperature=0.0)
+    seq = prompt
+    for _ in range(6):  # the slow way: the whole sequence again for every token
+        logits = model.apply({"params": params}, seq)
+        seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1], -1)[:, None]], axis=1)
+    np.testing.assert_array_equal(out, seq)
+    chunked = generate(model, params, prompt, 6, jax.random.key(0), temperature=0.0,
+                       prefill_chunk=2)  # fmt: skip
+    np.testing.assert_array_equal(chunked, seq)
+
+
+def test_sampling_is_deterministic_for_a_key_and_follows_top_k():
+    model, params, tokens = tiny()
+    prompt = tokens[:, :4]
+    draw = lambda seed, **kw: generate(model, params, prompt, 12, jax.random.key(seed), **kw)  # noqa: E731
+    np.testing.assert_array_equal(draw(3), draw(3))
+    assert not np.array_equal(draw(3), draw(4))
+    np.testing.assert_array_equal(draw(5, top_k=1), draw(0, temperature=0.0))
+    np.testing.assert_array_equal(draw(5, top_p=1e-6), draw(0, temperature=0.0))
+
+
+def test_sample_logits_keeps_only_the_allowed_tokens():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 2000)
+    draws = lambda **kw: np.array([sample_logits(logits, k, **kw)[0] for k in keys[:400]])  # noqa: E731
+    assert set(draws(top_k=2)) == {0, 1}
+    assert set(draws(top_p=0.7)) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 reaches it
+    counts = np.bincount(jax.vmap(lambda k: sample_logits(logits, k)[0])(keys), minlength=4)
+    np.testing.assert_allclose(counts / 2000, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+
+
+def test_requests_beyond_the_kv_cache_are_refused_naming_the_numbers():
+    model, params, tokens = tiny()
+    with pytest.raises(ValueError, match="5 tokens plus max_new_tokens=10 is 15.*max_len=12"):
+        generate(model, params, tokens[:, :5], 10, jax.random.key(0), max_len=12)
+    # A window cache has no such limit: 3x the window, past max_len.
+    model, params, tokens = tiny("sliding_window", {"window": 4}, positions="rope")
+    out = generate(model, params, tokens[:, :5], 10, jax.random.key(0), max_len=12)
+    assert out.shape == (2, 15)
+
+
+def test_model_decode_errors():
+    model, params, tokens = tiny()
+    cache = model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32), decode=True)["cache"]
+    variables = {"params": params, "cache": cache}
+    with pytest.raises(ValueError, match="max_len=8 tokens: 0 cached plus 9 new"):
+        model.apply(variables, tokens[:, :9], decode=True, mutable=["cache"])
+    with pytest.raises(ValueError, match="needs a cache"):
+        model.apply({"params": params}, tokens[:, :3], decode=True, mutable=["cache"])
+    with pytest.raises(ValueError, match="segment_ids must be None"):
+        model.apply(variables, tokens[:, :3], jnp.zeros((2, 3), jnp.int32), decode=True,
+                    mutable=["cache"])  # fmt: skip

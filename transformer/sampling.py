@@ -1,0 +1,121 @@
+"""Autoregressive generation through the model's decoding cache.
+
+    tokens = generate(model, params, prompt [B, P], max_new_tokens, rng, temperature=0.8,
+                      top_k=40, top_p=0.95)                     # -> [B, P + max_new_tokens]
+
+The prompt is prefilled in one call (or in chunks of `prefill_chunk` tokens), then a
+`lax.scan` of single-token steps samples the rest; all of it is one `jit`. Temperature 0 is
+greedy (argmax). A KV cache holds `max_len` tokens (default: prompt plus new tokens) and a
+longer request is refused; a window or recurrent cache has no such limit.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+import attention_variants as av
+from transformer.model import TransformerLM
+
+
+def sample_logits(logits, rng, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """One token per row from logits [B, V]: argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the `top_k` most likely tokens (0: all) and to
+    the smallest set whose probability reaches `top_p` (nucleus sampling, Holtzman et al. 2020)."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k:
+        kth = lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+        cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits).astype(jnp.int32)
+
+
+def check_request(model: TransformerLM, prompt_len: int, max_new_tokens: int, max_len=None):
+    """The cache length to use; ValueError naming the numbers when the request cannot fit."""
+    cfg = model.config
+    if max_new_tokens < 1 or prompt_len < 1:
+        raise ValueError(
+            f"need a prompt of >= 1 token and max_new_tokens >= 1, got {prompt_len} and "
+            f"{max_new_tokens}"
+        )
+    total = prompt_len + max_new_tokens
+    max_len = total if max_len is None else max_len
+    decoder = av.decoder(cfg.attention, **cfg.kernel_options)  # NotImplementedError: no cache
+    if decoder.bounded and total > max_len:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} is {total}, "
+            f"more than the KV cache's max_len={max_len}"
+        )
+    if cfg.positions == "learned" and total > cfg.max_len:
+        raise ValueError(
+            f"prompt plus new tokens is {total}, more than the learned positions' "
+            f"max_len={cfg.max_len}"
+        )
+    return max_len
+
+
+def generate(
+    model: TransformerLM,
+    params,
+    prompt,
+    max_new_tokens: int,
+    rng,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    prefill_chunk: int = 0,
+    max_len: int | None = None,
+):
+    """prompt int [B, P] -> int32 [B, P + max_new_tokens]: the prompt and its continuation."""
+    prompt = jnp.asarray(prompt, jnp.int32)
+    max_len = check_request(model, prompt.shape[1], max_new_tokens, max_len)
+    return generate_tokens(
+        model, params, prompt, rng, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, prefill_chunk=prefill_chunk, max_len=max_len,
+    )  # fmt: skip
+
+
+@functools.partial(
+    jax.jit,
+    static_argnums=0,
+    static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "prefill_chunk", "max_len"),
+)
+def generate_tokens(
+    model, params, prompt, rng, *, max_new_tokens, prefill_chunk, max_len, **sampling
+):
+    """The jitted core of `generate` (every keyword static; `check_request` first)."""
+    B, P = prompt.shape
+    empty = jnp.zeros((B, max_len), jnp.int32)
+    cache = model.init(jax.random.key(0), empty, decode=True)["cache"]
+
+    def extend(cache, tokens):
+        logits, variables = model.apply(
+            {"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"]
+        )
+        return logits[:, -1], variables["cache"]
+
+    size = prefill_chunk or P
+    for start in range(0, P, size):
+        logits, cache = extend(cache, prompt[:, start : start + size])
+    rngs = jax.random.split(rng, max_new_tokens)
+    first = sample_logits(logits, rngs[0], **sampling)
+
+    def step(carry, rng):
+        token, cache = carry
+        logits, cache = extend(cache, token[:, None])
+        following = sample_logits(logits, rng, **sampling)
+        return (following, cache), following
+
+    _, rest = lax.scan(step, (first, cache), rngs[1:])
+    return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)
