@@ -2,9 +2,11 @@
 `experiments/sweep.py` compiles, predicts memory and times it, whatever the kind.
 
 Kinds: `kernel` (one attention call, modes `fwd` and `fwd_bwd`), `train_step` (the
-TransformerLM training step: forward, cross-entropy, backward, optax AdamW update) and
+TransformerLM training step: forward, cross-entropy, backward, optax AdamW update),
 `train_eval` (experiments/quality.py: a training step timed, then a whole training run and an
-evaluation for the row's accuracy). A new kind is one builder function added to `KINDS`.
+evaluation for the row's accuracy) and `decode` (the TransformerLM generating through its
+cache: `prefill` of T tokens, `decode` steps after T tokens). A new kind is one builder
+function added to `KINDS`.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ class Built:
     useful_flops: float | None
     tokens: int
     quality: Callable[[], dict[str, Any]] | None = None  # after timing: trains, evaluates
+    fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # more row fields
 
 
 def document_ids(cell: Cell) -> jax.Array | None:
@@ -187,25 +190,33 @@ TRAIN_STEP_FIELDS = (
 )
 
 
+def cell_model(cell: Cell, max_len: int):
+    """The TransformerLM of a train_step or decode cell: the sweep's shape fields, the cell's
+    variant and the config's model.* section."""
+    from transformer import ModelConfig, TransformerLM
+
+    cfg = ModelConfig(
+        num_heads=cell.heads,
+        num_kv_heads=cell.kv_heads,
+        head_dim=cell.head_dim,
+        max_len=max_len,
+        attention=cell.variant,
+        attention_options=dict(cell.options),
+        dtype=cell.dtype,
+        **dict(cell.model or {}),
+    )
+    return cfg, TransformerLM(cfg)
+
+
 def build_train_step(cell: Cell, config: Any) -> Built:
     """One TransformerLM training step on random tokens (packed as the cell says): forward,
     next-token cross-entropy, backward and an AdamW update. Nothing is donated, so memory
     counts old and new state."""
     import optax
 
-    from transformer import ModelConfig, TransformerLM, next_token_loss
+    from transformer import next_token_loss
 
-    cfg = ModelConfig(
-        num_heads=cell.heads,
-        num_kv_heads=cell.kv_heads,
-        head_dim=cell.head_dim,
-        max_len=cell.seq_len,
-        attention=cell.variant,
-        attention_options=dict(cell.options),
-        dtype=cell.dtype,
-        **dict(cell.model or {}),
-    )
-    model = TransformerLM(cfg)
+    cfg, model = cell_model(cell, cell.seq_len)
     B, T = cell.batch, cell.seq_len
     tokens = jax.random.randint(jax.random.key(config.seed), (B, T), 0, cfg.vocab_size)
     params = jax.jit(model.init)(jax.random.key(config.seed + 1), tokens)["params"]
@@ -230,25 +241,90 @@ def train_step_flops(cell: Cell, params: Any, layers: int, tied: bool) -> float:
     MLP and logits (Kaplan et al. 2020), plus each layer's attention at 3.5 x its forward.
     Matmul weights: params with two or more axes except lookup tables (positions, and the
     input embedding when the output layer is untied)."""
+    attention = attention_flops(cell, causal=True) * (1 + BACKWARD_FLOPS) * layers
+    return 6.0 * matmul_weights(params, tied) * cell.batch * cell.seq_len + attention
+
+
+def matmul_weights(params: Any, tied: bool) -> int:
+    """Parameters used in matmuls: those with two or more axes except lookup tables."""
     lookups = ("position_embed",) if tied else ("position_embed", "embed")
     weights = 0
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         names = [str(getattr(p, "key", p)) for p in path]
         if x.ndim >= 2 and not any(n in lookups for n in names):
             weights += x.size
-    attention = attention_flops(cell, causal=True) * (1 + BACKWARD_FLOPS) * layers
-    return 6.0 * weights * cell.batch * cell.seq_len + attention
+    return weights
+
+
+DECODE_STEPS = 16  # single-token steps per timed decode call (a lax.scan, as in generate)
+
+
+def build_decode(cell: Cell, config: Any) -> Built:
+    """`prefill`: the model reads T random tokens into an empty cache in one call (logits at
+    the last position only). `decode`: DECODE_STEPS greedy single-token steps in one lax.scan
+    (the cache updated in place, as `transformer.generate` does) from position T, so each step
+    attends to T + i cached tokens; the cache's contents do not change the work, so it starts
+    empty at position T rather than after a prefill. Rows carry `cache_bytes` (the cache of
+    the whole model, every layer) and `decode_steps` (time per token = time / steps)."""
+    steps = DECODE_STEPS if cell.mode == "decode" else 0
+    B, T = cell.batch, cell.seq_len
+    cfg, model = cell_model(cell, T + steps)
+    key = jax.random.key(config.seed)
+    tokens = jax.random.randint(key, (B, T), 0, cfg.vocab_size)
+    params = jax.jit(model.init)(key, tokens[:, :1])["params"]
+    empty = jnp.zeros((B, T + steps), jnp.int32)
+    cache = jax.jit(lambda: model.init(key, empty, decode=True)["cache"])()
+
+    def extend(params, cache, tokens, logits_at=None):
+        logits, variables = model.apply(
+            {"params": params, "cache": cache}, tokens, decode=True, logits_at=logits_at,
+            mutable=["cache"],
+        )  # fmt: skip
+        return logits[:, -1], variables["cache"]
+
+    attention = av.spec(cell.variant).flops
+    options = av.spec(cell.variant).options(**cell.options)
+    weights = matmul_weights(params, cfg.tie_embeddings)
+    N, H = cell.heads, cell.head_dim
+    fields = {"cache_bytes": av.cache_bytes(cache), "decode_steps": steps}
+    if cell.mode == "prefill":
+
+        def prefill(params, cache, tokens):
+            return extend(params, cache, tokens, jnp.full((B, 1), T - 1, jnp.int32))[0]
+
+        flops = 2.0 * weights * B * T + cfg.num_layers * attention(B, T, T, N, H, **options)
+        return Built(prefill, (params, cache, tokens), flops, B * T, fields=fields)
+    cache = {**cache, "position": jnp.int32(T)}
+
+    def decode(params, cache, token):
+        def step(carry, _):
+            token, cache = carry
+            logits, cache = extend(params, cache, token[:, None])
+            return (jnp.argmax(logits, -1).astype(jnp.int32), cache), None
+
+        (token, _), _ = jax.lax.scan(step, (token, cache), None, length=steps)
+        return token
+
+    # The last query's visible keys: the variant's count at T + i + 1 less that at T + i.
+    marginal = sum(
+        attention(B, t + 1, t + 1, N, H, **options) - attention(B, t, t, N, H, **options)
+        for t in range(T, T + steps)
+    )
+    flops = 2.0 * weights * B * steps + cfg.num_layers * marginal
+    return Built(decode, (params, cache, tokens[:, -1]), flops, B * steps, fields=fields)
 
 
 KINDS: dict[str, Callable[[Cell, Any], Built]] = {
     "kernel": build_kernel,
     "train_step": build_train_step,
     "train_eval": lambda cell, config: _quality().build_train_eval(cell, config),
+    "decode": build_decode,
 }
 MODES: dict[str, tuple[str, ...]] = {
     "kernel": ("fwd", "fwd_bwd"),
     "train_step": ("train_step",),
     "train_eval": ("train_eval",),
+    "decode": ("prefill", "decode"),
 }
 TASK_AXES = ("num_pairs",)  # train_eval config fields (comma-separated) swept like lengths
 
@@ -426,10 +502,12 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
     if segments > lengths[0]:
         raise ConfigError("segments", f"{segments} documents do not fit in T={lengths[0]}")
     model, tasks, training = None, [None], None
-    if kind in ("train_step", "train_eval"):
+    if kind in ("train_step", "train_eval", "decode"):
         model = _model(config)
         if not causal:
             raise ConfigError("causal", f"the TransformerLM is causal: {kind} needs True")
+    if kind == "decode" and segments != 1:
+        raise ConfigError("segments", "decoding reads one sequence per row: segments must be 1")
     if kind == "train_step":
         float_field(config, "learning_rate")
     if kind == "train_eval":

@@ -293,6 +293,8 @@ def write_report(workdir: str | Path) -> Path:
                 md += [lra_layout(rows, mode, baselines[0]), ""]
     if any(r.get("accuracy") is not None for r in rows):
         md += quality_section(rows, workdir)
+    if any(r["mode"] == "decode" for r in rows):
+        md += decode_section(rows)
     md += [
         "## Scaling",
         "",
@@ -335,6 +337,27 @@ def quality_section(rows: Sequence[Row], workdir: Path) -> list[str]:
         md.append("| " + " | ".join(map(str, cells)) + " |")
     if plot_quality(rows, workdir / "quality.png"):
         md += ["", "![quality](quality.png)"]
+    return [*md, ""]
+
+
+def decode_section(rows: Sequence[Row]) -> list[str]:
+    """Time per generated token and cache memory by the number of cached tokens T, with their
+    fitted exponents (about 1 for a KV cache, 0 for window and recurrent caches)."""
+    rows = [
+        {**r, "ms_per_token": r["time_ms_median"] / r["decode_steps"]}
+        if r.get("time_ms_median") is not None and r.get("decode_steps")
+        else r
+        for r in rows
+        if r["mode"] == "decode"
+    ]
+    md = ["## Decoding", "", "Time per generated token after T cached tokens (ms):", ""]
+    md += [table(rows, "decode", "ms_per_token"), "", "Cache memory (MiB, all layers):", ""]
+    md += [table(rows, "decode", "cache_bytes", 2**20), ""]
+    md += ["| variant | time per token slope | cache slope |", "|---|---|---|"]
+    for label in _ordered(_label(r) for r in rows):
+        t = fit_exponent(_series(rows, label, "decode", "ms_per_token"))
+        m = fit_exponent(_series(rows, label, "decode", "cache_bytes"))
+        md.append(f"| {label} | {t or '-'} | {m or '-'} |")
     return [*md, ""]
 
 

@@ -279,7 +279,7 @@ class Sweep:
             built = KINDS[cell.kind](cell, c)
             compiled, compile_s = bench.compile_timed(built.fn, *built.args)
             memory = bench.compiled_memory(compiled)
-            values = {"compile_s": compile_s, "useful_flops": built.useful_flops}
+            values = {"compile_s": compile_s, "useful_flops": built.useful_flops, **built.fields}
             values["memory_bytes"] = memory.total if memory else None
             free = bench.free_memory_bytes(self.device)
             if memory and free is not None and memory.to_allocate > c.memory_fraction * free:

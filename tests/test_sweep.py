@@ -403,8 +403,49 @@ def test_train_step_cells_time_the_model(tmp_path, no_gemm):
     assert row["useful_flops"] == pytest.approx(6 * weights * 32 + attention)
 
 
+def test_decode_cells_time_tokens_through_each_cache(tmp_path, no_gemm):
+    from configs import decode_sweep
+
+    config = decode_sweep.get_config()
+    config.update(dict(variants="dense,sliding_window,linear", lengths="16,64", heads=2))
+    config.update(dict(kv_heads=1, head_dim=8, cell_budget_s=0.05, min_repeats=2, max_repeats=2))
+    config.options.sliding_window.update(dict(window=8, block_q=8, block_k=8))
+    config.model.update(dict(num_layers=1, mlp_dim=32, vocab_size=64))
+    rows, _ = run(config, tmp_path)
+    assert len(rows) == 12 and all(r["status"] == "ok" for r in rows), rows
+    cache = {(r["variant"], r["seq_len"], r["mode"]): r["cache_bytes"] for r in rows}
+    steps = cells.DECODE_STEPS
+    # Keys and values (float32, K=1 head of 8) for T + steps positions, plus the position.
+    assert cache["dense", 64, "decode"] == 2 * (64 + steps) * 8 * 4 + 4
+    assert cache["dense", 64, "prefill"] == 2 * 64 * 8 * 4 + 4  # prefill: T positions
+    assert cache["sliding_window", 16, "decode"] == cache["sliding_window", 64, "decode"]
+    assert cache["linear", 16, "decode"] == 1 * 8 * 9 * 4 + 4  # [B, K, F=H, H+1] float32 sums
+    decode = [r for r in rows if r["mode"] == "decode"]
+    assert {r["decode_steps"] for r in decode} == {steps} and all(r["tokens_per_s"] for r in decode)
+    text = (tmp_path / "report.md").read_text()
+    assert "Time per generated token after T cached tokens (ms)" in text
+    assert "| sliding_window | " in text.split("## Decoding")[1]
+
+
+def test_decode_cells_need_one_document_per_row():
+    from configs import decode_sweep
+
+    config = decode_sweep.get_config()
+    config.segments = 2
+    with pytest.raises(cells.ConfigError, match="one sequence per row"):
+        cells.plan_cells(config, "float32")
+
+
 @pytest.mark.parametrize(
-    "name", ["context_sweep", "context_sweep_long", "model_sweep", "lra_speed", "tiny_sweep"]
+    "name",
+    [
+        "context_sweep",
+        "context_sweep_long",
+        "model_sweep",
+        "decode_sweep",
+        "lra_speed",
+        "tiny_sweep",
+    ],
 )
 def test_shipped_configs_are_valid(name):
     config = importlib.import_module(f"configs.{name}").get_config()
