@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import attention_variants as av
+
 # The suite compares float32 kernels with float32 references to ~1e-5. On NVIDIA GPUs XLA runs
 # float32 matmuls in TF32 by default (10-bit mantissa, ~3e-4 error at these shapes), which would
 # hide real differences and fail the comparisons; ask for true float32 everywhere (a no-op on CPU).
@@ -29,3 +31,20 @@ def packed_segments(seed: int, B: int, T: int, max_segments: int = 3):
 @pytest.fixture
 def qkv():
     return random_qkv(0)
+
+
+def variant_cases():
+    """pytest params: every registered variant with its default options and with each of its
+    `test_options` (small tiles or chunks, so tiling is exercised at test sizes)."""
+    return [
+        pytest.param(name, opts, id=f"{name}-{i}")
+        for name in av.names()
+        for i, opts in enumerate(({}, *av.spec(name).test_options))
+    ]
+
+
+def small_cases():
+    """pytest params: one small-tile option set per variant, for the costlier checks."""
+    return [
+        pytest.param(name, (av.spec(name).test_options or ({},))[0], id=name) for name in av.names()
+    ]

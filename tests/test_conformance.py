@@ -13,20 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from conftest import packed_segments, random_qkv
+from conftest import packed_segments, random_qkv, small_cases, variant_cases
 
 import attention_variants as av
 from attention_variants.common import run_ids, softmax_attention
 
-CASES = [
-    pytest.param(name, opts, id=f"{name}-{i}")
-    for name in av.names()
-    for i, opts in enumerate(({}, *av.spec(name).test_options))
-]
-# One small-tile case per variant, for the costlier checks.
-SMALL = [
-    pytest.param(name, (av.spec(name).test_options or ({},))[0], id=name) for name in av.names()
-]
+CASES = variant_cases()
+SMALL = small_cases()
 EXACT = [p for p in SMALL if av.spec(p.values[0]).exact]
 NOT_EXACT = [p for p in SMALL if not av.spec(p.values[0]).exact]
 

@@ -7,21 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_qkv
+from conftest import random_qkv, small_cases, variant_cases
 
 import attention_variants as av
 from attention_variants import registry
 from attention_variants.families import MaskedSoftmax
 from attention_variants.masks import causal_or_full
 
-CASES = [
-    pytest.param(name, opts, id=f"{name}-{i}")
-    for name in av.names()
-    for i, opts in enumerate(({}, *av.spec(name).test_options))
-]
-SMALL = [
-    pytest.param(name, (av.spec(name).test_options or ({},))[0], id=name) for name in av.names()
-]
+CASES = variant_cases()
+SMALL = small_cases()
 F32 = dict(rtol=1e-5, atol=1e-5)
 
 

@@ -7,13 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import small_cases
 
-import attention_variants as av
 from transformer import ModelConfig, TransformerLM, generate, sample_logits
 
-SMALL = [
-    pytest.param(name, (av.spec(name).test_options or ({},))[0], id=name) for name in av.names()
-]
+SMALL = small_cases()
 F32 = dict(rtol=1e-5, atol=1e-5)
 
 
