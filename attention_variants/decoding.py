@@ -7,9 +7,15 @@ attention output; the cache carries what later tokens still need:
 * **KV cache** (masked softmax): the keys and values of every position up to `max_len`. The new
   queries attend through the variant's own kernel with `q_offset=position` and its own mask,
   so decoding gives that variant's full forward, not dense causal attention's. Cached positions
-  at or after `position + t` hold zeros, which the causal mask hides. O(max_len) memory.
+  at or after `position + t` hold zeros, which the causal mask hides (a mask that shows later
+  keys cannot decode: NotImplementedError). O(max_len) memory; writing past it raises
+  ValueError when the position is a Python int, and gives NaN outputs when it is traced. The
+  position is traced in the model, so the kernel prunes tiles by the mask's `reach` band only:
+  `fixed` and `bigbird` prefill the causal band's tiles (their sparsity is lost there, not
+  their result).
 * **Window cache** (masked softmax whose causal mask reaches a bounded distance back and
-  depends on k - q only, as `sliding_window`): the last `behind` keys, in position order. The
+  depends on k - q only, as `sliding_window`; a mask that declares `shift_invariant` is also
+  checked to be so on a grid, else it gets a KV cache): the last `behind` keys, in order. The
   new queries attend through the kernel to [cache, new keys] (the slots before position 0 are
   masked as another document), then the cache keeps the last `behind` of them. O(W) memory,
   however long the generation.
@@ -28,6 +34,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from attention_variants import chunked, registry
@@ -64,13 +71,47 @@ def _check_step(q, k, v) -> None:
                          f"S={k.shape[1]}")  # fmt: skip
 
 
+def full_message(max_len: int, position: int, t: int) -> str:
+    return (
+        f"the KV cache holds max_len={max_len} tokens: {position} cached plus {t} new would "
+        f"be {position + t}"
+    )
+
+
+GRID = 48  # positions on which a mask's decoding properties are checked
+
+
+def check_backward(name: str, mask: Any) -> None:
+    """Raises NotImplementedError unless the causal mask hides every later key (a cache of
+    earlier tokens could not serve a query that sees ahead)."""
+    q, k = np.arange(GRID)[:, None], np.arange(GRID)[None, :]
+    ahead = np.asarray(mask.visible(q, k)) & (k > q)
+    if mask.reach[1] not in (0, None) or ahead.any():
+        raise NotImplementedError(
+            f"attention variant {name!r} cannot decode: its causal mask shows later keys "
+            f"(reach {mask.reach}), which a cache of earlier tokens cannot serve"
+        )
+
+
+def shifts_alike(mask: Any, behind: int) -> bool:
+    """Whether the mask's pattern is the same wherever it sits (checked on a grid), as a window
+    cache needs: it sees its keys at other positions than the full row does."""
+    q, k = np.arange(GRID)[:, None], np.arange(GRID)[None, :]
+    base = np.asarray(mask.visible(q, k))
+    return all(
+        np.array_equal(base, np.asarray(mask.visible(q + s, k + s))) for s in (1, 7, behind + 3)
+    )
+
+
 def masked_softmax_cache(name: str, mask: Callable[..., Any]) -> Cache:
     """The KV or window cache of a masked-softmax variant (`mask(causal, **options)`)."""
 
     def behind(options) -> int | None:
         """How far back the causal mask reaches when that bounds the cache, else None."""
         m = mask(True, **options)
-        return m.reach[0] if m.shift_invariant else None
+        check_backward(name, m)
+        reach = m.reach[0]
+        return reach if reach is not None and m.shift_invariant and shifts_alike(m, reach) else None
 
     def kind(**options) -> str:
         return "kv" if behind(options) is None else "window"
@@ -86,9 +127,14 @@ def masked_softmax_cache(name: str, mask: Callable[..., Any]) -> Cache:
         kernel = registry.spec(name).fn
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
         if kind(**options) == "kv":
+            t, length = q.shape[1], cache.k.shape[1]
+            if isinstance(position, (int, np.integer)) and position + t > length:
+                raise ValueError(full_message(length, int(position), t))
             keys = lax.dynamic_update_slice_in_dim(cache.k, k, position, axis=1)
             values = lax.dynamic_update_slice_in_dim(cache.v, v, position, axis=1)
             out = kernel(q, keys, values, causal=True, q_offset=position, scale=scale, **options)
+            # Past max_len the write would land on earlier slots: NaN, never a wrong number.
+            out = jnp.where(position + t > length, jnp.nan, out).astype(out.dtype)
             return out, KeyValues(keys, values)
         B, t = q.shape[:2]
         length = cache.k.shape[1]
@@ -146,8 +192,9 @@ class Decoder:
         return self.cache.kind(**self.options)
 
     @property
-    def bounded(self) -> bool:
-        """Whether the cache holds at most `max_len` tokens (a KV cache)."""
+    def needs_max_len(self) -> bool:
+        """Whether the cache holds at most `max_len` tokens (a KV cache); window and recurrent
+        caches take any number."""
         return self.kind == "kv"
 
     def init(self, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype=jnp.float32):
@@ -160,7 +207,8 @@ class Decoder:
 def decoder(name: str, **options: Any) -> Decoder:
     """The decoding cache of variant `name` with `options` bound and validated.
 
-    Raises NotImplementedError naming the variant when its family declares no cache.
+    Raises NotImplementedError naming the variant when its family declares no cache, or when
+    its causal mask shows later keys.
     """
     s = registry.spec(name)
     if s.decode is None:
@@ -169,7 +217,9 @@ def decoder(name: str, **options: Any) -> Decoder:
             f"decoding cache; variants that can: "
             f"{', '.join(n for n in registry.names() if registry.spec(n).decode is not None)}"
         )
-    return Decoder(name, s.decode, s.options(**options))
+    decoder = Decoder(name, s.decode, s.options(**options))
+    decoder.kind  # noqa: B018  (NotImplementedError now for a mask that shows later keys)
+    return decoder
 
 
 def cache_bytes(cache: Any) -> int:

@@ -161,7 +161,7 @@ def _not_served(name: str, q, k, call) -> None:
     if call["kv_segment_ids"] is not None:
         raise NotImplementedError(f"{name}: kv_segment_ids (segments are self-attention only)")
     if call["causal"] and static != 0:
-        raise NotImplementedError(f"{name}: q_offset (decode with the recurrent step instead)")
+        raise NotImplementedError(f"{name}: q_offset (decode through av.decoder(name) instead)")
     if call["causal"] and T != S:
         raise NotImplementedError(f"{name}: causal with T={T} != S={S}")
 

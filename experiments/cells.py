@@ -292,7 +292,10 @@ def build_decode(cell: Cell, config: Any) -> Built:
         def prefill(params, cache, tokens):
             return extend(params, cache, tokens, jnp.full((B, 1), T - 1, jnp.int32))[0]
 
-        flops = 2.0 * weights * B * T + cfg.num_layers * attention(B, T, T, N, H, **options)
+        # Logits at the last position only: the output layer's V x D weights count once.
+        logits_weights = cfg.vocab_size * cfg.width
+        flops = 2.0 * (weights - logits_weights) * B * T + 2.0 * logits_weights * B
+        flops += cfg.num_layers * attention(B, T, T, N, H, **options)
         return Built(prefill, (params, cache, tokens), flops, B * T, fields=fields)
     cache = {**cache, "position": jnp.int32(T)}
 
@@ -305,7 +308,10 @@ def build_decode(cell: Cell, config: Any) -> Built:
         (token, _), _ = jax.lax.scan(step, (token, cache), None, length=steps)
         return token
 
-    # The last query's visible keys: the variant's count at T + i + 1 less that at T + i.
+    # The last query's visible keys: the variant's count at T + i + 1 less that at T + i (a
+    # linear-state step runs as one chunk of one token).
+    if "chunk" in options:
+        options = {**options, "chunk": 1}
     marginal = sum(
         attention(B, t + 1, t + 1, N, H, **options) - attention(B, t, t, N, H, **options)
         for t in range(T, T + steps)

@@ -90,12 +90,10 @@ def sample(
     text = is_text(saved)
     tokens = encode(prompt, text, model.config.vocab_size)
     batch = jnp.asarray(np.tile(tokens, (num_samples, 1)))
-    max_len = check_request(model, len(tokens), max_new_tokens)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    max_len = check_request(model, len(tokens), max_new_tokens, **sampling)
     rng = jax.random.key(seed)
-    options = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        prefill_chunk=0, max_len=max_len,
-    )  # fmt: skip
+    options = dict(max_new_tokens=max_new_tokens, prefill_chunk=0, max_len=max_len, **sampling)
     start = time.perf_counter()
     compiled = generate_tokens.lower(model, params, batch, rng, **options).compile()
     compile_s = time.perf_counter() - start

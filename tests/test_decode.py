@@ -3,6 +3,8 @@ chunks, the new tokens' outputs equal the variant's full causal forward at their
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ from conftest import random_qkv, small_cases, variant_cases
 import attention_variants as av
 from attention_variants import registry
 from attention_variants.families import MaskedSoftmax
-from attention_variants.masks import causal_or_full
+from attention_variants.masks import Mask, causal_or_full
 
 CASES = variant_cases()
 SMALL = small_cases()
@@ -118,3 +120,59 @@ def test_unknown_variant_and_options_are_named():
         av.decoder("nope")
     with pytest.raises(TypeError, match="windw"):
         av.decoder("sliding_window", windw=3)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkLocal(Mask):
+    """Causal within fixed chunks of `size` positions: depends on where the chunk starts, yet
+    (a user's oversight) keeps the base class's shift_invariant = True."""
+
+    size: int = 4
+
+    @property
+    def reach(self):
+        return self.size - 1, 0
+
+    def visible(self, q_pos, k_pos, doc_len=None):
+        return (q_pos // self.size == k_pos // self.size) & (k_pos <= q_pos)
+
+
+@pytest.fixture
+def registered():
+    """Registers toy variants for one test: register(name, declaration)."""
+    names = []
+
+    def register(name, declaration):
+        names.append(name)
+        av.register(name, family=MaskedSoftmax())(declaration)
+
+    yield register
+    for name in names:
+        registry._REGISTRY.pop(name, None)
+
+
+def test_a_mask_that_only_claims_shift_invariance_gets_a_kv_cache(registered):
+    registered("toy_chunks", lambda *, causal: ChunkLocal() if causal else Mask())
+    assert av.decoder("toy_chunks").kind == "kv"  # a window cache would see other chunks
+    q, k, v = random_qkv(6, B=1, T=11, N=2, K=1, H=8)
+    out, _ = decode("toy_chunks", {}, q, k, v, [1] * 11)
+    np.testing.assert_allclose(out, full_forward("toy_chunks", {}, q, k, v), **F32)
+
+
+def test_a_mask_that_sees_later_keys_cannot_decode(registered):
+    registered("toy_full", lambda *, causal: Mask())  # ignores `causal`
+    with pytest.raises(NotImplementedError, match="'toy_full' cannot decode.*later keys"):
+        av.decoder("toy_full")
+
+
+def test_writing_past_the_kv_cache_raises_or_gives_nan():
+    q, k, v = random_qkv(7, B=1, T=6, N=2, K=1, H=8)
+    decoder = av.decoder("dense")
+    cache = decoder.init(1, 4, 1, 8)
+    with pytest.raises(ValueError, match="max_len=4 tokens: 3 cached plus 2 new would be 5"):
+        decoder.extend(cache, q[:, :2], k[:, :2], v[:, :2], 3)
+    extend = jax.jit(decoder.extend)  # a traced position cannot raise: NaN, not a wrong number
+    out, _ = extend(cache, q[:, :2], k[:, :2], v[:, :2], jnp.int32(3))
+    assert np.isnan(out).all()
+    out, _ = extend(cache, q[:, :2], k[:, :2], v[:, :2], jnp.int32(2))
+    assert np.isfinite(out).all()

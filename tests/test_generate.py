@@ -104,10 +104,23 @@ def test_requests_beyond_the_kv_cache_are_refused_naming_the_numbers():
     model, params, tokens = tiny()
     with pytest.raises(ValueError, match="5 tokens plus max_new_tokens=10 is 15.*max_len=12"):
         generate(model, params, tokens[:, :5], 10, jax.random.key(0), max_len=12)
-    # A window cache has no such limit: 3x the window, past max_len.
+    # A window cache has no such limit: 3x the window, past max_len, still the full forward.
     model, params, tokens = tiny("sliding_window", {"window": 4}, positions="rope")
-    out = generate(model, params, tokens[:, :5], 10, jax.random.key(0), max_len=12)
-    assert out.shape == (2, 15)
+    out = generate(model, params, tokens[:, :5], 10, jax.random.key(0), max_len=12,
+                   temperature=0.0)  # fmt: skip
+    greedy = jnp.argmax(model.apply({"params": params}, out[:, :-1]), -1)
+    np.testing.assert_array_equal(out[:, 5:], greedy[:, 4:])
+
+
+@pytest.mark.parametrize(
+    "option,value,needle",
+    [("temperature", -1.0, "temperature must be >= 0"), ("top_k", 38, "top_k must be in"),
+     ("top_p", 0.0, "top_p must be in")],
+)  # fmt: skip
+def test_sampling_options_out_of_range_are_named(option, value, needle):
+    model, params, tokens = tiny()
+    with pytest.raises(ValueError, match=needle):
+        generate(model, params, tokens[:, :3], 2, jax.random.key(0), **{option: value})
 
 
 def test_model_decode_errors():

@@ -6,7 +6,9 @@
 The prompt is prefilled in one call (or in chunks of `prefill_chunk` tokens), then a
 `lax.scan` of single-token steps samples the rest; all of it is one `jit`. Temperature 0 is
 greedy (argmax). A KV cache holds `max_len` tokens (default: prompt plus new tokens) and a
-longer request is refused; a window or recurrent cache has no such limit.
+longer request is refused; a window or recurrent cache has no such limit. Every row of the
+prompt has the same length (one cache position for the batch). The sampling options are
+static: each new value compiles once.
 """
 
 from __future__ import annotations
@@ -40,18 +42,29 @@ def sample_logits(logits, rng, *, temperature: float = 1.0, top_k: int = 0, top_
     return jax.random.categorical(rng, logits).astype(jnp.int32)
 
 
-def check_request(model: TransformerLM, prompt_len: int, max_new_tokens: int, max_len=None):
-    """The cache length to use; ValueError naming the numbers when the request cannot fit."""
+def check_request(
+    model: TransformerLM, prompt_len: int, max_new_tokens: int, max_len=None, **sampling
+):
+    """The cache length to use; ValueError naming the numbers when the request cannot fit or
+    a sampling option is out of range (temperature >= 0, 0 <= top_k <= vocab, 0 < top_p <= 1)."""
     cfg = model.config
     if max_new_tokens < 1 or prompt_len < 1:
         raise ValueError(
             f"need a prompt of >= 1 token and max_new_tokens >= 1, got {prompt_len} and "
             f"{max_new_tokens}"
         )
+    temperature, top_k = sampling.get("temperature", 1.0), sampling.get("top_k", 0)
+    top_p = sampling.get("top_p", 1.0)
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if not 0 <= top_k <= cfg.vocab_size:
+        raise ValueError(f"top_k must be in [0, vocab_size={cfg.vocab_size}], got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     total = prompt_len + max_new_tokens
     max_len = total if max_len is None else max_len
     decoder = av.decoder(cfg.attention, **cfg.kernel_options)  # NotImplementedError: no cache
-    if decoder.bounded and total > max_len:
+    if decoder.needs_max_len and total > max_len:
         raise ValueError(
             f"prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} is {total}, "
             f"more than the KV cache's max_len={max_len}"
@@ -79,7 +92,8 @@ def generate(
 ):
     """prompt int [B, P] -> int32 [B, P + max_new_tokens]: the prompt and its continuation."""
     prompt = jnp.asarray(prompt, jnp.int32)
-    max_len = check_request(model, prompt.shape[1], max_new_tokens, max_len)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    max_len = check_request(model, prompt.shape[1], max_new_tokens, max_len, **sampling)
     return generate_tokens(
         model, params, prompt, rng, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, prefill_chunk=prefill_chunk, max_len=max_len,
@@ -99,10 +113,12 @@ def generate_tokens(
     empty = jnp.zeros((B, max_len), jnp.int32)
     cache = model.init(jax.random.key(0), empty, decode=True)["cache"]
 
-    def extend(cache, tokens):
+    def extend(cache, tokens):  # the logits of the last token only
+        last = jnp.full((B, 1), tokens.shape[1] - 1, jnp.int32)
         logits, variables = model.apply(
-            {"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"]
-        )
+            {"params": params, "cache": cache}, tokens, decode=True, logits_at=last,
+            mutable=["cache"],
+        )  # fmt: skip
         return logits[:, -1], variables["cache"]
 
     size = prefill_chunk or P
