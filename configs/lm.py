@@ -7,8 +7,8 @@ An edit of configs/train.py: documents (files) are packed into rows of 256 bytes
 ids, so no byte attends across files; evaluation reports loss, perplexity and bits per token
 (= bits per byte here) on the held-out files. The sparse variants' options are sized to the
 256-byte rows (each sees about a quarter of a row in its local pattern), so that swapping
-`model.attention` compares patterns that differ at this length. 1000 steps of 4096 bytes take
-about 12 minutes per variant on a 2-core CPU (see docs/quality.md for the measured table).
+`model.attention` compares patterns that differ at this length. 1000 steps of 4096 bytes took
+9-16 minutes per variant on a 2-core CPU (see docs/quality.md for the measured table).
 """
 
 from configs import train
