@@ -9,7 +9,7 @@ attention output; the cache carries what later tokens still need:
   so decoding gives that variant's full forward, not dense causal attention's. Cached positions
   at or after `position + t` hold zeros, which the causal mask hides (a mask that shows later
   keys cannot decode: NotImplementedError). O(max_len) memory; writing past it raises
-  ValueError when the position is a Python int, and gives NaN outputs when it is traced. The
+  ValueError when the position is concrete, and gives NaN outputs when it is traced. The
   position is traced in the model, so the kernel prunes tiles by the mask's `reach` band only:
   `fixed` and `bigbird` prefill the causal band's tiles (their sparsity is lost there, not
   their result).
@@ -128,7 +128,7 @@ def masked_softmax_cache(name: str, mask: Callable[..., Any]) -> Cache:
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
         if kind(**options) == "kv":
             t, length = q.shape[1], cache.k.shape[1]
-            if isinstance(position, (int, np.integer)) and position + t > length:
+            if not isinstance(position, jax.core.Tracer) and int(position) + t > length:
                 raise ValueError(full_message(length, int(position), t))
             keys = lax.dynamic_update_slice_in_dim(cache.k, k, position, axis=1)
             values = lax.dynamic_update_slice_in_dim(cache.v, v, position, axis=1)

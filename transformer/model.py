@@ -20,7 +20,6 @@ import optax
 
 import attention_variants as av
 from attention_variants.common import run_starts
-from attention_variants.decoding import full_message
 from transformer.config import ModelConfig
 
 
@@ -106,10 +105,6 @@ class Attention(nn.Module):
         cache = self.variable("cache", "attention", decoder.init, B, T, K, H, cfg.dtype)
         if self.is_initializing():  # only the cache's shape matters at init
             return jnp.zeros_like(q)
-        if decoder.needs_max_len and not isinstance(position, jax.core.Tracer):
-            max_len = cache.value.k.shape[1]
-            if int(position) + T > max_len:
-                raise ValueError(full_message(max_len, int(position), T))
         out, cache.value = decoder.extend(cache.value, q, k, v, position)
         return out
 
