@@ -116,7 +116,7 @@ def offset_of(q_offset, B: int):
     return None, jnp.broadcast_to(q_offset.astype(jnp.int32), (B,))
 
 
-def _check_ids(name: str, ids, shape) -> None:
+def check_ids(name: str, ids, shape) -> None:
     if ids.shape != shape or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(f"{name} must be int [B, length] = {shape}, got {ids.dtype} {ids.shape}")
 
@@ -142,13 +142,13 @@ def layout(
         if kv_segment_ids is not None:
             raise ValueError("kv_segment_ids given without segment_ids (the queries' ids)")
         return Layout(q_abs, k_index, q_abs, None, None, None, static)
-    _check_ids("segment_ids", segment_ids, (B, T))
+    check_ids("segment_ids", segment_ids, (B, T))
     if kv_segment_ids is None:
         if T != S:
             raise ValueError(f"kv_segment_ids [B, S] is needed when T != S, got T={T}, S={S}")
         q_seg = k_seg = run_ids(segment_ids)
     else:
-        _check_ids("kv_segment_ids", kv_segment_ids, (B, S))
+        check_ids("kv_segment_ids", kv_segment_ids, (B, S))
         q_seg, k_seg = segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
         if not isinstance(q_seg, jax.core.Tracer) and not isinstance(k_seg, jax.core.Tracer):
             check_runs(np.asarray(q_seg), "segment_ids")

@@ -233,7 +233,10 @@ def _forward(st: _Static, q, k, v, co_q, co_k):
 
 
 def _backward(st: _Static, res, cotangents):
-    """Recomputes tile probabilities from lse; key tiles outside, their query tiles inside."""
+    """Recomputes tile probabilities from lse; key tiles outside, their query tiles inside.
+
+    Gradients are float32. `out` and `lse` may be those of a larger key set than k, v (a ring
+    step): then dq, dk, dv are this key block's exact share of the full gradients."""
     q, k, v, co_q, co_k, out, lse = res
     d_out, d_lse = cotangents
     sched = st.schedule
@@ -266,11 +269,17 @@ def _backward(st: _Static, res, cotangents):
 
         zeros = jnp.zeros(k_t.shape, jnp.float32)
         dq, dk, dv = _two_loops(q_full[ki], q_count[ki], step, (dq, zeros, zeros))
-        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+        return dq, (dk, dv)
 
     dq0 = jnp.zeros(q.shape, jnp.float32)
     dq, (dk, dv) = lax.scan(one_key_tile, dq0, (jnp.arange(k.shape[0]), k, v))
-    return dq.astype(q.dtype), dk, dv, None, None
+    return dq, dk, dv  # float32
+
+
+def _tiled_bwd(st, res, cotangents):
+    q, k, v = res[:3]
+    dq, dk, dv = _backward(st, res, cotangents)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -283,7 +292,7 @@ def _tiled_fwd(st, q, k, v, co_q, co_k):
     return (out, lse), (q, k, v, co_q, co_k, out, lse)
 
 
-_tiled.defvjp(_tiled_fwd, _backward)
+_tiled.defvjp(_tiled_fwd, _tiled_bwd)
 
 
 def _tiles(x, block: int, group: int):
@@ -298,6 +307,13 @@ def _tiles(x, block: int, group: int):
     return x.reshape(n, B, heads // group, group * block, H)
 
 
+def _untiles(x, T: int, group: int):
+    """The inverse of `_tiles`: [n, B, K, group*block, H] -> [B, T, K*group, H]."""
+    n, B, K, rows, H = x.shape
+    x = x.reshape(n, B, K, group, rows // group, H).transpose(1, 0, 4, 2, 3, 5)
+    return x.reshape(B, n * (rows // group), K * group, H)[:, :T]
+
+
 def _coordinate_tiles(x, block: int):
     """[B|1, T] int -> [n, B|1, block], padded with the last value (None stays None)."""
     if x is None:
@@ -305,6 +321,22 @@ def _coordinate_tiles(x, block: int):
     n = -(-x.shape[1] // block)
     x = jnp.pad(x, ((0, 0), (0, n * block - x.shape[1])), mode="edge")
     return x.reshape(x.shape[0], n, block).transpose(1, 0, 2)
+
+
+def _setup(q, k, mask: Mask, lay: Layout, block_sizes: BlockSizes):
+    """The static description of a call and its coordinate tiles."""
+    T, N = q.shape[1:3]
+    S, K = k.shape[1:3]
+    bq, bk = min(block_sizes.block_q, T), min(block_sizes.block_k, S)
+    absolute = lay.q_offset is not None and not lay.within_document
+    st = _Static(mask, T, S, bq, bk, N // K, lay.segmented, lay.q_offset, absolute)
+    co_q = tuple(_coordinate_tiles(x, bq) for x in (lay.q_pos, lay.q_abs, lay.doc_len, lay.q_seg))
+    co_k = tuple(_coordinate_tiles(x, bk) for x in (lay.k_pos, lay.k_seg))
+    return st, co_q, co_k
+
+
+def _scaled(q, scale):
+    return (q.astype(jnp.float32) * default_scale(scale, q.shape[-1])).astype(q.dtype)
 
 
 def tiled_attention(
@@ -323,20 +355,38 @@ def tiled_attention(
     `lay` places queries and keys (`common.layout`). Returns out [B, T, N, H] and, with
     `return_lse`, lse [B, T, N] float32 (-inf on rows that see no key).
     """
-    B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
-    G = N // K
-    bq, bk = min(block_sizes.block_q, T), min(block_sizes.block_k, S)
-    absolute = lay.q_offset is not None and not lay.within_document
-    st = _Static(mask, T, S, bq, bk, G, lay.segmented, lay.q_offset, absolute)
-    co_q = tuple(_coordinate_tiles(x, bq) for x in (lay.q_pos, lay.q_abs, lay.doc_len, lay.q_seg))
-    co_k = tuple(_coordinate_tiles(x, bk) for x in (lay.k_pos, lay.k_seg))
-    q_scaled = (q.astype(jnp.float32) * default_scale(scale, H)).astype(q.dtype)
-    out, lse = _tiled(st, _tiles(q_scaled, bq, G), _tiles(k, bk, 1), _tiles(v, bk, 1), co_q, co_k)
-    nq = out.shape[0]
-    out = out.reshape(nq, B, K, G, bq, H).transpose(1, 0, 4, 2, 3, 5)  # [B, nq, bq, K, G, H]
-    out = out.reshape(B, nq * bq, N, H)[:, :T]
+    st, co_q, co_k = _setup(q, k, mask, lay, block_sizes)
+    T, G = st.T, st.groups
+    tiles = _tiles(_scaled(q, scale), st.bq, G), _tiles(k, st.bk, 1), _tiles(v, st.bk, 1)
+    out, lse = _tiled(st, *tiles, co_q, co_k)
+    out = _untiles(out, T, G)
     if not return_lse:
         return out
-    lse = lse.reshape(nq, B, K, G, bq).transpose(1, 0, 4, 2, 3).reshape(B, nq * bq, N)[:, :T]
+    lse = _untiles(lse[..., None], T, G)[..., 0]
     return out, jnp.where(jnp.isinf(lse), -jnp.inf, lse)
+
+
+def tiled_attention_grads(
+    q, k, v, out, lse, d_out, d_lse, mask: Mask, lay: Layout, *, scale=None,
+    block_sizes: BlockSizes = BlockSizes(),
+):  # fmt: skip
+    """Float32 gradients (dq, dk, dv) of softmax attention for the keys k, v alone.
+
+    out [B,T,N,H] and lse [B,T,N] are the attention's results over *all* its keys, of which k,
+    v are one block (a ring step): then the gradients are this block's exact share (dq summed
+    over blocks is the full dq). d_out, d_lse are the cotangents of out and lse.
+    """
+    st, co_q, co_k = _setup(q, k, mask, lay, block_sizes)
+    G = st.groups
+
+    def rows(x):  # [B, T, N] -> [nq, B, K, G*bq]
+        return _tiles(x[..., None], st.bq, G)[..., 0]
+
+    lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # the engine's convention: p = 0 there
+    res = (
+        _tiles(_scaled(q, scale), st.bq, G), _tiles(k, st.bk, 1), _tiles(v, st.bk, 1),
+        co_q, co_k, _tiles(out, st.bq, G), rows(lse.astype(jnp.float32)),
+    )  # fmt: skip
+    dq, dk, dv = _backward(st, res, (_tiles(d_out, st.bq, G), rows(d_lse.astype(jnp.float32))))
+    dq = _untiles(dq, st.T, G) * default_scale(scale, q.shape[-1])
+    return dq, _untiles(dk, st.S, 1), _untiles(dv, st.S, 1)

@@ -1,0 +1,350 @@
+"""`ring`: exact attention with the sequence sharded over a mesh axis (Liu et al. 2023).
+
+Each device of the `seq` axis keeps its queries; the key/value blocks travel around the axis
+with `lax.ppermute`, one hop per step, while the block in hand runs through the tiled engine
+(`tiled.py`); partial results merge with their log-sum-exps in float32. The backward rings too:
+each block's dK/dV accumulators travel with it and arrive home after a full turn, so memory per
+device is O(T / devices) in the forward and the backward.
+
+Causal load balance. With `layout="contiguous"` device i holds the i-th slice of the sequence
+and sees only the blocks of devices j <= i: the last device works n times as long as the first.
+With `layout="zigzag"` (the default) the sequence is cut into 2n chunks and device i holds
+chunks i and 2n-1-i, one early and one late: at every step each device runs half a block of
+work (its own block causally; an earlier device's first chunk with all its queries; a later
+device's keys with its late chunk only), and the rest is skipped. `tile_work` counts it.
+
+The mesh is JAX's current one (`jax.set_mesh(mesh)`) and the axis is found by name (`axis`).
+Outside a mesh, on an axis of size 1, or for a call the ring does not serve (decoding offsets,
+kv_segment_ids, T != S) the variant runs as `blockwise` on one device. Other mesh axes (say
+`data` over the batch) stay with the compiler. Everything the ring does to its inputs (run ids
+of segment ids, the zigzag reordering) happens on the shards, so inputs already sharded over
+the axis never gather; T must be a multiple of the number of chunks (2n zigzag, n contiguous).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec
+
+from attention_variants.common import check_ids, check_inputs, layout, offset_of
+from attention_variants.families import MaskedSoftmax, contract
+from attention_variants.masks import Causal, Mask, causal_or_full
+from attention_variants.registry import Implementation, register, spec
+from attention_variants.tiled import (
+    BlockSizes,
+    make_schedule,
+    tiled_attention,
+    tiled_attention_grads,
+)
+
+LAYOUTS = ("zigzag", "contiguous")
+
+
+def axis_size(axis: str) -> int:
+    """The size of mesh axis `axis` in the current mesh (1 outside a mesh or without it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or axis not in mesh.axis_names:
+        return 1
+    return mesh.shape[axis]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+    """Everything static about one ring call (local length L = T / n per device)."""
+
+    axis: str
+    n: int
+    layout: str
+    causal: bool
+    scale: float | None
+    block_sizes: BlockSizes
+
+    def parts(self, relation: int, L: int):
+        """What a step computes: (query rows, key rows, mask), or None when it is skipped.
+
+        relation: 0 the device's own block, 1 a block from an earlier device, 2 a later one.
+        """
+        everything = slice(None)
+        if not self.causal:
+            return everything, everything, Mask()
+        if relation == 0:  # both layouts keep positions increasing within a device
+            return everything, everything, Causal()
+        if self.layout == "contiguous":
+            return (everything, everything, Mask()) if relation == 1 else None
+        half = L // 2  # zigzag: chunks (i, 2n-1-i) against (j, 2n-1-j)
+        if relation == 1:  # j < i: every query sees the early chunk j, none the late one
+            return everything, slice(0, half), Mask()
+        return slice(half, None), everything, Mask()  # j > i: only the late chunk sees it
+
+    def relations(self) -> int:
+        return 3 if self.causal else 1
+
+
+def _relation(step, n: int, axis: str):
+    """0, 1 or 2 for the block that device i holds at `step` (it came from device i - step)."""
+    i = lax.axis_index(axis)
+    j = (i - step) % n
+    return jnp.where(step == 0, 0, jnp.where(j < i, 1, 2))
+
+
+def _layout(q, k, q_seg, k_seg):
+    if q_seg is None:
+        return layout(q, k)
+    return layout(q, k, segment_ids=q_seg, kv_segment_ids=k_seg)
+
+
+def _seg(ids, rows):
+    return None if ids is None else ids[:, rows]
+
+
+def _step_forward(cfg: _Ring, relation: int, q, kv, q_seg):
+    """Float32 out [B, L, N, H] and lse [B, L, N] of the local queries over one key block."""
+    k, v, k_seg = kv
+    B, L, N, H = q.shape
+    out, lse = jnp.zeros((B, L, N, H), jnp.float32), jnp.full((B, L, N), -jnp.inf)
+    parts = cfg.parts(relation, L)
+    if parts is None:
+        return out, lse
+    rows, cols, mask = parts
+    qp, kp, vp = q[:, rows], k[:, cols], v[:, cols]
+    lay = _layout(qp, kp, _seg(q_seg, rows), _seg(k_seg, cols))
+    o, l = tiled_attention(
+        qp, kp, vp, mask, lay, scale=cfg.scale, block_sizes=cfg.block_sizes, return_lse=True
+    )
+    return out.at[:, rows].set(o.astype(jnp.float32)), lse.at[:, rows].set(l)
+
+
+def _step_grads(cfg: _Ring, relation: int, q, kv, q_seg, out, lse, d_out, d_lse):
+    """Float32 (dq, dk, dv): the share of the gradients that one key block contributes."""
+    k, v, k_seg = kv
+    dq, dk, dv = (jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
+    parts = cfg.parts(relation, q.shape[1])
+    if parts is None:
+        return dq, dk, dv
+    rows, cols, mask = parts
+    qp, kp = q[:, rows], k[:, cols]
+    lay = _layout(qp, kp, _seg(q_seg, rows), _seg(k_seg, cols))
+    gq, gk, gv = tiled_attention_grads(
+        qp, kp, v[:, cols], out[:, rows], lse[:, rows], d_out[:, rows], d_lse[:, rows], mask,
+        lay, scale=cfg.scale, block_sizes=cfg.block_sizes,
+    )  # fmt: skip
+    return dq.at[:, rows].set(gq), dk.at[:, cols].set(gk), dv.at[:, cols].set(gv)
+
+
+def _switch(cfg: _Ring, step, fn, *args):
+    """fn(relation, *args) for the relation of the block in hand at `step`."""
+    if cfg.relations() == 1:
+        return fn(0, *args)
+    branches = [functools.partial(fn, r) for r in range(cfg.relations())]
+    return lax.switch(_relation(step, cfg.n, cfg.axis), branches, *args)
+
+
+def _pass_on(cfg: _Ring, x):
+    """Sends x (a pytree) one hop along the ring: device i to device i + 1."""
+    pairs = [(j, (j + 1) % cfg.n) for j in range(cfg.n)]
+    return jax.tree.map(lambda a: lax.ppermute(a, cfg.axis, pairs), x)
+
+
+def _merge(out, lse, o, l):
+    """Softmax results over two key sets -> over their union (float32, empty rows stay 0)."""
+    new = jnp.logaddexp(lse, l)
+    safe = jnp.where(jnp.isfinite(new), new, 0.0)
+    out = out * jnp.exp(lse - safe)[..., None] + o * jnp.exp(l - safe)[..., None]
+    return out, new
+
+
+def _forward(cfg: _Ring, q, k, v, q_seg, k_seg):
+    """The local queries over every block of the ring: out (q's dtype), lse float32."""
+    attend = functools.partial(_step_forward, cfg)
+
+    def step(s, carry):  # the block in hand is computed while it is sent on
+        out, lse, kv = carry
+        arriving = _pass_on(cfg, kv)
+        return (*_merge(out, lse, *_switch(cfg, s, attend, q, kv, q_seg)), arriving)
+
+    B, L, N, H = q.shape
+    start = jnp.zeros((B, L, N, H), jnp.float32), jnp.full((B, L, N), -jnp.inf), (k, v, k_seg)
+    out, lse, kv = lax.fori_loop(0, cfg.n - 1, step, start)
+    out, lse = _merge(out, lse, *_switch(cfg, cfg.n - 1, attend, q, kv, q_seg))
+    return out.astype(q.dtype), lse
+
+
+def _backward(cfg: _Ring, res, cotangents):
+    """Rings the blocks again; each block's dK/dV travel with it and arrive home at the end."""
+    q, k, v, q_seg, k_seg, out, lse = res
+    d_out, d_lse = cotangents
+    grads = functools.partial(_step_grads, cfg)
+
+    def share(s, kv):
+        return _switch(cfg, s, grads, q, kv, q_seg, out, lse, d_out, d_lse)
+
+    def step(s, carry):
+        dq, kv, (dk, dv) = carry
+        arriving = _pass_on(cfg, kv)
+        gq, gk, gv = share(s, kv)
+        return dq + gq, arriving, _pass_on(cfg, (dk + gk, dv + gv))
+
+    zeros = [jnp.zeros(x.shape, jnp.float32) for x in (q, k, v)]
+    start = zeros[0], (k, v, k_seg), (zeros[1], zeros[2])
+    dq, kv, (dk, dv) = lax.fori_loop(0, cfg.n - 1, step, start)
+    gq, gk, gv = share(cfg.n - 1, kv)
+    dk, dv = _pass_on(cfg, (dk + gk, dv + gv))  # the last hop brings them home
+    return (dq + gq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring_local(cfg: _Ring, q, k, v, q_seg, k_seg):
+    return _forward(cfg, q, k, v, q_seg, k_seg)
+
+
+def _ring_local_fwd(cfg, q, k, v, q_seg, k_seg):
+    out, lse = _forward(cfg, q, k, v, q_seg, k_seg)
+    return (out, lse), (q, k, v, q_seg, k_seg, out, lse)
+
+
+_ring_local.defvjp(_ring_local_fwd, _backward)
+
+
+def _zigzag(x, n: int, axis: str, inverse: bool = False):
+    """Inside the ring: device i's contiguous chunks (2i, 2i+1) of 2n -> (i, 2n-1-i), or back.
+
+    Two `ppermute`s move every chunk once: the even chunks in one, the odd ones in the other.
+    """
+    i = lax.axis_index(axis)
+    home = [c if c < n else 2 * n - 1 - c for c in range(2 * n)]  # the device chunk c goes to
+    first, second = jnp.split(x, 2, axis=1)
+    i_even = i % 2 == 0  # device i's chunk i is even when i is
+    if not inverse:
+        even = lax.ppermute(first, axis, [(d, home[2 * d]) for d in range(n)])
+        odd = lax.ppermute(second, axis, [(d, home[2 * d + 1]) for d in range(n)])
+        return jnp.where(i_even, jnp.concatenate([even, odd], 1), jnp.concatenate([odd, even], 1))
+    held = [(d, 2 * n - 1 - d) if d % 2 == 0 else (2 * n - 1 - d, d) for d in range(n)]
+    mine = jnp.where(i_even, first, second), jnp.where(i_even, second, first)  # (even, odd)
+    even, odd = (
+        lax.ppermute(x, axis, [(d, held[d][parity] // 2) for d in range(n)])
+        for parity, x in enumerate(mine)
+    )
+    return jnp.concatenate([even, odd], 1)
+
+
+def _run_ids(ids, n: int, axis: str):
+    """Inside the ring: `common.run_ids` of the whole row from each device's contiguous slice."""
+    i = lax.axis_index(axis)
+    before = lax.ppermute(ids[:, -1:], axis, [(d, d + 1) for d in range(n - 1)])
+    starts = jnp.concatenate([(ids[:, :1] != before) | (i == 0), ids[:, 1:] != ids[:, :-1]], 1)
+    local = jnp.cumsum(starts, axis=1, dtype=jnp.int32)
+    totals = lax.all_gather(local[:, -1], axis)  # [n, B]: runs started on each device
+    earlier = jnp.sum(jnp.where(jnp.arange(n)[:, None] < i, totals, 0), axis=0)
+    return earlier[:, None] + local - 1
+
+
+def unserved(q, k, v, *, axis="seq", segment_ids=None, kv_segment_ids=None, q_offset=0, **_):
+    """Why the ring cannot serve a call (None: it can): the "auto" fallback to blockwise."""
+    if axis_size(axis) == 1:
+        return f"a call outside a mesh with an axis {axis!r} of size > 1 (jax.set_mesh)"
+    static, _ = offset_of(q_offset, q.shape[0])
+    if static != 0:
+        return "q_offset (decoding runs on one device)"
+    if kv_segment_ids is not None:
+        return "kv_segment_ids"
+    if q.shape[1] != k.shape[1]:
+        return f"T={q.shape[1]} != S={k.shape[1]}"
+    return None
+
+
+@contract
+def ring_attention(q, k, v, call, options):
+    """Sequence-parallel exact attention over the mesh axis `axis` (see the module doc)."""
+    check_inputs(q, k, v)
+    axis, n = options["axis"], axis_size(options["axis"])
+    causal, tiles = call["causal"], BlockSizes(options["block_q"], options["block_k"])
+    order = options["layout"] if causal else "contiguous"  # the balance matters when causal
+    cfg = _Ring(axis, n, order, causal, call["scale"], tiles)
+    B, T = q.shape[:2]
+    chunks = 2 * n if order == "zigzag" else n
+    if T % chunks:
+        raise ValueError(
+            f"ring: T={T} must be a multiple of {chunks} ({order} layout over the {axis!r} axis "
+            f"of {n} devices); pad the rows or choose another length"
+        )
+    args = [q, k, v]
+    if call["segment_ids"] is not None:
+        check_ids("segment_ids", call["segment_ids"], (B, T))
+        args.append(call["segment_ids"].astype(jnp.int32))
+
+    def local(q, k, v, ids=None):
+        seg = None if ids is None else _run_ids(ids, n, axis)  # documents are runs of ids
+        if order == "zigzag":
+            q, k, v, seg = (None if x is None else _zigzag(x, n, axis) for x in (q, k, v, seg))
+        out, lse = _ring_local(cfg, q, k, v, seg, seg)  # keys' ids travel with them
+        if order == "zigzag":
+            out, lse = (_zigzag(x, n, axis, inverse=True) for x in (out, lse))
+        return out, lse
+
+    sharded = PartitionSpec(None, axis)
+    out, lse = jax.shard_map(
+        local,
+        in_specs=(sharded,) * len(args),
+        out_specs=(sharded, sharded),
+        axis_names={axis},
+        check_vma=False,  # the tiled engine's loop carries start replicated; the vjp is ours
+    )(*args)
+    return (out, lse) if call["return_lse"] else out
+
+
+def tile_work(T: int, n: int, *, layout: str = "zigzag", causal: bool = True,
+              block_sizes: BlockSizes = BlockSizes()) -> np.ndarray:  # fmt: skip
+    """Tiles the engine computes on each of n devices over a whole ring (int [n]).
+
+    Counted from the same tile schedules the kernel runs (`tiled.make_schedule`), so max / mean
+    is the causal imbalance of the layout.
+    """
+    cfg = _Ring("seq", n, layout if causal else "contiguous", causal, None, block_sizes)
+    chunks = 2 * n if cfg.layout == "zigzag" else n
+    L = -(-T // chunks) * chunks // n
+    work = np.zeros(n, np.int64)
+    for i in range(n):
+        for s in range(n):
+            j = (i - s) % n
+            parts = cfg.parts(0 if s == 0 else 1 if j < i else 2, L)
+            if parts is None:
+                continue
+            rows, cols, mask = parts
+            Tq, Sk = len(range(L)[rows]), len(range(L)[cols])
+            bq, bk = min(block_sizes.block_q, Tq), min(block_sizes.block_k, Sk)
+            work[i] += make_schedule(mask, Tq, Sk, bq, bk, False).tiles
+    return work
+
+
+def _implementations(kernels):
+    return {
+        "ring": Implementation(ring_attention, supports=unserved),
+        "jax": Implementation(kernels.tiled),
+    }
+
+
+@register(
+    "ring",
+    family=MaskedSoftmax(implementations=_implementations),
+    long_context=True,
+    test_options=({"block_q": 16, "block_k": 8},),  # on one device: the tiled engine
+)
+def ring(*, causal: bool, axis: str = "seq", layout: str = "zigzag") -> Mask:
+    """Causal (or full) attention with the sequence sharded over mesh axis `axis`."""
+    if not isinstance(axis, str) or not axis:
+        raise ValueError(f"axis must be a mesh axis name (a str), got axis={axis!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got layout={layout!r}")
+    return causal_or_full(causal)
+
+
+# The reference beside the kernel, derived from the declaration above and compared with
+# the kernel (output and gradients) by the conformance suite:
+# plain softmax under the materialised causal mask.
+reference = spec("ring").reference
