@@ -12,8 +12,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP)  # one device, then the tests that need a mesh of 8 simulated CPU devices
 	$(PY) -m pytest -n 2
+	$(PY) -m pytest -n 2 -m mesh
 
 sweep: $(STAMP)
 	$(PY) -m experiments.sweep --config=configs/context_sweep.py

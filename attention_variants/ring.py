@@ -15,10 +15,11 @@ device's keys with its late chunk only), and the rest is skipped. `tile_work` co
 
 The mesh is JAX's current one (`jax.set_mesh(mesh)`) and the axis is found by name (`axis`).
 Outside a mesh, on an axis of size 1, or for a call the ring does not serve (decoding offsets,
-kv_segment_ids, T != S) the variant runs as `blockwise` on one device. Other mesh axes (say
-`data` over the batch) stay with the compiler. Everything the ring does to its inputs (run ids
-of segment ids, the zigzag reordering) happens on the shards, so inputs already sharded over
-the axis never gather; T must be a multiple of the number of chunks (2n zigzag, n contiguous).
+kv_segment_ids, T != S) the variant runs as `blockwise` on one device. The mesh's other axes
+(say `data`) split the batch when it divides by them; heads are not split. Everything the ring
+does to its inputs (run ids of segment ids, the zigzag reordering) happens on the shards, so
+inputs already sharded over the axis never gather; T must be a multiple of the number of chunks
+(2n zigzag, n contiguous).
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def axis_size(axis: str) -> int:
     if mesh.empty or axis not in mesh.axis_names:
         return 1
     return mesh.shape[axis]
+
+
+def _batch_axes(axis: str, B: int) -> tuple[str, ...] | None:
+    """The mesh's other axes, which split the batch when it divides (else each holds it all)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    others = tuple(a for a in mesh.axis_names if a != axis and mesh.shape[a] > 1)
+    return others if others and B % np.prod([mesh.shape[a] for a in others]) == 0 else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,14 +295,13 @@ def ring_attention(q, k, v, call, options):
             out, lse = (_zigzag(x, n, axis, inverse=True) for x in (out, lse))
         return out, lse
 
-    sharded = PartitionSpec(None, axis)
+    sharded = PartitionSpec(_batch_axes(axis, B), axis)
     out, lse = jax.shard_map(
         local,
         in_specs=(sharded,) * len(args),
         out_specs=(sharded, sharded),
-        axis_names={axis},
         check_vma=False,  # the tiled engine's loop carries start replicated; the vjp is ours
-    )(*args)
+    )(*(jax.reshard(x, sharded) for x in args))  # a no-op for inputs sharded so already
     return (out, lse) if call["return_lse"] else out
 
 

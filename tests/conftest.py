@@ -1,4 +1,11 @@
-"""Shared fixtures: random attention inputs (never zeros) in the contract's layout."""
+"""Shared fixtures: random attention inputs (never zeros) in the contract's layout.
+
+Tests marked `mesh` need 8 devices: `pytest -m mesh` (the second half of `make test`) selects
+them, and this file then asks XLA for 8 simulated CPU devices before JAX starts its backend.
+The default session (`-m "not mesh"`, setup.cfg) runs everything else on one device.
+"""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +17,16 @@ import attention_variants as av
 # float32 matmuls in TF32 by default (10-bit mantissa, ~3e-4 error at these shapes), which would
 # hide real differences and fail the comparisons; ask for true float32 everywhere (a no-op on CPU).
 jax.config.update("jax_default_matmul_precision", "highest")
+
+MESH_DEVICES = 8
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"mesh: needs {MESH_DEVICES} devices (pytest -m mesh)")
+    selected = config.getoption("markexpr", "")
+    if "mesh" in selected and "not mesh" not in selected:
+        flag = f"--xla_force_host_platform_device_count={MESH_DEVICES}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 
 
 def random_qkv(seed: int, B=2, T=37, S=None, N=4, K=2, H=16, dtype=jnp.float32):

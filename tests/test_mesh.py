@@ -1,0 +1,138 @@
+"""Sequence parallelism on 8 simulated CPU devices (`pytest -m mesh`, see conftest.py).
+
+`ring` against `dense` in forward output and gradients over seq axes of 2, 4 and 8 devices
+(the rest of the 8 on a `data` axis), causal and not, packed rows, grouped and single key/value
+heads; the balanced (zigzag) layout against the contiguous one; and the causal work of each
+layout counted from its definition.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import MESH_DEVICES, packed_segments, random_qkv
+from jax.sharding import NamedSharding, PartitionSpec
+
+import attention_variants as av
+from attention_variants import ring
+from attention_variants.tiled import BlockSizes
+
+pytestmark = pytest.mark.mesh
+
+F32 = dict(rtol=2e-5, atol=2e-5)
+TILES = dict(block_q=16, block_k=8)  # a shard of 14 or 28 rows: tiles that do not divide it
+
+
+@pytest.fixture(autouse=True, scope="module")
+def eight_devices():
+    if jax.device_count() < MESH_DEVICES:
+        pytest.fail(f"{jax.device_count()} device(s): run these tests with `pytest -m mesh`")
+
+
+def mesh(seq: int):
+    return jax.make_mesh((MESH_DEVICES // seq, seq), ("data", "seq"))
+
+
+def outputs_and_grads(fn, q, k, v, **kw):
+    """fn's output, lse and the VJP of a random cotangent w.r.t. q, k, v, under one jit."""
+    cot = jax.random.normal(jax.random.key(7), q.shape)
+
+    def loss(q, k, v):
+        out, lse = fn(q, k, v, return_lse=True, **kw)
+        return jnp.sum(out * cot) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
+
+    (_, (out, lse)), g = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+    return out, lse, g
+
+
+def assert_same(got, want, tol=F32):
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+        np.testing.assert_allclose(a, b, **tol, err_msg=name)
+
+
+def flat(result):
+    out, lse, g = result
+    return out, lse, *g
+
+
+@pytest.mark.parametrize(
+    "seq, causal, kv_heads, segmented, layout",
+    [
+        (2, True, 2, True, "zigzag"),
+        (4, True, 1, False, "zigzag"),
+        (8, True, 2, True, "zigzag"),
+        (8, True, 1, True, "contiguous"),
+        (4, False, 2, True, "zigzag"),
+        (8, False, 1, False, "zigzag"),
+    ],
+)
+def test_ring_equals_dense(seq, causal, kv_heads, segmented, layout):
+    q, k, v = random_qkv(seq, T=112, K=kv_heads, H=8)
+    seg = packed_segments(seq, 2, 112) if segmented else None
+    kw = dict(causal=causal, segment_ids=seg)
+    want = outputs_and_grads(av.get("dense"), q, k, v, **kw)
+    fn = av.get("ring", layout=layout, implementation="ring", **TILES)
+    with jax.set_mesh(mesh(seq)):
+        got = outputs_and_grads(fn, q, k, v, **kw)
+    assert_same(flat(got), flat(want))
+
+
+def test_balanced_layout_equals_contiguous_on_sharded_inputs():
+    q, k, v = random_qkv(3, T=128, H=8)
+    seg = packed_segments(3, 2, 128)
+    m = mesh(4)
+    with jax.set_mesh(m):  # inputs already split over (data, seq): the ring never gathers them
+        placed = NamedSharding(m, PartitionSpec("data", "seq"))
+        q, k, v, seg = (jax.device_put(x, placed) for x in (q, k, v, seg))
+        got = [
+            outputs_and_grads(av.get("ring", layout=layout, **TILES), q, k, v, segment_ids=seg)
+            for layout in ring.LAYOUTS
+        ]
+        assert tuple(got[0][0].sharding.spec)[:2] == ("data", "seq")  # stays split
+    assert_same(flat(got[0]), flat(got[1]), tol=dict(rtol=1e-5, atol=1e-6))
+
+
+def test_calls_the_ring_cannot_serve_run_on_one_device_or_name_the_problem():
+    q, k, v = random_qkv(4, T=24, H=8)
+    reference = av.spec("ring").bound_reference()
+    with jax.set_mesh(mesh(4)):
+        # decoding's offset query block: "auto" falls back to the tiled engine
+        got = av.get("ring")(q[:, -3:], k, v, q_offset=21)
+        np.testing.assert_allclose(got, reference(q[:, -3:], k, v, q_offset=21), **F32)
+        with pytest.raises(NotImplementedError, match="q_offset"):
+            av.get("ring", implementation="ring")(q[:, -3:], k, v, q_offset=21)
+        with pytest.raises(ValueError, match=r"T=20 must be a multiple of 8 \(zigzag"):
+            av.get("ring")(q[:, :20], k[:, :20], v[:, :20])
+    with jax.set_mesh(mesh(1)), pytest.raises(NotImplementedError, match="size > 1"):
+        av.get("ring", implementation="ring")(q, k, v)
+
+
+def causal_pairs_per_device(T: int, n: int, layout: str) -> list[int]:
+    """Visible (query, key) pairs of causal attention on each device, from the definitions:
+    contiguous: device i holds positions [i T/n, (i+1) T/n); zigzag: of 2n equal chunks it
+    holds chunks i and 2n-1-i. A query at position p sees the p + 1 keys 0..p."""
+    if layout == "contiguous":
+        held = [range(i * T // n, (i + 1) * T // n) for i in range(n)]
+    else:
+        c = T // (2 * n)
+        held = [[*range(i * c, i * c + c), *range((2 * n - 1 - i) * c, (2 * n - i) * c)]
+                for i in range(n)]  # fmt: skip
+    return [sum(p + 1 for p in positions) for positions in held]
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("layout", ring.LAYOUTS)
+def test_tile_work_counts_the_pairs_each_device_sees(n, layout):
+    T = 64
+    got = ring.tile_work(T, n, layout=layout, block_sizes=BlockSizes(1, 1))  # a tile = a pair
+    assert got.tolist() == causal_pairs_per_device(T, n, layout)
+
+
+def test_zigzag_balances_the_causal_work():
+    for n in (2, 4, 8):
+        zigzag = ring.tile_work(65536, n, layout="zigzag")
+        contiguous = ring.tile_work(65536, n, layout="contiguous")
+        assert zigzag.max() / zigzag.mean() <= 1.01
+        assert contiguous.max() / contiguous.mean() > 1.3
