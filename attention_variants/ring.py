@@ -62,6 +62,16 @@ def _batch_axes(axis: str, B: int) -> tuple[str, ...] | None:
     return others if others and B % np.prod([mesh.shape[a] for a in others]) == 0 else None
 
 
+def _placed(x, spec: PartitionSpec):
+    """x resharded to `spec` on a mesh of explicit axes (shard_map asks it; a no-op when x is
+    already so); on automatic axes shard_map reshards by itself."""
+    mesh = jax.sharding.get_abstract_mesh()
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    if all(types[a] == jax.sharding.AxisType.Explicit for a in jax.tree.leaves(tuple(spec))):
+        return jax.reshard(x, spec)
+    return x
+
+
 @dataclasses.dataclass(frozen=True)
 class _Ring:
     """Everything static about one ring call (local length L = T / n per device)."""
@@ -301,7 +311,7 @@ def ring_attention(q, k, v, call, options):
         in_specs=(sharded,) * len(args),
         out_specs=(sharded, sharded),
         check_vma=False,  # the tiled engine's loop carries start replicated; the vjp is ours
-    )(*(jax.reshard(x, sharded) for x in args))  # a no-op for inputs sharded so already
+    )(*(_placed(x, sharded) for x in args))
     return (out, lse) if call["return_lse"] else out
 
 

@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 100  # save a checkpoint every this many steps (and at the end)
     c.keep = 3  # checkpoints kept (the newest)
     c.seed = 0  # parameters, data order and dropout
+    # Devices: data x seq must be the device count (0: what the other axis leaves). Rows split
+    # over `data`, positions over `seq`; model.attention="ring" rings over `seq` (README).
+    c.mesh = ml_collections.ConfigDict(dict(data=0, seq=1))
     # Every registered variant's options; the model uses those of model.attention, e.g.
     # --config.model.attention=sliding_window --config.options.sliding_window.window=32
     c.options = registered_options()

@@ -48,7 +48,7 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import datasets
+from experiments import datasets, distributed
 from experiments.cells import ConfigError, float_field, int_field, parse_flags
 from experiments.datasets import pipeline
 from transformer import ModelConfig, TransformerLM
@@ -186,13 +186,14 @@ def make_steps(setup: Setup):
     return train_step, eval_step
 
 
-def evaluate(setup: Setup, eval_step, params) -> dict[str, float]:
+def evaluate(setup: Setup, eval_step, params, mesh) -> dict[str, float]:
     """Loss and accuracy over the weighted positions of the held-out split."""
     c = setup.config
     totals = np.zeros(3)
     for batch in pipeline.eval_batches(
         setup.eval_source, batch_size=c.batch_size, seq_len=setup.seq_len
     ):
+        batch = distributed.place_batch(mesh, distributed.pad_rows(batch, mesh.shape["data"]))
         totals += [float(x) for x in eval_step(params, batch)]
     loss_sum, correct, weight = totals
     metrics = {"eval/loss": loss_sum / weight, "eval/accuracy": correct / weight}
@@ -289,7 +290,9 @@ def train(
     no step ran). Raises ConfigError or WorkdirMismatch before anything is written."""
     setup_ = setup(config)
     c = config
-    state = init_state(setup_)
+    mesh = distributed.make_mesh(c.mesh.data, c.mesh.seq)
+    distributed.check_batch(mesh, c.batch_size, setup_.model_config.max_len)
+    state = distributed.place_state(mesh, init_state(setup_))
     params = sum(x.size for x in jax.tree.leaves(state["params"]))
     resolved = {**c.to_dict(), "model": dataclasses.asdict(setup_.model_config), "params": params}
     check_workdir(workdir, resolved)
@@ -301,17 +304,20 @@ def train(
     manager = ocp.CheckpointManager(
         (workdir / "checkpoints").resolve(), options=options, item_names=("state", "data")
     )
-    restored = restore(manager, jax.eval_shape(lambda: state), data, out)
+    restored = restore(manager, distributed.abstract_state(mesh, state), data, out)
     (workdir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
     start = 0 if restored is None else int(restored["step"])
     state = state if restored is None else restored
     print(
-        f"{c.dataset}: {setup_.model_config.attention}, {params:,} parameters; "
+        f"{c.dataset}: {setup_.model_config.attention}, {params:,} parameters, mesh data="
+        f"{mesh.shape['data']} x seq={mesh.shape['seq']}; "
         + (f"resuming at step {start}" if start else "from scratch"),
         file=out,
     )
     train_step, eval_step = make_steps(setup_)
-    train_step, eval_step = jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+    rows, one = distributed.batch_sharding(mesh), distributed.replicated(mesh)  # `one`: all of it
+    train_step = jax.jit(train_step, in_shardings=(one, rows), out_shardings=one, donate_argnums=0)
+    eval_step = jax.jit(eval_step, in_shardings=(one, rows), out_shardings=one)
     metrics = Metrics(workdir)
     metrics.write(start, {"model/params": params})
     stop: list[int] = []
@@ -322,7 +328,8 @@ def train(
     try:
         tick, ticked = time.perf_counter(), start
         for step in range(start + 1, c.num_steps + 1):
-            state, values = train_step(state, next(data))
+            with jax.set_mesh(mesh):  # `ring` attention finds its `seq` axis here
+                state, values = train_step(state, distributed.place_batch(mesh, next(data)))
             bar.update(1)
             if step % c.log_every == 0 or step == c.num_steps:
                 loss = float(values["loss"])
@@ -335,7 +342,8 @@ def train(
                 })  # fmt: skip
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if step % c.eval_every == 0 or step == c.num_steps:
-                last_eval = evaluate(setup_, eval_step, state["params"])
+                with jax.set_mesh(mesh):
+                    last_eval = evaluate(setup_, eval_step, state["params"], mesh)
                 metrics.write(step, last_eval)
                 line = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
                 bar.write(f"step {step}: {line}", file=out)
@@ -366,10 +374,12 @@ def define_flags() -> None:
     flags.DEFINE_integer(
         "stop_after", 0, "save and stop after this many steps of this invocation (0: to the end)"
     )
+    distributed.define_flags()
 
 
 def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.ERROR)  # libraries' info and warnings (orbax, TFDS) stay quiet
+    distributed.initialize_from_flags()  # several hosts: before anything touches the devices
     if len(argv) > 1:
         print(f"invalid config: unexpected arguments {argv[1:]}", file=sys.stderr)
         sys.exit(2)

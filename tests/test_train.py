@@ -66,7 +66,7 @@ def test_training_lowers_the_loss_and_writes_its_files(data_dir, tmp_path):
     losses = rows(tmp_path, "train/loss")
     assert losses[-1][1] < losses[0][1] - 0.3
     assert set(metrics) == {"eval/loss", "eval/accuracy"} and metrics["eval/loss"] < losses[0][1]
-    assert "parameters; from scratch" in out
+    assert "parameters, mesh data=1 x seq=1; from scratch" in out
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model"]["vocab_size"] == 128 and saved["params"] > 0  # from the dataset
     assert {s for s, _ in rows(tmp_path, "eval/accuracy")} == {30, 60}
