@@ -11,6 +11,7 @@ function added to `KINDS`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from jax.sharding import use_abstract_mesh
 from ml_collections import ConfigDict
 from ml_collections.config_dict import FieldReference
 
@@ -50,6 +52,7 @@ class Cell:
     model: Mapping[str, Any] | None = None
     task: Mapping[str, Any] | None = None  # train_eval: the dataset fields that vary by cell
     training: Mapping[str, Any] | None = None  # train_eval: the config's data.* and train.*
+    devices: int = 1  # kernel: devices on the mesh's `seq` axis (ring variants), 1: no mesh
 
     def fields(self) -> dict[str, Any]:
         """The cell's identifying fields as they appear in a result row."""
@@ -72,6 +75,8 @@ class Cell:
             out["task"] = dict(self.task)
         if self.training is not None:
             out["training"] = {k: dict(v) for k, v in self.training.items()}
+        if self.devices > 1:
+            out["devices"] = self.devices
         return out
 
     def key(self) -> str:
@@ -82,7 +87,7 @@ class Cell:
 # (the axes of the tables) may differ. `device` is added by the runner.
 SETTING_FIELDS = ("batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "segments")
 SETTING_FIELDS += ("model", "training", "device")
-KEY_FIELDS = ("variant", "options", "seq_len", "mode", "task", *SETTING_FIELDS[:-1])
+KEY_FIELDS = ("variant", "options", "seq_len", "mode", "task", "devices", *SETTING_FIELDS[:-1])
 
 
 def row_key(row: Mapping[str, Any], fields: tuple[str, ...] = KEY_FIELDS) -> str:
@@ -163,19 +168,44 @@ def build_kernel(cell: Cell, config: Any) -> Built:
     v = jax.random.normal(kv, (B, T, K, H), dtype)
     args = (q, k, v, document_ids(cell))
     flops = attention_flops(cell, cell.causal)
+    mesh, fields = seq_mesh(cell.devices), {}
+    if mesh is not None:  # the sequence split over the ring before the call, as in training
+        split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "seq"))
+        args = tuple(None if x is None else jax.device_put(x, split) for x in args)
+        fields = {"imbalance": ring_imbalance(cell)}
 
     def attention(q, k, v, segment_ids):
-        return kernel(q, k, v, causal=cell.causal, segment_ids=segment_ids)
+        with contextlib.nullcontext() if mesh is None else use_abstract_mesh(mesh.abstract_mesh):
+            return kernel(q, k, v, causal=cell.causal, segment_ids=segment_ids)
 
     if cell.mode == "fwd":
-        return Built(attention, args, flops, B * T)
+        return Built(attention, args, flops, B * T, fields=fields)
     cotangent = jax.random.normal(kc, (B, T, N, H), jnp.float32)  # random, never zeros
 
     def loss(q, k, v, segment_ids, ct):
         return jnp.sum(attention(q, k, v, segment_ids).astype(jnp.float32) * ct)
 
     fn = jax.value_and_grad(loss, argnums=(0, 1, 2))
-    return Built(fn, (*args, cotangent), flops * (1 + BACKWARD_FLOPS), B * T)
+    return Built(fn, (*args, cotangent), flops * (1 + BACKWARD_FLOPS), B * T, fields=fields)
+
+
+def seq_mesh(devices: int) -> jax.sharding.Mesh | None:
+    """A mesh of the first `devices` devices on one `seq` axis (None for 1: no mesh)."""
+    if devices == 1:
+        return None
+    return jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("seq",))
+
+
+def ring_imbalance(cell: Cell) -> float:
+    """Causal work of the busiest device over the mean (tiles the ring's schedules run)."""
+    from attention_variants import ring
+    from attention_variants.tiled import BlockSizes
+
+    options = av.spec(cell.variant).options(**cell.options)
+    tiles = BlockSizes(options["block_q"], options["block_k"])
+    work = ring.tile_work(cell.seq_len, cell.devices, layout=options["layout"],
+                          causal=cell.causal, block_sizes=tiles)  # fmt: skip
+    return round(float(work.max() / work.mean()), 4)
 
 
 # ModelConfig fields that a train_step cell sets itself (from the sweep's fields).
@@ -409,7 +439,9 @@ def resolve_dtype(value: str, platform: str) -> str:
 def _variants(config: Any) -> list[str]:
     known = av.names()
     names = csv_field(config, "variants")
-    names = list(known) if names == ["all"] else names
+    if names == ["all"]:  # mesh-aware variants (ring) only where a mesh is swept
+        meshed = seq_devices(config) != [1]
+        names = [n for n in known if meshed or "axis" not in av.spec(n).defaults]
     for name in names:
         if name not in known:
             raise ConfigError("variants", f"unknown variant {name!r}; known: {', '.join(known)}")
@@ -520,14 +552,40 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
         tasks = _tasks(config)
         training = {"data": config.data.to_dict(), "train": config.train.to_dict()}
     shape = (batch, heads, kv_heads, head_dim, dtype)
+    devices = _seq_devices(config, kind)
     return [
-        Cell(kind, v, options[v], T, *shape, mode, causal, segments, model, task, training)
+        Cell(kind, v, options[v], T, *shape, mode, causal, segments, model, task, training, n)
         for T in lengths
         for v in variants
+        for n in (devices if "axis" in options[v] else [1])  # mesh-aware variants (ring)
         for task in tasks
         for mode in modes
         if task is None or _fits(config, T, task)
     ]
+
+
+def seq_devices(config: Any) -> list[int]:
+    """The config's `seq_devices` axis (default [1]: no mesh)."""
+    if "seq_devices" not in config:
+        return [1]
+    try:
+        values = sorted({int(s) for s in csv_field(config, "seq_devices")})
+    except ValueError:
+        raise ConfigError("seq_devices", f"must be ints, got {config.seq_devices!r}") from None
+    if values[0] < 1:
+        raise ConfigError("seq_devices", f"must be ints >= 1, got {config.seq_devices!r}")
+    return values
+
+
+def _seq_devices(config: Any, kind: str) -> list[int]:
+    values = seq_devices(config)
+    if values != [1] and kind != "kernel":
+        raise ConfigError("seq_devices", f"meshes are swept for kind 'kernel', not {kind!r}")
+    if values[-1] > jax.device_count():
+        raise ConfigError(
+            "seq_devices", f"{values[-1]} devices asked, {jax.device_count()} available"
+        )
+    return values
 
 
 def _tasks(config: Any) -> list[dict[str, Any]]:

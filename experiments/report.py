@@ -78,7 +78,8 @@ def _meta(workdir: Path) -> list[dict[str, Any]]:
 def _label(row: Row) -> str:
     """Variant name, plus options where one variant appears with several option sets, plus
     the task fields of a train_eval cell (e.g. ` num_pairs=8`)."""
-    return row["variant"] + row.get("_suffix", "") + _task(row)
+    devices = f" @{row['devices']}dev" if row.get("devices") else ""
+    return row["variant"] + row.get("_suffix", "") + _task(row) + devices
 
 
 def _task(row: Row) -> str:
@@ -295,6 +296,8 @@ def write_report(workdir: str | Path) -> Path:
         md += quality_section(rows, workdir)
     if any(r["mode"] == "decode" for r in rows):
         md += decode_section(rows)
+    if any(r.get("devices") for r in rows):
+        md += mesh_section(rows, baselines[0] if baselines else None)
     md += [
         "## Scaling",
         "",
@@ -358,6 +361,34 @@ def decode_section(rows: Sequence[Row]) -> list[str]:
         t = fit_exponent(_series(rows, label, "decode", "ms_per_token"))
         m = fit_exponent(_series(rows, label, "decode", "cache_bytes"))
         md.append(f"| {label} | {t or '-'} | {m or '-'} |")
+    return [*md, ""]
+
+
+def mesh_section(rows: Sequence[Row], baseline: str | None) -> list[str]:
+    """Mesh-aware variants (`ring`) by the number of devices on the `seq` axis, at each T:
+    compiled memory per device against 1 device, time against the first baseline on one
+    device, and the causal work imbalance (busiest device / mean)."""
+    md = ["## Sequence parallelism", ""]
+    md += ["Simulated devices share the host's cores: the times measure the ring's overhead, "]
+    md[-1] += "not a speed-up. Memory is per device (XLA's compiled analysis)."
+    ringed = {r["variant"] for r in rows if r.get("devices")}
+    head = "| mode | T | variant | devices | MiB per device | x 1 device | time ms | x baseline "
+    md += ["", head + "| imbalance |", "|---" * 9 + "|"]
+    by = {(r["variant"], r["mode"], r["seq_len"], r.get("devices") or 1): r for r in rows}
+    for (variant, mode, T, n), r in sorted(by.items(), key=lambda kv: kv[0][1:] + kv[0][:1]):
+        if variant not in ringed:
+            continue
+        one = by.get((variant, mode, T, 1), {})
+        base = by.get((baseline or variant, mode, T, 1), {})
+
+        def ratio(a, b):
+            return f"{a / b:.3f}" if a and b else "-"
+
+        mem, ms = r.get("memory_bytes"), r.get("time_ms_median")
+        cells = [mode, T, variant, n, f"{mem / 2**20:.1f}" if mem else "-",
+                 ratio(mem, one.get("memory_bytes")), f"{ms:.1f}" if ms else "-",
+                 ratio(ms, base.get("time_ms_median")), r.get("imbalance", "-")]  # fmt: skip
+        md.append("| " + " | ".join(str(c) for c in cells) + " |")
     return [*md, ""]
 
 

@@ -55,6 +55,7 @@ from experiments.cells import (
     plan_cells,
     resolve_dtype,
     row_key,
+    seq_devices,
 )
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "sweep config file (configs/*.py)")
@@ -452,6 +453,13 @@ def main(argv: list[str]) -> None:
     except (OSError, AttributeError) as e:
         _fail(str(e))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill is not a crashed cell
+    try:  # a mesh on a CPU host: simulated devices, asked for before JAX starts its backend
+        devices = seq_devices(config)[-1]
+    except ConfigError as e:
+        _fail(str(e))
+    if devices > 1:
+        flag = f"--xla_force_host_platform_device_count={devices}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
     workdir = Path(_WORKDIR.value or Path("results") / name)
     command = " ".join(["python -m experiments.sweep", *sys.argv[1:]])
