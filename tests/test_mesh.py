@@ -8,6 +8,8 @@ layout counted from its definition.
 
 from __future__ import annotations
 
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,3 +138,24 @@ def test_zigzag_balances_the_causal_work():
         contiguous = ring.tile_work(65536, n, layout="contiguous")
         assert zigzag.max() / zigzag.mean() <= 1.01
         assert contiguous.max() / contiguous.mean() > 1.3
+
+
+def test_the_sweep_runs_the_ring_over_device_counts(tmp_path):
+    from configs import ring_sweep
+    from experiments import report, sweep
+
+    config = ring_sweep.get_config()
+    config.update(dict(lengths="64", seq_devices="1,2,4", modes="fwd_bwd", heads=2, kv_heads=1))
+    config.update(dict(head_dim=16, cell_budget_s=0.05, min_repeats=1, max_repeats=2))
+    config.options.ring.update(dict(layout="contiguous", block_q=8, block_k=8))
+    sweep.run(config, tmp_path, "test", out=io.StringIO())
+    rows = {(r["variant"], r.get("devices", 1)): r for r in report.load_rows(tmp_path)}
+    assert set(rows) == {("blockwise", 1), ("ring", 1), ("ring", 2), ("ring", 4)}
+    assert all(r["status"] == "ok" and r["memory_bytes"] > 0 for r in rows.values())
+    assert [rows["ring", n]["imbalance"] for n in (2, 4)] == [
+        round(float(w.max() / w.mean()), 4)
+        for w in (ring.tile_work(64, n, layout="contiguous", block_sizes=BlockSizes(8, 8))
+                  for n in (2, 4))
+    ]  # fmt: skip
+    md = (tmp_path / "report.md").read_text()
+    assert "## Sequence parallelism" in md and "| fwd_bwd | 64 | ring | 4 |" in md

@@ -302,6 +302,8 @@ def test_slow_variants_stop_growing_and_the_budget_is_kept(tmp_path, monkeypatch
         ({"options": {"nope": {}}}, "options.nope"),
         ({"segments": 0}, "segments"),
         ({"segments": 1000}, "segments"),
+        ({"seq_devices": "1,x"}, "seq_devices"),
+        ({"seq_devices": "1,2"}, "seq_devices"),  # one device in this session (mesh: test_mesh)
     ],
 )
 def test_bad_config_values_name_the_field(changes, field):
@@ -311,6 +313,12 @@ def test_bad_config_values_name_the_field(changes, field):
         cells.plan_cells(config, cells.resolve_dtype(config.dtype, "cpu"))
     assert e.value.field == field
     assert str(e.value).startswith(f"config.{field}:")
+
+
+def test_all_variants_leave_the_ring_to_mesh_sweeps():
+    config = tiny(variants="all")
+    planned = {c.variant for c in cells.plan_cells(config, "float32")}
+    assert "ring" not in planned and set(av.names()) - planned == {"ring"}
 
 
 @pytest.mark.parametrize(
