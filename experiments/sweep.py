@@ -43,7 +43,7 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import bench, report
+from experiments import bench, distributed, report
 from experiments.cells import (
     KEY_FIELDS,
     KINDS,
@@ -63,6 +63,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "results folder; default results
 _REUSE_STALE = flags.DEFINE_bool(
     "reuse_stale", False, "reuse rows measured by other code (another git_commit or jax version)"
 )
+distributed.define_flags()
 
 RESULT_FIELDS = (
     "status",
@@ -462,6 +463,9 @@ def main(argv: list[str]) -> None:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
     workdir = Path(_WORKDIR.value or Path("results") / name)
+    distributed.initialize_from_flags()  # several hosts: before anything touches the devices
+    if jax.process_index():  # one writer: the other processes keep their rows apart
+        workdir = workdir / f"process_{jax.process_index()}"
     command = " ".join(["python -m experiments.sweep", *sys.argv[1:]])
     try:
         ok = run(config, workdir, command, reuse_stale=_REUSE_STALE.value)

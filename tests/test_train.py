@@ -222,3 +222,31 @@ def test_sample_generates_from_the_newest_checkpoint(data_dir, tmp_path):
         sample.sample(tmp_path / "mqar", "def", max_new_tokens=2, temperature=0.0, out=out)
     with pytest.raises(sample.NoModel, match="train one first"):
         sample.sample(tmp_path / "empty", "def", max_new_tokens=2, temperature=0.0, out=out)
+
+
+def test_multi_host_start_up_only_when_asked(monkeypatch):
+    from experiments import distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for name in distributed.ENV.values():
+        monkeypatch.delenv(name, raising=False)
+    assert not distributed.initialize() and calls == []
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "host0:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert distributed.initialize()
+    assert calls == [dict(coordinator_address="host0:1234", num_processes=2, process_id=1)]
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    assert distributed.initialize(enable=True, process_id=0)  # the rest: JAX's detection
+    assert calls[-1] == dict(num_processes=2, process_id=0)
+
+
+def test_a_mesh_of_more_devices_than_there_are_names_the_field():
+    from experiments import distributed
+
+    assert dict(distributed.make_mesh().shape) == {"data": jax.device_count(), "seq": 1}
+    with pytest.raises(ConfigError, match=r"config.mesh: data=2 x seq=1 = 2, but there are 1"):
+        distributed.make_mesh(data=2)
+    with pytest.raises(ConfigError, match=r"config.mesh.seq: must be an int >= 0"):
+        distributed.make_mesh(seq=-1)
