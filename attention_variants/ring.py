@@ -121,30 +121,39 @@ def _seg(ids, rows):
     return None if ids is None else ids[:, rows]
 
 
+def _widen(x, rows: slice, length: int, fill=0.0):
+    """x [B, rows, ...] placed at `rows` of a [B, length, ...] array of `fill` (a pad: XLA's
+    CPU compiler of jax 0.11 crashes on a scatter that overwrites every row in a shard_map)."""
+    start, stop, _ = rows.indices(length)
+    if (start, stop) == (0, length):
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (start, length - stop)
+    return jnp.pad(x, pad, constant_values=fill)
+
+
 def _step_forward(cfg: _Ring, relation: int, q, kv, q_seg):
     """Float32 out [B, L, N, H] and lse [B, L, N] of the local queries over one key block."""
     k, v, k_seg = kv
     B, L, N, H = q.shape
-    out, lse = jnp.zeros((B, L, N, H), jnp.float32), jnp.full((B, L, N), -jnp.inf)
     parts = cfg.parts(relation, L)
     if parts is None:
-        return out, lse
+        return jnp.zeros((B, L, N, H), jnp.float32), jnp.full((B, L, N), -jnp.inf)
     rows, cols, mask = parts
     qp, kp, vp = q[:, rows], k[:, cols], v[:, cols]
     lay = _layout(qp, kp, _seg(q_seg, rows), _seg(k_seg, cols))
     o, l = tiled_attention(
         qp, kp, vp, mask, lay, scale=cfg.scale, block_sizes=cfg.block_sizes, return_lse=True
     )
-    return out.at[:, rows].set(o.astype(jnp.float32)), lse.at[:, rows].set(l)
+    return _widen(o.astype(jnp.float32), rows, L), _widen(l, rows, L, -jnp.inf)
 
 
 def _step_grads(cfg: _Ring, relation: int, q, kv, q_seg, out, lse, d_out, d_lse):
     """Float32 (dq, dk, dv): the share of the gradients that one key block contributes."""
     k, v, k_seg = kv
-    dq, dk, dv = (jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
     parts = cfg.parts(relation, q.shape[1])
     if parts is None:
-        return dq, dk, dv
+        return tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
     rows, cols, mask = parts
     qp, kp = q[:, rows], k[:, cols]
     lay = _layout(qp, kp, _seg(q_seg, rows), _seg(k_seg, cols))
@@ -152,7 +161,8 @@ def _step_grads(cfg: _Ring, relation: int, q, kv, q_seg, out, lse, d_out, d_lse)
         qp, kp, v[:, cols], out[:, rows], lse[:, rows], d_out[:, rows], d_lse[:, rows], mask,
         lay, scale=cfg.scale, block_sizes=cfg.block_sizes,
     )  # fmt: skip
-    return dq.at[:, rows].set(gq), dk.at[:, cols].set(gk), dv.at[:, cols].set(gv)
+    S = k.shape[1]
+    return _widen(gq, rows, q.shape[1]), _widen(gk, cols, S), _widen(gv, cols, S)
 
 
 def _switch(cfg: _Ring, step, fn, *args):
