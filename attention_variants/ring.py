@@ -226,17 +226,33 @@ def _backward(cfg: _Ring, res, cotangents):
     return (dq + gq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
+def _reordered(cfg: _Ring, *xs, inverse: bool = False):
+    """xs in the layout's order along the sequence (zigzag), or back; None stays None."""
+    if cfg.layout != "zigzag":
+        return xs
+    return tuple(None if x is None else _zigzag(x, cfg.n, cfg.axis, inverse) for x in xs)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring_local(cfg: _Ring, q, k, v, q_seg, k_seg):
-    return _forward(cfg, q, k, v, q_seg, k_seg)
+def _ring_local(cfg: _Ring, q, k, v, seg):
+    """The ring on this device's contiguous slice: reorders, rings, and orders back."""
+    return _ring_local_fwd(cfg, q, k, v, seg)[0]
 
 
-def _ring_local_fwd(cfg, q, k, v, q_seg, k_seg):
-    out, lse = _forward(cfg, q, k, v, q_seg, k_seg)
-    return (out, lse), (q, k, v, q_seg, k_seg, out, lse)
+def _ring_local_fwd(cfg, q, k, v, seg):
+    q, k, v, seg = _reordered(cfg, q, k, v, seg)
+    out, lse = _forward(cfg, q, k, v, seg, seg)  # the keys' ids travel with them
+    return _reordered(cfg, out, lse, inverse=True), (q, k, v, seg, out, lse)
 
 
-_ring_local.defvjp(_ring_local_fwd, _backward)
+def _ring_local_bwd(cfg, res, cotangents):
+    """The ring's backward in the layout's order: cotangents reordered in, gradients out."""
+    q, k, v, seg, out, lse = res
+    grads = _backward(cfg, (q, k, v, seg, seg, out, lse), _reordered(cfg, *cotangents))
+    return (*_reordered(cfg, *grads[:3], inverse=True), None)
+
+
+_ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)
 
 
 def _zigzag(x, n: int, axis: str, inverse: bool = False):
@@ -308,12 +324,7 @@ def ring_attention(q, k, v, call, options):
 
     def local(q, k, v, ids=None):
         seg = None if ids is None else _run_ids(ids, n, axis)  # documents are runs of ids
-        if order == "zigzag":
-            q, k, v, seg = (None if x is None else _zigzag(x, n, axis) for x in (q, k, v, seg))
-        out, lse = _ring_local(cfg, q, k, v, seg, seg)  # keys' ids travel with them
-        if order == "zigzag":
-            out, lse = (_zigzag(x, n, axis, inverse=True) for x in (out, lse))
-        return out, lse
+        return _ring_local(cfg, q, k, v, seg)
 
     sharded = PartitionSpec(_batch_axes(axis, B), axis)
     out, lse = jax.shard_map(
@@ -360,7 +371,7 @@ def _implementations(kernels):
     "ring",
     family=MaskedSoftmax(implementations=_implementations),
     long_context=True,
-    test_options=({"block_q": 16, "block_k": 8},),  # on one device: the tiled engine
+    # one device runs blockwise's engine (its test options tile it); tests/test_mesh.py rings
 )
 def ring(*, causal: bool, axis: str = "seq", layout: str = "zigzag") -> Mask:
     """Causal (or full) attention with the sequence sharded over mesh axis `axis`."""

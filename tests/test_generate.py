@@ -3,6 +3,8 @@ decodes: logits fed token by token or in chunks equal the full forward's."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,32 +18,62 @@ F32 = dict(rtol=1e-5, atol=1e-5)
 
 
 def tiny(attention="dense", options=(), **changes):
-    cfg = ModelConfig(
-        vocab_size=37, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=32,
-        max_len=64, attention=attention, attention_options=options, **changes,
-    )  # fmt: skip
-    model = TransformerLM(cfg)
+    model = tiny_model(attention, options, **changes)
     tokens = jax.random.randint(jax.random.key(1), (2, 19), 0, 37)
-    params = model.init(jax.random.key(0), tokens)["params"]
-    return model, params, tokens
+    return model, init_params(**changes), tokens
+
+
+def tiny_model(attention="dense", options=(), **changes):
+    sizes = dict(
+        vocab_size=37, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=32,
+        max_len=64,
+    )  # fmt: skip
+    sizes.update(changes)
+    return TransformerLM(ModelConfig(attention=attention, attention_options=options, **sizes))
+
+
+def init_decode(model, B, max_len):
+    """The model's variables from its decode init on B rows of max_len tokens. It runs eagerly:
+    the same [2, 24] in every test shares the compiled ops."""
+    return model.init(jax.random.key(0), jnp.zeros((B, max_len), jnp.int32), decode=True)
+
+
+@functools.cache
+def init_params(**changes):
+    """Random (never zero) parameters, made once per kind of model: attention kernels hold no
+    parameters (a variant that did would fail `apply` for the missing ones), and the init does
+    not depend on the tokens, so the dense model's serves every variant (the same values as
+    each variant's own init on `tokens`)."""
+    return init_decode(tiny_model(**changes), 2, 24)["params"]
+
+
+@functools.cache
+def empty_cache(model, B, max_len):
+    """The model's fresh decode cache for B rows of max_len tokens (immutable: shared)."""
+    return init_decode(model, B, max_len)["cache"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(model, params, tokens):
+    """The full forward's logits, jitted once per model config (shared across tests)."""
+    return model.apply({"params": params}, tokens)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def extend(model, params, cache, part):
+    logits, variables = model.apply(
+        {"params": params, "cache": cache}, part, decode=True, mutable=["cache"]
+    )
+    return logits, variables["cache"]
 
 
 def decode_logits(model, params, tokens, chunks, max_len=None):
     """Logits of every position, fed through the cache in chunks of the given sizes."""
     B, T = tokens.shape
-    cache = model.init(jax.random.key(0), jnp.zeros((B, max_len or T), jnp.int32), decode=True)
-    cache = cache["cache"]
-
-    @jax.jit
-    def extend(cache, part):
-        logits, variables = model.apply(
-            {"params": params, "cache": cache}, part, decode=True, mutable=["cache"]
-        )
-        return logits, variables["cache"]
-
+    cache = empty_cache(model, B, max_len or T)
     outs, start = [], 0
     for size in chunks:
-        logits, cache = extend(cache, tokens[:, start : start + size])
+        logits, cache = extend(model, params, cache, tokens[:, start : start + size])
         outs.append(logits)
         start += size
     return jnp.concatenate(outs, axis=1), cache
@@ -50,7 +82,7 @@ def decode_logits(model, params, tokens, chunks, max_len=None):
 @pytest.mark.parametrize("name,opts", SMALL)
 def test_token_by_token_logits_equal_the_full_forward(name, opts):
     model, params, tokens = tiny(name, opts)
-    full = model.apply({"params": params}, tokens)
+    full = forward(model, params, tokens)
     logits, cache = decode_logits(model, params, tokens, [1] * 19, max_len=24)
     np.testing.assert_allclose(logits, full, **F32)
     assert int(cache["position"]) == 19
@@ -59,9 +91,9 @@ def test_token_by_token_logits_equal_the_full_forward(name, opts):
 @pytest.mark.parametrize("positions", ["learned", "sinusoidal", "none"])
 def test_chunked_prefill_with_each_kind_of_positions(positions):
     model, params, tokens = tiny("sliding_window", {"window": 6}, positions=positions)
-    full = model.apply({"params": params}, tokens)
-    for chunks in ([19], [7, 7, 5], [1, 7, 11]):
-        logits, _ = decode_logits(model, params, tokens, chunks)
+    full = forward(model, params, tokens)
+    for chunks in ([19], [7, 7, 5], [1, 5, 7, 1, 5]):  # 4 sizes: 4 compiles
+        logits, _ = decode_logits(model, params, tokens, chunks, max_len=24)
         np.testing.assert_allclose(logits, full, **F32, err_msg=str(chunks))
 
 
@@ -70,10 +102,13 @@ def test_greedy_generation_equals_an_argmax_loop_over_the_full_forward(name, opt
     model, params, tokens = tiny(name, opts)
     prompt = tokens[:, :5]
     out = generate(model, params, prompt, 6, jax.random.key(0), temperature=0.0)
-    seq = prompt
-    for _ in range(6):  # the slow way: the whole sequence again for every token
-        logits = model.apply({"params": params}, seq)
-        seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1], -1)[:, None]], axis=1)
+    # The slow way: the whole sequence again for every token. The model is causal, so the
+    # logits at position t see tokens [0, t] only: one jitted length serves every step, its
+    # tail (random tokens, not yet generated) overwritten one token at a time.
+    seq = tokens[:, :11]
+    for t in range(5, 11):
+        logits = forward(model, params, seq)
+        seq = seq.at[:, t].set(jnp.argmax(logits[:, t - 1], -1))
     np.testing.assert_array_equal(out, seq)
     chunked = generate(model, params, prompt, 6, jax.random.key(0), temperature=0.0,
                        prefill_chunk=2)  # fmt: skip
@@ -81,7 +116,7 @@ def test_greedy_generation_equals_an_argmax_loop_over_the_full_forward(name, opt
 
 
 def test_sampling_is_deterministic_for_a_key_and_follows_top_k():
-    model, params, tokens = tiny()
+    model, params, tokens = tiny(num_layers=1)  # one block: sampling needs no depth
     prompt = tokens[:, :4]
     draw = lambda seed, **kw: generate(model, params, prompt, 12, jax.random.key(seed), **kw)  # noqa: E731
     np.testing.assert_array_equal(draw(3), draw(3))
@@ -93,10 +128,12 @@ def test_sampling_is_deterministic_for_a_key_and_follows_top_k():
 def test_sample_logits_keeps_only_the_allowed_tokens():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 2000)
-    draws = lambda **kw: np.array([sample_logits(logits, k, **kw)[0] for k in keys[:400]])  # noqa: E731
-    assert set(draws(top_k=2)) == {0, 1}
-    assert set(draws(top_p=0.7)) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 reaches it
-    counts = np.bincount(jax.vmap(lambda k: sample_logits(logits, k)[0])(keys), minlength=4)
+    draws = lambda **kw: jax.jit(jax.vmap(lambda k: sample_logits(logits, k, **kw)[0]))(keys[:400])  # noqa: E731
+    assert set(np.asarray(draws(top_k=2))) == {0, 1}
+    assert set(np.asarray(draws(top_p=0.7))) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 reaches it
+    counts = np.bincount(
+        jax.jit(jax.vmap(lambda k: sample_logits(logits, k)[0]))(keys), minlength=4
+    )
     np.testing.assert_allclose(counts / 2000, [0.5, 0.3, 0.15, 0.05], atol=0.04)
 
 
@@ -108,7 +145,7 @@ def test_requests_beyond_the_kv_cache_are_refused_naming_the_numbers():
     model, params, tokens = tiny("sliding_window", {"window": 4}, positions="rope")
     out = generate(model, params, tokens[:, :5], 10, jax.random.key(0), max_len=12,
                    temperature=0.0)  # fmt: skip
-    greedy = jnp.argmax(model.apply({"params": params}, out[:, :-1]), -1)
+    greedy = jnp.argmax(forward(model, params, out[:, :-1]), -1)
     np.testing.assert_array_equal(out[:, 5:], greedy[:, 4:])
 
 
@@ -125,12 +162,12 @@ def test_sampling_options_out_of_range_are_named(option, value, needle):
 
 def test_model_decode_errors():
     model, params, tokens = tiny()
-    cache = model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32), decode=True)["cache"]
-    variables = {"params": params, "cache": cache}
-    with pytest.raises(ValueError, match="max_len=8 tokens: 0 cached plus 9 new"):
-        model.apply(variables, tokens[:, :9], decode=True, mutable=["cache"])
-    with pytest.raises(ValueError, match="needs a cache"):
-        model.apply({"params": params}, tokens[:, :3], decode=True, mutable=["cache"])
+    variables = {"params": params, "cache": empty_cache(model, 2, 24)}  # the shared cache
+    longer = jnp.concatenate([tokens, tokens], axis=1)
+    with pytest.raises(ValueError, match="max_len=24 tokens: 0 cached plus 25 new"):
+        model.apply(variables, longer[:, :25], decode=True, mutable=["cache"])
+    with pytest.raises(ValueError, match="needs a cache"):  # [2, 24]: the init's eager shapes
+        model.apply({"params": params}, longer[:, :24], decode=True, mutable=["cache"])
     with pytest.raises(ValueError, match="segment_ids must be None"):
         model.apply(variables, tokens[:, :3], jnp.zeros((2, 3), jnp.int32), decode=True,
                     mutable=["cache"])  # fmt: skip
