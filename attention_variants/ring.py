@@ -33,15 +33,19 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from attention_variants.common import check_ids, check_inputs, layout, offset_of
+from attention_variants.common import check_ids, check_inputs, default_scale, layout, offset_of
 from attention_variants.families import MaskedSoftmax, contract
 from attention_variants.masks import Causal, Mask, causal_or_full
 from attention_variants.registry import Implementation, register, spec
 from attention_variants.tiled import (
     BlockSizes,
-    make_schedule,
-    tiled_attention,
-    tiled_attention_grads,
+    attend_tiles,
+    attend_tiles_grads,
+    from_tiles,
+    plan,
+    scaled,
+    to_tiles,
+    with_ones,
 )
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -72,36 +76,70 @@ def _placed(x, spec: PartitionSpec):
     return x
 
 
+def tile_sizes(L: int, layout: str, block_sizes: BlockSizes) -> BlockSizes:
+    """The tiles of a ring over shards of L positions: as asked (at most L); with the zigzag
+    layout the largest that divide L / 2, so that a step can take half of a shard's tiles."""
+    span = L // 2 if layout == "zigzag" else L
+
+    def size(block: int) -> int:
+        if layout != "zigzag":
+            return min(block, L)
+        return max(d for d in range(1, min(block, span) + 1) if span % d == 0)
+
+    return BlockSizes(size(block_sizes.block_q), size(block_sizes.block_k))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Ring:
-    """Everything static about one ring call (local length L = T / n per device)."""
+    """Everything static about one ring call: L positions per device, tiles, head grouping."""
 
     axis: str
     n: int
     layout: str
     causal: bool
     scale: float | None
-    block_sizes: BlockSizes
+    tiles: BlockSizes  # `tile_sizes`: they divide what a step slices
+    L: int
+    heads: tuple[int, int]  # N query heads, K key/value heads
 
-    def parts(self, relation: int, L: int):
+    def parts(self, relation: int):
         """What a step computes: (query rows, key rows, mask), or None when it is skipped.
 
         relation: 0 the device's own block, 1 a block from an earlier device, 2 a later one.
         """
-        everything = slice(None)
+        everything = slice(0, self.L)
         if not self.causal:
             return everything, everything, Mask()
         if relation == 0:  # both layouts keep positions increasing within a device
             return everything, everything, Causal()
         if self.layout == "contiguous":
             return (everything, everything, Mask()) if relation == 1 else None
-        half = L // 2  # zigzag: chunks (i, 2n-1-i) against (j, 2n-1-j)
+        half = self.L // 2  # zigzag: chunks (i, 2n-1-i) against (j, 2n-1-j)
         if relation == 1:  # j < i: every query sees the early chunk j, none the late one
             return everything, slice(0, half), Mask()
-        return slice(half, None), everything, Mask()  # j > i: only the late chunk sees it
+        return slice(half, self.L), everything, Mask()  # j > i: only the late chunk sees it
 
     def relations(self) -> int:
         return 3 if self.causal else 1
+
+    def step(self, relation: int, q_seg, k_seg):
+        """(query tiles, key tiles, plan) of a step, or None when it is skipped."""
+        parts = self.parts(relation)
+        if parts is None:
+            return None
+        rows, cols, mask = parts
+        T, S = rows.stop - rows.start, cols.stop - cols.start
+        B = 1 if q_seg is None else q_seg.shape[0]
+        shape = (jax.ShapeDtypeStruct((B, T, 1, 1), jnp.float32),
+                 jax.ShapeDtypeStruct((B, S, 1, 1), jnp.float32))  # fmt: skip
+        if q_seg is None:
+            lay = layout(*shape)
+        else:
+            lay = layout(*shape, segment_ids=q_seg[:, rows], kv_segment_ids=k_seg[:, cols])
+        bq, bk = self.tiles.block_q, self.tiles.block_k
+        tile_rows = slice(rows.start // bq, -(-rows.stop // bq))
+        tile_cols = slice(cols.start // bk, -(-cols.stop // bk))
+        return tile_rows, tile_cols, plan(T, self.heads[0], S, self.heads[1], mask, lay, self.tiles)
 
 
 def _relation(step, n: int, axis: str):
@@ -111,58 +149,40 @@ def _relation(step, n: int, axis: str):
     return jnp.where(step == 0, 0, jnp.where(j < i, 1, 2))
 
 
-def _layout(q, k, q_seg, k_seg):
-    if q_seg is None:
-        return layout(q, k)
-    return layout(q, k, segment_ids=q_seg, kv_segment_ids=k_seg)
-
-
-def _seg(ids, rows):
-    return None if ids is None else ids[:, rows]
-
-
-def _widen(x, rows: slice, length: int, fill=0.0):
-    """x [B, rows, ...] placed at `rows` of a [B, length, ...] array of `fill` (a pad: XLA's
+def _widen(x, rows: slice, count: int, fill=0.0):
+    """x [rows, ...] (tiles) placed at `rows` of a [count, ...] array of `fill` (a pad: XLA's
     CPU compiler of jax 0.11 crashes on a scatter that overwrites every row in a shard_map)."""
-    start, stop, _ = rows.indices(length)
-    if (start, stop) == (0, length):
+    if (rows.start, rows.stop) == (0, count):
         return x
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (start, length - stop)
-    return jnp.pad(x, pad, constant_values=fill)
+    return jnp.pad(x, [(rows.start, count - rows.stop)] + [(0, 0)] * (x.ndim - 1),
+                   constant_values=fill)  # fmt: skip
 
 
 def _step_forward(cfg: _Ring, relation: int, q, kv, q_seg):
-    """Float32 out [B, L, N, H] and lse [B, L, N] of the local queries over one key block."""
+    """Float32 out and lse tiles ([nq, B, K, G*bq, H], [nq, B, K, G*bq]; lse -inf on rows that
+    see nothing) of the local query tiles over one block of key tiles (values `with_ones`)."""
     k, v, k_seg = kv
-    B, L, N, H = q.shape
-    parts = cfg.parts(relation, L)
-    if parts is None:
-        return jnp.zeros((B, L, N, H), jnp.float32), jnp.full((B, L, N), -jnp.inf)
-    rows, cols, mask = parts
-    qp, kp, vp = q[:, rows], k[:, cols], v[:, cols]
-    lay = _layout(qp, kp, _seg(q_seg, rows), _seg(k_seg, cols))
-    o, l = tiled_attention(
-        qp, kp, vp, mask, lay, scale=cfg.scale, block_sizes=cfg.block_sizes, return_lse=True
-    )
-    return _widen(o.astype(jnp.float32), rows, L), _widen(l, rows, L, -jnp.inf)
+    out = jnp.zeros(q.shape, jnp.float32)
+    lse = jnp.full(q.shape[:-1], -jnp.inf)
+    step = cfg.step(relation, q_seg, k_seg)
+    if step is None:
+        return out, lse
+    rows, cols, (st, co_q, co_k) = step
+    o, l = attend_tiles(st, q[rows], k[cols], v[cols], co_q, co_k)
+    l = jnp.where(jnp.isposinf(l), -jnp.inf, l)  # the engine's empty rows: +inf
+    return _widen(o.astype(jnp.float32), rows, len(q)), _widen(l, rows, len(q), -jnp.inf)
 
 
 def _step_grads(cfg: _Ring, relation: int, q, kv, q_seg, out, lse, d_out, d_lse):
-    """Float32 (dq, dk, dv): the share of the gradients that one key block contributes."""
+    """Float32 (dq, dk, dv) tiles: the share of the gradients that one key block contributes."""
     k, v, k_seg = kv
-    parts = cfg.parts(relation, q.shape[1])
-    if parts is None:
+    step = cfg.step(relation, q_seg, k_seg)
+    if step is None:
         return tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
-    rows, cols, mask = parts
-    qp, kp = q[:, rows], k[:, cols]
-    lay = _layout(qp, kp, _seg(q_seg, rows), _seg(k_seg, cols))
-    gq, gk, gv = tiled_attention_grads(
-        qp, kp, v[:, cols], out[:, rows], lse[:, rows], d_out[:, rows], d_lse[:, rows], mask,
-        lay, scale=cfg.scale, block_sizes=cfg.block_sizes,
-    )  # fmt: skip
-    S = k.shape[1]
-    return _widen(gq, rows, q.shape[1]), _widen(gk, cols, S), _widen(gv, cols, S)
+    rows, cols, (st, co_q, co_k) = step
+    res = (q[rows], k[cols], v[cols], co_q, co_k, out[rows], lse[rows])
+    gq, gk, gv = attend_tiles_grads(st, res, (d_out[rows], d_lse[rows]))
+    return _widen(gq, rows, len(q)), _widen(gk, cols, len(k)), _widen(gv, cols, len(k))
 
 
 def _switch(cfg: _Ring, step, fn, *args):
@@ -187,30 +207,27 @@ def _merge(out, lse, o, l):
     return out, new
 
 
-def _forward(cfg: _Ring, q, k, v, q_seg, k_seg):
-    """The local queries over every block of the ring: out (q's dtype), lse float32."""
+def _forward(cfg: _Ring, q, k, v, seg):
+    """The local query tiles over every block of the ring (tiles throughout; the values travel
+    `with_ones`): float32 out and lse (-inf on rows that see nothing)."""
     attend = functools.partial(_step_forward, cfg)
 
     def step(s, carry):  # the block in hand is computed while it is sent on
         out, lse, kv = carry
         arriving = _pass_on(cfg, kv)
-        return (*_merge(out, lse, *_switch(cfg, s, attend, q, kv, q_seg)), arriving)
+        return (*_merge(out, lse, *_switch(cfg, s, attend, q, kv, seg)), arriving)
 
-    B, L, N, H = q.shape
-    start = jnp.zeros((B, L, N, H), jnp.float32), jnp.full((B, L, N), -jnp.inf), (k, v, k_seg)
+    start = jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf), (k, v, seg)
     out, lse, kv = lax.fori_loop(0, cfg.n - 1, step, start)
-    out, lse = _merge(out, lse, *_switch(cfg, cfg.n - 1, attend, q, kv, q_seg))
-    return out.astype(q.dtype), lse
+    return _merge(out, lse, *_switch(cfg, cfg.n - 1, attend, q, kv, seg))
 
 
-def _backward(cfg: _Ring, res, cotangents):
+def _backward(cfg: _Ring, q, k, v, seg, out, lse, d_out, d_lse):
     """Rings the blocks again; each block's dK/dV travel with it and arrive home at the end."""
-    q, k, v, q_seg, k_seg, out, lse = res
-    d_out, d_lse = cotangents
     grads = functools.partial(_step_grads, cfg)
 
     def share(s, kv):
-        return _switch(cfg, s, grads, q, kv, q_seg, out, lse, d_out, d_lse)
+        return _switch(cfg, s, grads, q, kv, seg, out, lse, d_out, d_lse)
 
     def step(s, carry):
         dq, kv, (dk, dv) = carry
@@ -219,11 +236,11 @@ def _backward(cfg: _Ring, res, cotangents):
         return dq + gq, arriving, _pass_on(cfg, (dk + gk, dv + gv))
 
     zeros = [jnp.zeros(x.shape, jnp.float32) for x in (q, k, v)]
-    start = zeros[0], (k, v, k_seg), (zeros[1], zeros[2])
+    start = zeros[0], (k, v, seg), (zeros[1], zeros[2])
     dq, kv, (dk, dv) = lax.fori_loop(0, cfg.n - 1, step, start)
     gq, gk, gv = share(cfg.n - 1, kv)
     dk, dv = _pass_on(cfg, (dk + gk, dv + gv))  # the last hop brings them home
-    return (dq + gq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+    return dq + gq, dk, dv
 
 
 def _reordered(cfg: _Ring, *xs, inverse: bool = False):
@@ -233,23 +250,44 @@ def _reordered(cfg: _Ring, *xs, inverse: bool = False):
     return tuple(None if x is None else _zigzag(x, cfg.n, cfg.axis, inverse) for x in xs)
 
 
+def _tiled(cfg: _Ring, x, which: str):
+    """[B, L, heads, H] -> the engine's tiles of queries ("q") or keys/values ("k")."""
+    if which == "q":
+        return to_tiles(x, cfg.tiles.block_q, cfg.heads[0] // cfg.heads[1])
+    return to_tiles(x, cfg.tiles.block_k, 1)
+
+
+def _rows(cfg: _Ring, x):
+    """[B, L, N] (lse and its cotangent) -> query-tile rows [nq, B, K, G*bq]."""
+    return _tiled(cfg, x[..., None], "q")[..., 0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ring_local(cfg: _Ring, q, k, v, seg):
-    """The ring on this device's contiguous slice: reorders, rings, and orders back."""
+    """The ring on this device's contiguous slice: reorders, tiles, rings, and back."""
     return _ring_local_fwd(cfg, q, k, v, seg)[0]
 
 
 def _ring_local_fwd(cfg, q, k, v, seg):
     q, k, v, seg = _reordered(cfg, q, k, v, seg)
-    out, lse = _forward(cfg, q, k, v, seg, seg)  # the keys' ids travel with them
-    return _reordered(cfg, out, lse, inverse=True), (q, k, v, seg, out, lse)
+    tiles = _tiled(cfg, scaled(q, cfg.scale), "q"), _tiled(cfg, k, "k"), _tiled(cfg, v, "k")
+    out, lse = _forward(cfg, *tiles[:2], with_ones(tiles[2]), seg)  # ids travel with the keys
+    G = cfg.heads[0] // cfg.heads[1]
+    result = from_tiles(out, cfg.L, G).astype(q.dtype), from_tiles(lse[..., None], cfg.L, G)[..., 0]
+    lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # the engine's convention for the backward
+    return _reordered(cfg, *result, inverse=True), (*tiles, seg, out.astype(q.dtype), lse)
 
 
 def _ring_local_bwd(cfg, res, cotangents):
-    """The ring's backward in the layout's order: cotangents reordered in, gradients out."""
+    """The ring's backward on tiles in the layout's order; gradients ordered back."""
     q, k, v, seg, out, lse = res
-    grads = _backward(cfg, (q, k, v, seg, seg, out, lse), _reordered(cfg, *cotangents))
-    return (*_reordered(cfg, *grads[:3], inverse=True), None)
+    d_out, d_lse = _reordered(cfg, *cotangents)
+    dq, dk, dv = _backward(cfg, q, k, v, seg, out, lse, _tiled(cfg, d_out, "q"), _rows(cfg, d_lse))
+    G = cfg.heads[0] // cfg.heads[1]
+    dq = from_tiles(dq, cfg.L, G) * default_scale(cfg.scale, dq.shape[-1])
+    dk, dv = from_tiles(dk, cfg.L, 1), from_tiles(dv, cfg.L, 1)
+    grads = dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    return (*_reordered(cfg, *grads, inverse=True), None)
 
 
 _ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)
@@ -309,14 +347,16 @@ def ring_attention(q, k, v, call, options):
     axis, n = options["axis"], axis_size(options["axis"])
     causal, tiles = call["causal"], BlockSizes(options["block_q"], options["block_k"])
     order = options["layout"] if causal else "contiguous"  # the balance matters when causal
-    cfg = _Ring(axis, n, order, causal, call["scale"], tiles)
-    B, T = q.shape[:2]
+    B, T, N, _ = q.shape
     chunks = 2 * n if order == "zigzag" else n
     if T % chunks:
         raise ValueError(
             f"ring: T={T} must be a multiple of {chunks} ({order} layout over the {axis!r} axis "
             f"of {n} devices); pad the rows or choose another length"
         )
+    L = T // n
+    heads = (N, k.shape[2])
+    cfg = _Ring(axis, n, order, causal, call["scale"], tile_sizes(L, order, tiles), L, heads)
     args = [q, k, v]
     if call["segment_ids"] is not None:
         check_ids("segment_ids", call["segment_ids"], (B, T))
@@ -343,20 +383,16 @@ def tile_work(T: int, n: int, *, layout: str = "zigzag", causal: bool = True,
     Counted from the same tile schedules the kernel runs (`tiled.make_schedule`), so max / mean
     is the causal imbalance of the layout.
     """
-    cfg = _Ring("seq", n, layout if causal else "contiguous", causal, None, block_sizes)
-    chunks = 2 * n if cfg.layout == "zigzag" else n
+    order = layout if causal else "contiguous"
+    chunks = 2 * n if order == "zigzag" else n
     L = -(-T // chunks) * chunks // n
+    cfg = _Ring("seq", n, order, causal, None, tile_sizes(L, order, block_sizes), L, (1, 1))
     work = np.zeros(n, np.int64)
     for i in range(n):
         for s in range(n):
             j = (i - s) % n
-            parts = cfg.parts(0 if s == 0 else 1 if j < i else 2, L)
-            if parts is None:
-                continue
-            rows, cols, mask = parts
-            Tq, Sk = len(range(L)[rows]), len(range(L)[cols])
-            bq, bk = min(block_sizes.block_q, Tq), min(block_sizes.block_k, Sk)
-            work[i] += make_schedule(mask, Tq, Sk, bq, bk, False).tiles
+            step = cfg.step(0 if s == 0 else 1 if j < i else 2, None, None)
+            work[i] += 0 if step is None else step[2][0].schedule.tiles
     return work
 
 

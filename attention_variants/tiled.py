@@ -184,16 +184,21 @@ def _two_loops(lo_full, hi, step, carry):
     return lax.fori_loop(lo_full, hi, step(True), carry)
 
 
-def _forward(st: _Static, q, k, v, co_q, co_k):
+def with_ones(v):
+    """Value tiles with a column of ones after H: the PV matmul then also returns the softmax
+    row sums."""
+    return jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
+
+
+def _forward(st: _Static, q, k, v, co_q, co_k, ones_appended: bool = False):
     """q [nq, B, K, G*bq, H] (pre-scaled); k, v [nk, B, K, bk, H] -> out like q, lse.
 
     lse [nq, B, K, G*bq] is +inf on rows that see no key, so that exp(s - lse) = 0 there.
+    With `ones_appended`, v is already `with_ones(v)`.
     """
     sched = st.schedule
     kv, count, n_full = (jnp.asarray(a) for a in (sched.kv, sched.count, sched.full))
-    # A column of ones after V makes the PV matmul also return the softmax row sums.
-    ones = jnp.ones((*v.shape[:-1], 1), v.dtype)
-    v1 = jnp.concatenate([v, ones], axis=-1)  # [nk, B, K, bk, H + 1]
+    v1 = v if ones_appended else with_ones(v)  # [nk, B, K, bk, H + 1]
     rows = q.shape[1:-1]  # [B, K, G*bq]
 
     def one_query_tile(args):
@@ -295,7 +300,7 @@ def _tiled_fwd(st, q, k, v, co_q, co_k):
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)
 
 
-def _tiles(x, block: int, group: int):
+def to_tiles(x, block: int, group: int):
     """[B, T, heads, H] -> tiles [n, B, K, group*block, H], T zero-padded to n * block.
 
     Rows of a tile are ordered (g, position): the `group` query heads sharing a K/V head.
@@ -307,8 +312,8 @@ def _tiles(x, block: int, group: int):
     return x.reshape(n, B, heads // group, group * block, H)
 
 
-def _untiles(x, T: int, group: int):
-    """The inverse of `_tiles`: [n, B, K, group*block, H] -> [B, T, K*group, H]."""
+def from_tiles(x, T: int, group: int):
+    """The inverse of `to_tiles`: [n, B, K, group*block, H] -> [B, T, K*group, H]."""
     n, B, K, rows, H = x.shape
     x = x.reshape(n, B, K, group, rows // group, H).transpose(1, 0, 4, 2, 3, 5)
     return x.reshape(B, n * (rows // group), K * group, H)[:, :T]
@@ -323,10 +328,9 @@ def _coordinate_tiles(x, block: int):
     return x.reshape(x.shape[0], n, block).transpose(1, 0, 2)
 
 
-def _setup(q, k, mask: Mask, lay: Layout, block_sizes: BlockSizes):
-    """The static description of a call and its coordinate tiles."""
-    T, N = q.shape[1:3]
-    S, K = k.shape[1:3]
+def plan(T: int, N: int, S: int, K: int, mask: Mask, lay: Layout, block_sizes: BlockSizes):
+    """The static description of a call of T queries (N heads) over S keys (K heads), and its
+    coordinate tiles: (st, co_q, co_k) for `attend_tiles` / `attend_tiles_grads`."""
     bq, bk = min(block_sizes.block_q, T), min(block_sizes.block_k, S)
     absolute = lay.q_offset is not None and not lay.within_document
     st = _Static(mask, T, S, bq, bk, N // K, lay.segmented, lay.q_offset, absolute)
@@ -335,7 +339,7 @@ def _setup(q, k, mask: Mask, lay: Layout, block_sizes: BlockSizes):
     return st, co_q, co_k
 
 
-def _scaled(q, scale):
+def scaled(q, scale):
     return (q.astype(jnp.float32) * default_scale(scale, q.shape[-1])).astype(q.dtype)
 
 
@@ -355,38 +359,19 @@ def tiled_attention(
     `lay` places queries and keys (`common.layout`). Returns out [B, T, N, H] and, with
     `return_lse`, lse [B, T, N] float32 (-inf on rows that see no key).
     """
-    st, co_q, co_k = _setup(q, k, mask, lay, block_sizes)
+    st, co_q, co_k = plan(*q.shape[1:3], *k.shape[1:3], mask, lay, block_sizes)
     T, G = st.T, st.groups
-    tiles = _tiles(_scaled(q, scale), st.bq, G), _tiles(k, st.bk, 1), _tiles(v, st.bk, 1)
+    tiles = to_tiles(scaled(q, scale), st.bq, G), to_tiles(k, st.bk, 1), to_tiles(v, st.bk, 1)
     out, lse = _tiled(st, *tiles, co_q, co_k)
-    out = _untiles(out, T, G)
+    out = from_tiles(out, T, G)
     if not return_lse:
         return out
-    lse = _untiles(lse[..., None], T, G)[..., 0]
+    lse = from_tiles(lse[..., None], T, G)[..., 0]
     return out, jnp.where(jnp.isinf(lse), -jnp.inf, lse)
 
 
-def tiled_attention_grads(
-    q, k, v, out, lse, d_out, d_lse, mask: Mask, lay: Layout, *, scale=None,
-    block_sizes: BlockSizes = BlockSizes(),
-):  # fmt: skip
-    """Float32 gradients (dq, dk, dv) of softmax attention for the keys k, v alone.
-
-    out [B,T,N,H] and lse [B,T,N] are the attention's results over *all* its keys, of which k,
-    v are one block (a ring step): then the gradients are this block's exact share (dq summed
-    over blocks is the full dq). d_out, d_lse are the cotangents of out and lse.
-    """
-    st, co_q, co_k = _setup(q, k, mask, lay, block_sizes)
-    G = st.groups
-
-    def rows(x):  # [B, T, N] -> [nq, B, K, G*bq]
-        return _tiles(x[..., None], st.bq, G)[..., 0]
-
-    lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # the engine's convention: p = 0 there
-    res = (
-        _tiles(_scaled(q, scale), st.bq, G), _tiles(k, st.bk, 1), _tiles(v, st.bk, 1),
-        co_q, co_k, _tiles(out, st.bq, G), rows(lse.astype(jnp.float32)),
-    )  # fmt: skip
-    dq, dk, dv = _backward(st, res, (_tiles(d_out, st.bq, G), rows(d_lse.astype(jnp.float32))))
-    dq = _untiles(dq, st.T, G) * default_scale(scale, q.shape[-1])
-    return dq, _untiles(dk, st.S, 1), _untiles(dv, st.S, 1)
+# The engine on tiles, for callers that keep their operands tiled across calls (`ring.py`):
+# q tiles pre-scaled, value tiles `with_ones`, lse +inf on rows that see no key, gradients
+# float32 (of the scaled q).
+attend_tiles = functools.partial(_forward, ones_appended=True)
+attend_tiles_grads = _backward
