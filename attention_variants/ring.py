@@ -2,7 +2,9 @@
 
 Each device of the `seq` axis keeps its queries; the key/value blocks travel around the axis
 with `lax.ppermute`, one hop per step, while the block in hand runs through the tiled engine
-(`tiled.py`); partial results merge with their log-sum-exps in float32. The backward rings too:
+(`tiled.py`); partial results merge with their log-sum-exps in float32. Everything stays in the
+engine's tile layout from the first step to the last (queries tiled once, key/value tiles
+travel), so no step copies its operands. The backward rings too:
 each block's dK/dV accumulators travel with it and arrive home after a full turn, so memory per
 device is O(T / devices) in the forward and the backward.
 
