@@ -9,11 +9,13 @@ each block's dK/dV accumulators travel with it and arrive home after a full turn
 device is O(T / devices) in the forward and the backward.
 
 Causal load balance. With `layout="contiguous"` device i holds the i-th slice of the sequence
-and sees only the blocks of devices j <= i: the last device works n times as long as the first.
-With `layout="zigzag"` (the default) the sequence is cut into 2n chunks and device i holds
-chunks i and 2n-1-i, one early and one late: at every step each device runs half a block of
-work (its own block causally; an earlier device's first chunk with all its queries; a later
-device's keys with its late chunk only), and the rest is skipped. `tile_work` counts it.
+and sees only the blocks of devices j <= i: the last device does about 2n - 1 times the work of
+the first (twice the mean), and every step waits for it. With `layout="zigzag"` (the default;
+the two-chunk scheme of Llama 3's context parallelism, Dubey et al. 2024) the sequence is cut
+into 2n chunks and device i holds chunks i and 2n-1-i, one early and one late: at every step
+each device runs half a block of work (its own block causally; an earlier device's first chunk
+with all its queries; a later device's keys with its late chunk only), and the rest is skipped.
+`tile_work` counts it.
 
 The mesh is JAX's current one (`jax.set_mesh(mesh)`) and the axis is found by name (`axis`).
 Outside a mesh, on an axis of size 1, or for a call the ring does not serve (decoding offsets,
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +50,6 @@ from attention_variants.tiled import (
     plan,
     scaled,
     to_tiles,
-    with_ones,
 )
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -62,10 +64,13 @@ def axis_size(axis: str) -> int:
 
 
 def _batch_axes(axis: str, B: int) -> tuple[str, ...] | None:
-    """The mesh's other axes, which split the batch when it divides (else each holds it all)."""
+    """The mesh's other axes that split the batch: the longest run of them, in mesh order,
+    whose sizes divide B (the rest hold the whole batch)."""
     mesh = jax.sharding.get_abstract_mesh()
-    others = tuple(a for a in mesh.axis_names if a != axis and mesh.shape[a] > 1)
-    return others if others and B % np.prod([mesh.shape[a] for a in others]) == 0 else None
+    others = [a for a in mesh.axis_names if a != axis and mesh.shape[a] > 1]
+    while others and B % np.prod([mesh.shape[a] for a in others]):
+        others.pop()
+    return tuple(others) or None
 
 
 def _placed(x, spec: PartitionSpec):
@@ -83,12 +88,19 @@ def tile_sizes(L: int, layout: str, block_sizes: BlockSizes) -> BlockSizes:
     layout the largest that divide L / 2, so that a step can take half of a shard's tiles."""
     span = L // 2 if layout == "zigzag" else L
 
-    def size(block: int) -> int:
+    def size(name: str, block: int) -> int:
         if layout != "zigzag":
             return min(block, L)
-        return max(d for d in range(1, min(block, span) + 1) if span % d == 0)
+        tile = max(d for d in range(1, min(block, span) + 1) if span % d == 0)
+        if tile * 8 < min(block, span):  # e.g. a prime half shard: tiles of 1
+            raise ValueError(
+                f"ring: a half shard of T/2n={span} positions has no divisor near {name}="
+                f"{block} (the largest is {tile}); choose T with T/2n a multiple of a power of "
+                "two, or layout='contiguous'"
+            )
+        return tile
 
-    return BlockSizes(size(block_sizes.block_q), size(block_sizes.block_k))
+    return BlockSizes(size("block_q", block_sizes.block_q), size("block_k", block_sizes.block_k))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +174,7 @@ def _widen(x, rows: slice, count: int, fill=0.0):
 
 def _step_forward(cfg: _Ring, relation: int, q, kv, q_seg):
     """Float32 out and lse tiles ([nq, B, K, G*bq, H], [nq, B, K, G*bq]; lse -inf on rows that
-    see nothing) of the local query tiles over one block of key tiles (values `with_ones`)."""
+    see nothing) of the local query tiles over one block of key tiles."""
     k, v, k_seg = kv
     out = jnp.zeros(q.shape, jnp.float32)
     lse = jnp.full(q.shape[:-1], -jnp.inf)
@@ -210,8 +222,8 @@ def _merge(out, lse, o, l):
 
 
 def _forward(cfg: _Ring, q, k, v, seg):
-    """The local query tiles over every block of the ring (tiles throughout; the values travel
-    `with_ones`): float32 out and lse (-inf on rows that see nothing)."""
+    """The local query tiles over every block of the ring (tiles throughout): float32 out and
+    lse (-inf on rows that see nothing)."""
     attend = functools.partial(_step_forward, cfg)
 
     def step(s, carry):  # the block in hand is computed while it is sent on
@@ -273,7 +285,7 @@ def _ring_local(cfg: _Ring, q, k, v, seg):
 def _ring_local_fwd(cfg, q, k, v, seg):
     q, k, v, seg = _reordered(cfg, q, k, v, seg)
     tiles = _tiled(cfg, scaled(q, cfg.scale), "q"), _tiled(cfg, k, "k"), _tiled(cfg, v, "k")
-    out, lse = _forward(cfg, *tiles[:2], with_ones(tiles[2]), seg)  # ids travel with the keys
+    out, lse = _forward(cfg, *tiles, seg)  # the keys' ids travel with them
     G = cfg.heads[0] // cfg.heads[1]
     result = from_tiles(out, cfg.L, G).astype(q.dtype), from_tiles(lse[..., None], cfg.L, G)[..., 0]
     lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # the engine's convention for the backward
@@ -329,9 +341,16 @@ def _run_ids(ids, n: int, axis: str):
 
 
 def unserved(q, k, v, *, axis="seq", segment_ids=None, kv_segment_ids=None, q_offset=0, **_):
-    """Why the ring cannot serve a call (None: it can): the "auto" fallback to blockwise."""
+    """Why the ring cannot serve a call (None: it can): the "auto" fallback to blockwise. A
+    current mesh without the axis also warns: the user likely named the axis otherwise."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and axis not in mesh.axis_names:
+        missing = (f"a mesh axis named {axis!r} (the current mesh has {mesh.axis_names}; pass "
+                   "axis=)")  # fmt: skip
+        warnings.warn(f"ring: no {missing}: running as blockwise on each device", stacklevel=2)
+        return missing
     if axis_size(axis) == 1:
-        return f"a call outside a mesh with an axis {axis!r} of size > 1 (jax.set_mesh)"
+        return f"a current mesh (jax.set_mesh) with an axis {axis!r} of size > 1"
     static, _ = offset_of(q_offset, q.shape[0])
     if static != 0:
         return "q_offset (decoding runs on one device)"

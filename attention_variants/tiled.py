@@ -184,21 +184,16 @@ def _two_loops(lo_full, hi, step, carry):
     return lax.fori_loop(lo_full, hi, step(True), carry)
 
 
-def with_ones(v):
-    """Value tiles with a column of ones after H: the PV matmul then also returns the softmax
-    row sums."""
-    return jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
-
-
-def _forward(st: _Static, q, k, v, co_q, co_k, ones_appended: bool = False):
+def _forward(st: _Static, q, k, v, co_q, co_k):
     """q [nq, B, K, G*bq, H] (pre-scaled); k, v [nk, B, K, bk, H] -> out like q, lse.
 
     lse [nq, B, K, G*bq] is +inf on rows that see no key, so that exp(s - lse) = 0 there.
-    With `ones_appended`, v is already `with_ones(v)`.
     """
     sched = st.schedule
     kv, count, n_full = (jnp.asarray(a) for a in (sched.kv, sched.count, sched.full))
-    v1 = v if ones_appended else with_ones(v)  # [nk, B, K, bk, H + 1]
+    # A column of ones after V makes the PV matmul also return the softmax row sums.
+    ones = jnp.ones((*v.shape[:-1], 1), v.dtype)
+    v1 = jnp.concatenate([v, ones], axis=-1)  # [nk, B, K, bk, H + 1]
     rows = q.shape[1:-1]  # [B, K, G*bq]
 
     def one_query_tile(args):
@@ -237,11 +232,12 @@ def _forward(st: _Static, q, k, v, co_q, co_k, ones_appended: bool = False):
     return lax.map(one_query_tile, (jnp.arange(q.shape[0]), q))
 
 
-def _backward(st: _Static, res, cotangents):
+def _backward(st: _Static, res, cotangents, f32: bool = False):
     """Recomputes tile probabilities from lse; key tiles outside, their query tiles inside.
 
-    Gradients are float32. `out` and `lse` may be those of a larger key set than k, v (a ring
-    step): then dq, dk, dv are this key block's exact share of the full gradients."""
+    dq is float32; dk, dv have k's and v's dtypes, or float32 with `f32` (partial sums that a
+    caller adds up). `out` and `lse` may be those of a larger key set than k, v (a ring step):
+    then dq, dk, dv are this key block's exact share of the full gradients."""
     q, k, v, co_q, co_k, out, lse = res
     d_out, d_lse = cotangents
     sched = st.schedule
@@ -274,17 +270,16 @@ def _backward(st: _Static, res, cotangents):
 
         zeros = jnp.zeros(k_t.shape, jnp.float32)
         dq, dk, dv = _two_loops(q_full[ki], q_count[ki], step, (dq, zeros, zeros))
-        return dq, (dk, dv)
+        return dq, (dk, dv) if f32 else (dk.astype(k.dtype), dv.astype(v.dtype))
 
     dq0 = jnp.zeros(q.shape, jnp.float32)
     dq, (dk, dv) = lax.scan(one_key_tile, dq0, (jnp.arange(k.shape[0]), k, v))
-    return dq, dk, dv  # float32
+    return dq, dk, dv
 
 
 def _tiled_bwd(st, res, cotangents):
-    q, k, v = res[:3]
     dq, dk, dv = _backward(st, res, cotangents)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+    return dq.astype(res[0].dtype), dk, dv, None, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -371,7 +366,6 @@ def tiled_attention(
 
 
 # The engine on tiles, for callers that keep their operands tiled across calls (`ring.py`):
-# q tiles pre-scaled, value tiles `with_ones`, lse +inf on rows that see no key, gradients
-# float32 (of the scaled q).
-attend_tiles = functools.partial(_forward, ones_appended=True)
-attend_tiles_grads = _backward
+# q tiles pre-scaled, lse +inf on rows that see no key, gradients float32 (of the scaled q).
+attend_tiles = _forward
+attend_tiles_grads = functools.partial(_backward, f32=True)

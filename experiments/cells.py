@@ -190,10 +190,11 @@ def build_kernel(cell: Cell, config: Any) -> Built:
 
 
 def seq_mesh(devices: int) -> jax.sharding.Mesh | None:
-    """A mesh of the first `devices` devices on one `seq` axis (None for 1: no mesh)."""
+    """A mesh of this process's first `devices` devices on one `seq` axis (None for 1: no
+    mesh). The sweep measures one host: its timing decisions are its own."""
     if devices == 1:
         return None
-    return jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("seq",))
+    return jax.sharding.Mesh(np.array(jax.local_devices()[:devices]), ("seq",))
 
 
 def ring_imbalance(cell: Cell) -> float:
@@ -554,7 +555,9 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
     shape = (batch, heads, kv_heads, head_dim, dtype)
     devices = _seq_devices(config, kind)
     return [
-        Cell(kind, v, options[v], T, *shape, mode, causal, segments, model, task, training, n)
+        Cell(
+            kind, v, options[v], T, *shape, mode, causal, segments, model, task, training, devices=n
+        )  # fmt: skip
         for T in lengths
         for v in variants
         for n in (devices if "axis" in options[v] else [1])  # mesh-aware variants (ring)
@@ -581,9 +584,11 @@ def _seq_devices(config: Any, kind: str) -> list[int]:
     values = seq_devices(config)
     if values != [1] and kind != "kernel":
         raise ConfigError("seq_devices", f"meshes are swept for kind 'kernel', not {kind!r}")
-    if values[-1] > jax.device_count():
+    if values[-1] > jax.local_device_count():
         raise ConfigError(
-            "seq_devices", f"{values[-1]} devices asked, {jax.device_count()} available"
+            "seq_devices",
+            f"{values[-1]} devices asked, {jax.local_device_count()} on this host (the sweep "
+            "measures one host; train across hosts)",
         )
     return values
 

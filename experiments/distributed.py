@@ -58,15 +58,19 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*AXES))
 
 
-def check_batch(mesh: Mesh, batch_size: int, seq_len: int) -> None:
-    """ConfigError naming the field when a batch [batch_size, seq_len] does not split evenly."""
-    if batch_size % mesh.shape["data"]:
+def check_batch(mesh: Mesh, batch_size: int, row: int, model: Any = None) -> None:
+    """ConfigError naming the field when batches [batch_size, row] do not split over the mesh
+    (with ring attention on `seq`, rows must split into its chunks: 2 x seq for zigzag)."""
+    data, seq = mesh.shape["data"], mesh.shape["seq"]
+    if batch_size % data:
+        raise ConfigError("batch_size", f"{batch_size} rows do not split over mesh.data={data}")
+    chunks, why = seq, ""
+    if model is not None and model.attention == "ring" and seq > 1:
+        if dict(model.attention_options).get("layout", "zigzag") == "zigzag":
+            chunks, why = 2 * seq, " (ring attention's zigzag layout: 2 chunks per device)"
+    if row % chunks:
         raise ConfigError(
-            "batch_size", f"{batch_size} rows do not split over mesh.data={mesh.shape['data']}"
-        )
-    if seq_len % mesh.shape["seq"]:
-        raise ConfigError(
-            "mesh.seq", f"rows of {seq_len} positions do not split over seq={mesh.shape['seq']}"
+            "mesh.seq", f"rows of {row} positions do not split into {chunks} chunks{why}"
         )
 
 

@@ -371,10 +371,11 @@ def mesh_section(rows: Sequence[Row], baseline: str | None) -> list[str]:
     md = ["## Sequence parallelism", ""]
     md += ["Simulated devices share the host's cores: the times measure the ring's overhead, "]
     md[-1] += "not a speed-up. Memory is per device (XLA's compiled analysis)."
-    ringed = {r["variant"] for r in rows if r.get("devices")}
+    ringed = {r["variant"] + r.get("_suffix", "") for r in rows if r.get("devices")}
     head = "| mode | T | variant | devices | MiB per device | x 1 device | time ms | x baseline "
     md += ["", head + "| imbalance |", "|---" * 9 + "|"]
-    by = {(r["variant"], r["mode"], r["seq_len"], r.get("devices") or 1): r for r in rows}
+    by = {(r["variant"] + r.get("_suffix", ""), r["mode"], r["seq_len"], r.get("devices") or 1): r
+          for r in rows}  # fmt: skip
     for (variant, mode, T, n), r in sorted(by.items(), key=lambda kv: kv[0][1:] + kv[0][:1]):
         if variant not in ringed:
             continue

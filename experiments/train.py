@@ -204,9 +204,13 @@ def evaluate(setup: Setup, eval_step, params, mesh) -> dict[str, float]:
 
 
 class Metrics:
-    """step,tag,value rows appended to metrics.csv and written to TensorBoard, as produced."""
+    """step,tag,value rows appended to metrics.csv and written to TensorBoard, as produced
+    (workdir None: nothing is written, as on the processes other than 0 of several hosts)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path | None):
+        self.file = None
+        if workdir is None:
+            return
         from tensorboardX import SummaryWriter
 
         self.path = workdir / "metrics.csv"
@@ -218,6 +222,8 @@ class Metrics:
         self.writer = SummaryWriter(str(workdir))
 
     def write(self, step: int, values: dict[str, float]) -> None:
+        if self.file is None:
+            return
         for tag, value in values.items():
             self.csv.writerow([step, tag, value])
             self.writer.add_scalar(tag, value, step)
@@ -225,8 +231,9 @@ class Metrics:
         self.writer.flush()
 
     def close(self) -> None:
-        self.file.close()
-        self.writer.close()
+        if self.file is not None:
+            self.file.close()
+            self.writer.close()
 
 
 # Fields a checkpoint depends on beyond the model: the optimizer state's structure and the data
@@ -291,7 +298,8 @@ def train(
     setup_ = setup(config)
     c = config
     mesh = distributed.make_mesh(c.mesh.data, c.mesh.seq)
-    distributed.check_batch(mesh, c.batch_size, setup_.model_config.max_len)
+    row = setup_.seq_len or len(setup_.train_source[0]["inputs"])
+    distributed.check_batch(mesh, c.batch_size, row, setup_.model_config)
     state = distributed.place_state(mesh, init_state(setup_))
     params = sum(x.size for x in jax.tree.leaves(state["params"]))
     resolved = {**c.to_dict(), "model": dataclasses.asdict(setup_.model_config), "params": params}
@@ -305,7 +313,9 @@ def train(
         (workdir / "checkpoints").resolve(), options=options, item_names=("state", "data")
     )
     restored = restore(manager, distributed.abstract_state(mesh, state), data, out)
-    (workdir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
+    lead = jax.process_index() == 0  # several hosts: one writes the files, one reports
+    if lead:
+        (workdir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
     start = 0 if restored is None else int(restored["step"])
     state = state if restored is None else restored
     print(
@@ -318,13 +328,14 @@ def train(
     rows, one = distributed.batch_sharding(mesh), distributed.replicated(mesh)  # `one`: all of it
     train_step = jax.jit(train_step, in_shardings=(one, rows), out_shardings=one, donate_argnums=0)
     eval_step = jax.jit(eval_step, in_shardings=(one, rows), out_shardings=one)
-    metrics = Metrics(workdir)
+    metrics = Metrics(workdir if lead else None)
     metrics.write(start, {"model/params": params})
     stop: list[int] = []
     handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in SIGNAL_EXIT}
     last_eval: dict[str, float] = {}
     tokens = c.batch_size * setup_.model_config.max_len
-    bar = tqdm.tqdm(total=c.num_steps, initial=start, file=out, disable=None, unit="step")
+    bar = tqdm.tqdm(total=c.num_steps, initial=start, file=out, disable=None if lead else True,
+                    unit="step")  # fmt: skip
     try:
         tick, ticked = time.perf_counter(), start
         for step in range(start + 1, c.num_steps + 1):

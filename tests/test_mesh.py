@@ -109,6 +109,11 @@ def test_calls_the_ring_cannot_serve_run_on_one_device_or_name_the_problem():
             av.get("ring")(q[:, :20], k[:, :20], v[:, :20])
     with jax.set_mesh(mesh(1)), pytest.raises(NotImplementedError, match="size > 1"):
         av.get("ring", implementation="ring")(q, k, v)
+    other_names = jax.make_mesh((2, 4), ("dp", "sp"))
+    with jax.set_mesh(other_names), pytest.warns(UserWarning, match=r"has \('dp', 'sp'\)"):
+        np.testing.assert_allclose(av.get("ring")(q, k, v), reference(q, k, v), **F32)
+    with pytest.raises(ValueError, match=r"T/2n=521 positions has no divisor near block_q"):
+        ring.tile_sizes(1042, "zigzag", BlockSizes())  # a prime half shard: tiles of 1
 
 
 def causal_pairs_per_device(T: int, n: int, layout: str) -> list[int]:
@@ -138,6 +143,18 @@ def test_zigzag_balances_the_causal_work():
         contiguous = ring.tile_work(65536, n, layout="contiguous")
         assert zigzag.max() / zigzag.mean() <= 1.01
         assert contiguous.max() / contiguous.mean() > 1.3
+
+
+def test_the_shipped_ring_sweep_plans_every_device_count():
+    from configs import ring_sweep
+    from experiments import cells
+
+    planned = cells.plan_cells(ring_sweep.get_config(), "float32")
+    assert {(c.variant, c.devices) for c in planned} == {
+        ("blockwise", 1),
+        *(("ring", n) for n in (1, 2, 4, 8)),
+    }
+    assert sorted({c.seq_len for c in planned}) == [4096, 16384, 65536]
 
 
 def test_the_sweep_runs_the_ring_over_device_counts(tmp_path):

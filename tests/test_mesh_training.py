@@ -4,6 +4,8 @@ on one mesh restores on another and training continues as if uninterrupted."""
 
 from __future__ import annotations
 
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -61,3 +63,10 @@ def test_a_mesh_that_does_not_fit_names_the_field(data_dir, tmp_path):
         train.train(ring_config(data_dir, mesh=dict(data=3, seq=2)), tmp_path)
     with pytest.raises(ConfigError, match=r"config.batch_size: 12 rows do not split"):
         train.train(ring_config(data_dir, batch_size=12), tmp_path)
+    ring = types.SimpleNamespace(attention="ring", attention_options={})
+    mesh = distributed.make_mesh(data=2, seq=4)
+    distributed.check_batch(mesh, 8, 40, types.SimpleNamespace(attention="dense"))
+    with pytest.raises(ConfigError, match=r"rows of 36 positions do not split into 8 chunks"):
+        distributed.check_batch(mesh, 8, 36, ring)
+    ring.attention_options = {"layout": "contiguous"}
+    distributed.check_batch(mesh, 8, 36, ring)
