@@ -186,14 +186,17 @@ def make_steps(setup: Setup):
     return train_step, eval_step
 
 
-def evaluate(setup: Setup, eval_step, params, mesh) -> dict[str, float]:
-    """Loss and accuracy over the weighted positions of the held-out split."""
+def evaluate(setup: Setup, eval_step, params, mesh=None) -> dict[str, float]:
+    """Loss and accuracy over the weighted positions of the held-out split (batches split over
+    `mesh` when one is given)."""
     c = setup.config
     totals = np.zeros(3)
     for batch in pipeline.eval_batches(
         setup.eval_source, batch_size=c.batch_size, seq_len=setup.seq_len
     ):
-        batch = distributed.place_batch(mesh, distributed.pad_rows(batch, mesh.shape["data"]))
+        if mesh is not None:
+            batch = distributed.pad_rows(batch, mesh.shape["data"])
+            batch = distributed.place_batch(mesh, batch)
         totals += [float(x) for x in eval_step(params, batch)]
     loss_sum, correct, weight = totals
     metrics = {"eval/loss": loss_sum / weight, "eval/accuracy": correct / weight}
