@@ -189,6 +189,26 @@ def build_kernel(cell: Cell, config: Any) -> Built:
     return Built(fn, (*args, cotangent), flops * (1 + BACKWARD_FLOPS), B * T, fields=fields)
 
 
+def implementation_of(cell: Cell) -> str:
+    """The row of the variant's implementation table that the cell's attention calls run
+    ("auto" resolved for this backend, the cell's shapes, dtype, packing and mesh)."""
+    spec = av.spec(cell.variant)
+    options = spec.options(**cell.options)
+    B, T, N, K, H = cell.batch, cell.seq_len, cell.heads, cell.kv_heads, cell.head_dim
+    S, call = T, {"causal": cell.causal}
+    if cell.kind == "decode":  # the model's cache: queries at a traced offset
+        T = 1 if cell.mode == "decode" else T
+        S += DECODE_STEPS if cell.mode == "decode" else 0
+        call["q_offset"] = jnp.zeros((), jnp.int32)
+    elif cell.segments > 1:
+        call["segment_ids"] = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.dtype(cell.dtype))
+    kv = jax.ShapeDtypeStruct((B, S, K, H), jnp.dtype(cell.dtype))
+    mesh = seq_mesh(cell.devices)
+    with contextlib.nullcontext() if mesh is None else use_abstract_mesh(mesh.abstract_mesh):
+        return spec.choose(options.pop("implementation"), q, kv, kv, **call, **options)[0]
+
+
 def seq_mesh(devices: int) -> jax.sharding.Mesh | None:
     """A mesh of this process's first `devices` devices on one `seq` axis (None for 1: no
     mesh). The sweep measures one host: its timing decisions are its own."""

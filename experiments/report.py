@@ -266,6 +266,9 @@ def write_report(workdir: str | Path) -> Path:
     if rows:
         shown = ", ".join(f"{f}={json.loads(v)}" for f, v in setting(rows[0]) if v != "null")
         md += [f"Setting of every row: {shown}.", ""]
+        ran = implementations(rows)
+        if ran:
+            md += [f"Implementations that ran (the registry's choice per call): {ran}.", ""]
     for run in runs:
         md.append(
             f"- `{run['command']}` on {run['started']}: {run['wall_s']:.0f} s wall; "
@@ -362,6 +365,17 @@ def decode_section(rows: Sequence[Row]) -> list[str]:
         m = fit_exponent(_series(rows, label, "decode", "cache_bytes"))
         md.append(f"| {label} | {t or '-'} | {m or '-'} |")
     return [*md, ""]
+
+
+def implementations(rows: Sequence[Row]) -> str:
+    """`variant`: the implementations its rows ran (e.g. "`xla`: cudnn; `blockwise`: jax")."""
+    ran: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("implementation"):
+            ran.setdefault(_label(r), [])
+            if r["implementation"] not in ran[_label(r)]:
+                ran[_label(r)].append(r["implementation"])
+    return "; ".join(f"`{label}`: {', '.join(names)}" for label, names in ran.items())
 
 
 def mesh_section(rows: Sequence[Row], baseline: str | None) -> list[str]:

@@ -51,6 +51,7 @@ from experiments.cells import (
     ConfigError,
     MixedRows,
     check_one_setting,
+    implementation_of,
     parse_flags,
     plan_cells,
     resolve_dtype,
@@ -67,6 +68,7 @@ distributed.define_flags()
 
 RESULT_FIELDS = (
     "status",
+    "implementation",
     "error",
     "compile_s",
     "time_ms_median",
@@ -282,6 +284,7 @@ class Sweep:
             compiled, compile_s = bench.compile_timed(built.fn, *built.args)
             memory = bench.compiled_memory(compiled)
             values = {"compile_s": compile_s, "useful_flops": built.useful_flops, **built.fields}
+            values["implementation"] = implementation_of(cell)
             values["memory_bytes"] = memory.total if memory else None
             free = bench.free_memory_bytes(self.device)
             if memory and free is not None and memory.to_allocate > c.memory_fraction * free:

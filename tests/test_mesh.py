@@ -169,6 +169,12 @@ def test_the_sweep_runs_the_ring_over_device_counts(tmp_path):
     rows = {(r["variant"], r.get("devices", 1)): r for r in report.load_rows(tmp_path)}
     assert set(rows) == {("blockwise", 1), ("ring", 1), ("ring", 2), ("ring", 4)}
     assert all(r["status"] == "ok" and r["memory_bytes"] > 0 for r in rows.values())
+    assert {k: r["implementation"] for k, r in rows.items()} == {
+        ("blockwise", 1): "jax",
+        ("ring", 1): "jax",
+        ("ring", 2): "ring",
+        ("ring", 4): "ring",
+    }  # the ring rings where the mesh has a seq axis; elsewhere it is the tiled engine
     assert [rows["ring", n]["imbalance"] for n in (2, 4)] == [
         round(float(w.max() / w.mean()), 4)
         for w in (ring.tile_work(64, n, layout="contiguous", block_sizes=BlockSizes(8, 8))

@@ -19,8 +19,8 @@ from experiments import bench, cells, report, sweep
 
 ROW_FIELDS = {
     "variant", "options", "seq_len", "batch", "heads", "kv_heads", "head_dim", "dtype", "mode",
-    "causal", "segments", "status", "error", "compile_s", "time_ms_median", "time_ms_min",
-    "time_ms_max", "repeats",
+    "causal", "segments", "status", "implementation", "error", "compile_s", "time_ms_median",
+    "time_ms_min", "time_ms_max", "repeats",
     "memory_bytes", "peak_bytes", "useful_flops", "gflops", "gemm_fraction", "tokens_per_s",
     "device", "jax_version", "git_commit",
 }  # fmt: skip
@@ -59,7 +59,13 @@ def test_tiny_sweep_end_to_end_then_resume(tmp_path):
         assert row["useful_flops"] == pytest.approx(factor * fwd)
     assert {(r["heads"], r["kv_heads"]) for r in rows} == {(2, 1)}
     assert "fwd_bwd: median time (ms)" in out and "GEMM 256^3" in out
+    ran = {r["variant"]: r["implementation"] for r in rows}  # "auto" resolved on this CPU
+    assert ran == {"xla": "xla", "blockwise": "jax"}
     assert "| blockwise |" in (tmp_path / "report.md").read_text()
+    assert (
+        "Implementations that ran (the registry's choice per call): `xla`: xla; `blockwise`: jax"
+        in (tmp_path / "report.md").read_text()
+    )
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 1 + 4
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     # A rerun with the same workdir measures nothing and appends nothing.
