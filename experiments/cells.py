@@ -175,7 +175,7 @@ def build_kernel(cell: Cell, config: Any) -> Built:
         fields = {"imbalance": ring_imbalance(cell)}
 
     def attention(q, k, v, segment_ids):
-        with contextlib.nullcontext() if mesh is None else use_abstract_mesh(mesh.abstract_mesh):
+        with within(mesh):
             return kernel(q, k, v, causal=cell.causal, segment_ids=segment_ids)
 
     if cell.mode == "fwd":
@@ -204,9 +204,18 @@ def implementation_of(cell: Cell) -> str:
         call["segment_ids"] = jax.ShapeDtypeStruct((B, T), jnp.int32)
     q = jax.ShapeDtypeStruct((B, T, N, H), jnp.dtype(cell.dtype))
     kv = jax.ShapeDtypeStruct((B, S, K, H), jnp.dtype(cell.dtype))
-    mesh = seq_mesh(cell.devices)
-    with contextlib.nullcontext() if mesh is None else use_abstract_mesh(mesh.abstract_mesh):
+    with within(seq_mesh(cell.devices)):
         return spec.choose(options.pop("implementation"), q, kv, kv, **call, **options)[0]
+
+
+def within(mesh: jax.sharding.Mesh | None):
+    """The context in which traced code sees `mesh` as current (nothing for None)."""
+    return contextlib.nullcontext() if mesh is None else use_abstract_mesh(mesh.abstract_mesh)
+
+
+def mesh_aware(name: str) -> bool:
+    """Whether the variant shards over a mesh axis (it has an `axis` option, as `ring`)."""
+    return "axis" in av.spec(name).defaults
 
 
 def seq_mesh(devices: int) -> jax.sharding.Mesh | None:
@@ -462,7 +471,7 @@ def _variants(config: Any) -> list[str]:
     names = csv_field(config, "variants")
     if names == ["all"]:  # mesh-aware variants (ring) only where a mesh is swept
         meshed = seq_devices(config) != [1]
-        names = [n for n in known if meshed or "axis" not in av.spec(n).defaults]
+        names = [n for n in known if meshed or not mesh_aware(n)]
     for name in names:
         if name not in known:
             raise ConfigError("variants", f"unknown variant {name!r}; known: {', '.join(known)}")
@@ -580,7 +589,7 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
         )  # fmt: skip
         for T in lengths
         for v in variants
-        for n in (devices if "axis" in options[v] else [1])  # mesh-aware variants (ring)
+        for n in (devices if mesh_aware(v) else [1])
         for task in tasks
         for mode in modes
         if task is None or _fits(config, T, task)

@@ -340,34 +340,33 @@ def train(
     bar = tqdm.tqdm(total=c.num_steps, initial=start, file=out, disable=None if lead else True,
                     unit="step")  # fmt: skip
     try:
-        tick, ticked = time.perf_counter(), start
-        for step in range(start + 1, c.num_steps + 1):
-            with jax.set_mesh(mesh):  # `ring` attention finds its `seq` axis here
+        with jax.set_mesh(mesh):  # `ring` attention finds its `seq` axis here
+            tick, ticked = time.perf_counter(), start
+            for step in range(start + 1, c.num_steps + 1):
                 state, values = train_step(state, distributed.place_batch(mesh, next(data)))
-            bar.update(1)
-            if step % c.log_every == 0 or step == c.num_steps:
-                loss = float(values["loss"])
-                seconds = time.perf_counter() - tick
-                metrics.write(step, {
-                    "train/loss": loss,
-                    "train/accuracy": float(values["accuracy"]),
-                    "train/learning_rate": float(values["learning_rate"]),
-                    "train/tokens_per_s": tokens * (step - ticked) / seconds,
-                })  # fmt: skip
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            if step % c.eval_every == 0 or step == c.num_steps:
-                with jax.set_mesh(mesh):
+                bar.update(1)
+                if step % c.log_every == 0 or step == c.num_steps:
+                    loss = float(values["loss"])
+                    seconds = time.perf_counter() - tick
+                    metrics.write(step, {
+                        "train/loss": loss,
+                        "train/accuracy": float(values["accuracy"]),
+                        "train/learning_rate": float(values["learning_rate"]),
+                        "train/tokens_per_s": tokens * (step - ticked) / seconds,
+                    })  # fmt: skip
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if step % c.eval_every == 0 or step == c.num_steps:
                     last_eval = evaluate(setup_, eval_step, state["params"], mesh)
-                metrics.write(step, last_eval)
-                line = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
-                bar.write(f"step {step}: {line}", file=out)
-            ends = step == c.num_steps or (stop_after and step - start >= stop_after)
-            if step % c.checkpoint_every == 0 or ends or stop:
-                save(manager, state, data)
-            if step % c.log_every == 0:
-                tick, ticked = time.perf_counter(), step
-            if stop or ends:
-                break
+                    metrics.write(step, last_eval)
+                    line = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+                    bar.write(f"step {step}: {line}", file=out)
+                ends = step == c.num_steps or (stop_after and step - start >= stop_after)
+                if step % c.checkpoint_every == 0 or ends or stop:
+                    save(manager, state, data)
+                if step % c.log_every == 0:
+                    tick, ticked = time.perf_counter(), step
+                if stop or ends:
+                    break
     finally:
         bar.close()
         metrics.close()
