@@ -8,6 +8,7 @@ turned into run ids, one cumulative sum), and mask patterns are laid on position
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -222,3 +223,17 @@ def softmax_attention(q, k, v, *, visible=None, scale=None, return_lse=False):
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     out = out.reshape(B, T, N, H).astype(q.dtype)
     return (out, log_sum_exp(s)) if return_lse else out
+
+
+def contract(body: Callable) -> Callable:
+    """A function with the contract's signature around body(q, k, v, call, options), where
+    `call` holds the contract's keywords and `options` the variant's."""
+
+    def fn(q, k, v, *, causal=True, segment_ids=None, kv_segment_ids=None, q_offset=0,
+           scale=None, return_lse=False, **options):  # fmt: skip
+        call = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                    q_offset=q_offset, scale=scale, return_lse=return_lse)  # fmt: skip
+        return body(q, k, v, call, options)
+
+    fn.__doc__ = body.__doc__
+    return fn

@@ -20,10 +20,11 @@ from dataclasses import astuple
 from types import SimpleNamespace
 from typing import Any
 
-from attention_variants import chunked
+from attention_variants import accelerators, chunked
 from attention_variants.common import (
     check_inputs,
     check_positive,
+    contract,
     layout,
     offset_of,
     softmax_attention,
@@ -45,20 +46,6 @@ def keyword_defaults(fn: Callable, skip: tuple[str, ...] = ()) -> dict[str, Any]
     }
 
 
-def contract(body: Callable) -> Callable:
-    """A function with the contract's signature around body(q, k, v, call, options), where
-    `call` holds the contract's keywords and `options` the variant's."""
-
-    def fn(q, k, v, *, causal=True, segment_ids=None, kv_segment_ids=None, q_offset=0,
-           scale=None, return_lse=False, **options):  # fmt: skip
-        call = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                    q_offset=q_offset, scale=scale, return_lse=return_lse)  # fmt: skip
-        return body(q, k, v, call, options)
-
-    fn.__doc__ = body.__doc__
-    return fn
-
-
 def _pick(options: Mapping[str, Any], names) -> dict[str, Any]:
     """The options among `names` (a declaration's own, without tile or chunk sizes)."""
     return {k: v for k, v in options.items() if k in names}
@@ -70,8 +57,10 @@ class MaskedSoftmax:
 
     tiles: the tile sizes of the "jax" engine (options block_q, block_k); "auto" lets the mask
       pick (`Mask.preferred_tiles`); None: the variant is not tiled (no tile options).
-    implementations: optional `fn(kernels) -> {name: Implementation}` replacing the table;
-      `kernels.tiled` and `kernels.reference` are the derived contract functions.
+    implementations: optional `fn(kernels) -> {name: Implementation}` replacing the table
+      (default: `accelerators.table`, then "jax": the tiled engine); `kernels.tiled` and
+      `kernels.reference` are the derived contract functions, `kernels.mask` the mask and
+      `kernels.prepare` the call's sized mask and `Layout`.
     """
 
     tiles: BlockSizes | str | None = BlockSizes()
@@ -134,9 +123,9 @@ class MaskedSoftmax:
         def flops(B, T, S, N, H, *, causal=True, **options) -> float:
             return softmax_flops(B, N, H, mask(causal, **options).pairs(T, S))
 
-        kernels = SimpleNamespace(tiled=tiled, reference=reference, prepare=prepare)
-        if self.implementations is None:
-            table = {"jax": Implementation(tiled)}
+        kernels = SimpleNamespace(tiled=tiled, reference=reference, prepare=prepare, mask=mask)
+        if self.implementations is None:  # the accelerators' fused kernels, then the engine
+            table = {**accelerators.table(kernels), "jax": Implementation(tiled)}
         else:
             table = dict(self.implementations(kernels))
         return dict(

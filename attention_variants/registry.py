@@ -10,17 +10,22 @@ reference, the FLOP count and the implementation table. Every kernel follows the
        -> out [B,T,N,H]  (or (out, lse [B,T,N]) with return_lse)
 
 Its options are keyword-only; `get` binds and validates them eagerly. `implementation` picks a
-row of the variant's implementation table ("auto": the first that serves the backend and call).
+row of the variant's implementation table ("auto": the first that serves the backend and call;
+where several *measured* rows serve it, the fastest of them, timed once per call signature).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import statistics
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 CONTRACT_KEYWORDS = (
     "causal",
@@ -39,14 +44,22 @@ FlopsFn = Callable[..., float]
 class Implementation:
     """One way to run a variant: `fn` follows the contract with the options as keywords.
 
-    backends: where "auto" may pick it ("cpu", "gpu", "tpu"). supports(q, k, v, **call) returns
-    None when it can serve the call, or the name of what it cannot serve (a shape, a dtype, an
-    argument); an explicit request it cannot serve raises NotImplementedError naming that.
+    backends: where it runs ("cpu", "gpu", "tpu"); an explicit request elsewhere raises.
+    supports(q, k, v, **call) returns None when it can serve the call, or the name of what it
+    cannot serve (a shape, a dtype, an argument); an explicit request it cannot serve raises
+    NotImplementedError naming that. auto: where "auto" may pick it (None: its `backends`), e.g.
+    a Pallas TPU kernel that runs elsewhere only in (slow) interpret mode. measured: "auto" times
+    it against the other measured rows that serve the same call and keeps the fastest.
     """
 
     fn: Kernel
     backends: tuple[str, ...] = ("cpu", "gpu", "tpu")
     supports: Callable[..., str | None] = lambda *args, **kwargs: None
+    auto: tuple[str, ...] | None = None
+    measured: bool = False
+
+    def picked_on(self, backend: str) -> bool:
+        return backend in (self.backends if self.auto is None else self.auto)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +110,8 @@ class Spec:
 
     def choose(self, implementation: str, q, k, v, **call: Any) -> tuple[str, Implementation]:
         """The implementation that runs this call: as asked, or under "auto" the first that
-        serves the current backend and the call."""
+        serves the current backend and the call (the fastest of the measured ones, if that
+        first one is measured)."""
         backend = jax.default_backend()
         if implementation != "auto":
             impl = self.implementations[implementation]
@@ -110,11 +124,71 @@ class Spec:
                     f"support {missing}"
                 )
             return implementation, impl
-        for name, impl in self.implementations.items():
-            if backend in impl.backends and impl.supports(q, k, v, **call) is None:
-                return name, impl
+        serving = {
+            name: impl
+            for name, impl in self.implementations.items()
+            if impl.picked_on(backend) and impl.supports(q, k, v, **call) is None
+        }
+        if serving:
+            name, impl = next(iter(serving.items()))
+            rivals = {n: i for n, i in serving.items() if i.measured}
+            if impl.measured and len(rivals) > 1:
+                name = fastest(self.name, rivals, q, k, v, call)
+            return name, serving[name]
         reasons = {n: i.supports(q, k, v, **call) for n, i in self.implementations.items()}
         raise NotImplementedError(f"attention variant {self.name!r}: no implementation: {reasons}")
+
+
+_FASTEST: dict[tuple, str] = {}
+
+
+def _signature(x: Any) -> Any:
+    """What a timing depends on: arrays by shape and dtype, everything else by value."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return ("array", tuple(x.shape), str(x.dtype))
+    return repr(x)
+
+
+def fastest(variant: str, rivals: Mapping[str, Implementation], q, k, v, call) -> str:
+    """The rival whose forward and backward run fastest on the current device for a call of
+    this signature: timed once (median of 5 calls after a compiling one) on random stand-ins
+    of the call's arrays, then remembered for the process. Runs eagerly even under jit."""
+    key = (variant, tuple(rivals), *(_signature(x) for x in (q, k, v)))
+    key += tuple((n, _signature(x)) for n, x in sorted(call.items()))
+    if key in _FASTEST:
+        return _FASTEST[key]
+    seconds = {}
+    with jax.ensure_compile_time_eval():
+        keys = iter(jax.random.split(jax.random.key(0), 3 + len(call)))
+
+        def stand_in(x):
+            if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+                return x
+            if jnp.issubdtype(x.dtype, jnp.floating):
+                return jax.random.normal(next(keys), x.shape, x.dtype)
+            return jnp.zeros(x.shape, x.dtype)  # ids: one document; offsets: 0
+
+        args = [stand_in(x) for x in (q, k, v)]
+        arrays = {n: stand_in(x) for n, x in call.items() if hasattr(x, "shape")}
+        static = {n: x for n, x in call.items() if n not in arrays}
+        for name, impl in rivals.items():
+
+            def loss(q, k, v, arrays, fn=impl.fn):
+                out = fn(q, k, v, **arrays, **static)
+                out = out[0] if isinstance(out, tuple) else out  # (out, lse)
+                return jnp.sum(out.astype(jnp.float32))
+
+            step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+            jax.block_until_ready(step(*args, arrays))  # compiles
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                jax.block_until_ready(step(*args, arrays))
+                times.append(time.perf_counter() - start)
+            seconds[name] = statistics.median(times)
+    _FASTEST[key] = min(seconds, key=seconds.get)
+    logging.info("%s: auto measured %s, picked %s", variant, seconds, _FASTEST[key])
+    return _FASTEST[key]
 
 
 _REGISTRY: dict[str, Spec] = {}

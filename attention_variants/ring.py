@@ -38,8 +38,15 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from attention_variants.common import check_ids, check_inputs, default_scale, layout, offset_of
-from attention_variants.families import MaskedSoftmax, contract
+from attention_variants.common import (
+    check_ids,
+    check_inputs,
+    contract,
+    default_scale,
+    layout,
+    offset_of,
+)
+from attention_variants.families import MaskedSoftmax
 from attention_variants.masks import Causal, Mask, causal_or_full
 from attention_variants.registry import Implementation, register, spec
 from attention_variants.tiled import (

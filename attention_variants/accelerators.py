@@ -1,0 +1,236 @@
+"""Accelerator rows of a masked-softmax variant's implementation table: its mask, handed to a
+well-kept fused kernel.
+
+* `splash`: JAX's Pallas TPU splash attention (`jax.experimental.pallas.ops.tpu`). Causal,
+  window and full masks become its `CausalMask` / `LocalMask` / `FullMask`, computed inside the
+  kernel; any other mask (the fixed pattern, BigBird) a splash mask read from the variant's own
+  `visible` block by block, which splash stores as deduplicated partial blocks and skips where
+  empty. Packed rows become `SegmentIds` (run ids), GQA runs the MQA kernel per key/value head.
+  "auto" picks it on TPU; elsewhere an explicit request runs it in interpret mode (slow: for
+  tests). T and S must be multiples of 128 (its key tiles are whole lanes).
+* `cudnn`: cuDNN's fused flash kernel through `jax.nn.dot_product_attention`: causal, full and
+  causal-window masks, GQA, bfloat16/float16. A window is always passed with the causal flag: a
+  window without it attends to the future in cuDNN (jax PR #39576), so a window that reaches
+  ahead is not served.
+* `tokamax`: the Pallas GPU kernels of tokamax (`pip install '.[gpu]'`; Mosaic GPU, then
+  Triton): causal, full and window masks (either side), GQA.
+
+On GPU "auto" times `cudnn` against `tokamax` for each call signature and keeps the faster
+(`registry.fastest`). None of them takes segment ids with a block pattern, kv_segment_ids,
+decoding offsets, T != S or return_lse: "auto" falls back to the portable "jax" engine there,
+and an explicit request raises NotImplementedError naming the missing feature.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attention_variants.common import contract, offset_of
+from attention_variants.masks import Causal, Mask, Window
+from attention_variants.registry import CONTRACT_KEYWORDS, Implementation
+from attention_variants.tiled import scaled
+
+try:
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+except ImportError:  # moved or removed in this jax version
+    splash = None
+try:
+    import tokamax
+except ImportError:  # the optional extra `gpu`
+    tokamax = None
+
+LANES = 128  # splash's key tiles are multiples of the TPU's 128 lanes
+# The kernels each library runs for us (tests swap in the libraries' XLA paths to check the
+# arguments on CPU).
+KERNELS = {"cudnn": "cudnn", "tokamax": ("mosaic", "triton")}
+
+
+def _mask(kernels, q, k, call):
+    """The call's mask, sized for its shapes."""
+    options = {n: x for n, x in call.items() if n not in CONTRACT_KEYWORDS}
+    T, S = q.shape[1], k.shape[1]
+    return kernels.mask(call.get("causal", True), **options).sized(T, S)
+
+
+def _unplain(q, k, call) -> str | None:
+    """What none of the fused kernels serves: their calls are self-attention over whole rows."""
+    if call.get("return_lse"):
+        return "return_lse"
+    if call.get("kv_segment_ids") is not None:
+        return "kv_segment_ids"
+    static, _ = offset_of(call.get("q_offset", 0), q.shape[0])
+    if static != 0 or q.shape[1] != k.shape[1]:
+        return "q_offset or T != S (decoding, cross attention)"
+    return None
+
+
+def _band_of(m: Mask) -> tuple[bool, tuple[int, int] | None] | None:
+    """(is_causal, window) of the libraries' flags for a causal, full or window mask."""
+    if type(m) is Causal:
+        return True, None
+    if type(m) is Mask:
+        return False, None
+    if type(m) is Window:
+        return m.right == 0, (m.left, m.right)
+    return None
+
+
+# --- splash --------------------------------------------------------------------------------
+
+
+class _Pattern(getattr(splash, "Mask", object)):
+    """A variant's mask as a splash mask: blocks read from its `visible` (positions of a row)."""
+
+    def __init__(self, mask: Mask, shape: tuple[int, int]):
+        self.mask, self._shape = mask, shape
+
+    @property
+    def shape(self):
+        return self._shape
+
+    def __getitem__(self, index):
+        rows, cols = (np.arange(*s.indices(n)) for s, n in zip(index, self._shape, strict=True))
+        vis = self.mask.visible(rows[:, None], cols[None, :], self._shape[1])
+        return np.broadcast_to(np.asarray(vis), (len(rows), len(cols)))
+
+    def __eq__(self, other):
+        same = isinstance(other, _Pattern) and self._shape == other._shape
+        return same and self.mask == other.mask
+
+    def __hash__(self):
+        return hash((self.mask, self._shape))
+
+
+def splash_mask(m: Mask, T: int, S: int):
+    """`m` as a splash mask over a [T, S] row."""
+    flags = _band_of(m)
+    if flags is None:
+        return _Pattern(m, (T, S))
+    is_causal, window = flags
+    if window is not None:
+        return splash.LocalMask((T, S), window, offset=0)
+    return splash.CausalMask((T, S)) if is_causal else splash.FullMask((T, S))
+
+
+def _tile(n: int) -> int:
+    return next(b for b in (512, 256, LANES) if n % b == 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(m: Mask, T: int, S: int, heads: int, mqa: bool, interpret: bool):
+    bq, bk = _tile(T), _tile(S)
+    sizes = splash.BlockSizes(
+        block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+        block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk,
+    )  # fmt: skip
+    masks = splash.MultiHeadMask([splash_mask(m, T, S)] * heads)
+    make = splash.make_splash_mqa if mqa else splash.make_splash_mha
+    with jax.ensure_compile_time_eval():  # its block tables are constants, cached across traces
+        return make(masks, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_implementation(kernels) -> Implementation:
+    def supports(q, k, v, **call):
+        if splash is None:
+            return "splash attention (not in this jax version)"
+        missing = _unplain(q, k, call)
+        if missing:
+            return missing
+        T = q.shape[1]
+        if T % LANES:
+            return f"T={T} (splash needs a multiple of {LANES})"
+        m = _mask(kernels, q, k, call)
+        i = np.arange(T)
+        if not np.all(m.visible(i, i, T)):
+            return "a mask that hides a query's own position (splash needs no empty rows)"
+        if call.get("segment_ids") is not None and not m.shift_invariant:
+            return (
+                f"segment_ids with the {type(m).__name__} pattern (splash counts its positions "
+                "from the row's start, the pattern from each document's)"
+            )
+        return None
+
+    @contract
+    def fn(q, k, v, call, options):
+        m, lay = kernels.prepare(q, k, v, call, options)
+        (B, T, N, H), (S, K) = q.shape, k.shape[1:3]
+        dtype, q = q.dtype, scaled(q, call["scale"])
+        interpret = jax.default_backend() != "tpu"
+        kernel = _splash_kernel(m, T, S, N // K if K < N else N, K < N, interpret)
+        ids = None if lay.q_seg is None else splash.SegmentIds(lay.q_seg, lay.k_seg)
+        k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, K, S, H]
+        if K == N:
+            out = jax.vmap(kernel)(q.transpose(0, 2, 1, 3), k, v, ids)  # [B, N, T, H]
+            return out.transpose(0, 2, 1, 3).astype(dtype)
+        q = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+        out = jax.vmap(jax.vmap(kernel, in_axes=(0, 0, 0, None)))(q, k, v, ids)
+        return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(dtype)
+
+    return Implementation(fn, supports=supports, auto=("tpu",))
+
+
+# --- cuDNN and tokamax ---------------------------------------------------------------------
+
+
+def _fused(kernels, library: str, supports_more) -> Implementation:
+    """A row that runs `library`'s fused kernel on the call's (causal, window) flags."""
+
+    def supports(q, k, v, **call):
+        missing = _unplain(q, k, call)
+        if missing:
+            return missing
+        if call.get("segment_ids") is not None:
+            return f"segment_ids ({library}'s public API has none)"
+        m = _mask(kernels, q, k, call)
+        if _band_of(m) is None:
+            return f"the {type(m).__name__} pattern ({library} takes causal and window masks)"
+        return supports_more(q, m)
+
+    @contract
+    def fn(q, k, v, call, options):
+        is_causal, window = _band_of(_mask(kernels, q, k, {**call, **options}))
+        kw = dict(scale=call["scale"], is_causal=is_causal, local_window_size=window)
+        if library == "cudnn":
+            out = jax.nn.dot_product_attention(q, k, v, implementation=KERNELS["cudnn"], **kw)
+        else:
+            out = tokamax.dot_product_attention(q, k, v, implementation=KERNELS["tokamax"], **kw)
+        return out.astype(q.dtype)
+
+    return Implementation(fn, ("gpu",), supports, measured=True)
+
+
+def cudnn_implementation(kernels) -> Implementation:
+    def supports_more(q, m):
+        if type(m) is Window and m.right:
+            return (
+                f"a window reaching {m.right} keys ahead (cuDNN's window without the causal flag "
+                "attends to the future, jax PR #39576)"
+            )
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            return f"{q.dtype} inputs (cuDNN's flash kernel takes bfloat16 or float16)"
+        H = q.shape[-1]
+        if H % 8 or H > 128:
+            return f"head dim H={H} (cuDNN's flash kernel takes multiples of 8 up to 128)"
+        return None
+
+    return _fused(kernels, "cudnn", supports_more)
+
+
+def tokamax_implementation(kernels) -> Implementation:
+    def supports_more(q, m):
+        return "tokamax (not installed: pip install '.[gpu]')" if tokamax is None else None
+
+    return _fused(kernels, "tokamax", supports_more)
+
+
+def table(kernels) -> dict[str, Implementation]:
+    """The accelerator rows, in "auto"'s order: before the portable engine."""
+    return {
+        "splash": splash_implementation(kernels),
+        "cudnn": cudnn_implementation(kernels),
+        "tokamax": tokamax_implementation(kernels),
+    }
