@@ -28,6 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from attention_variants.common import contract, offset_of
 from attention_variants.masks import Causal, Mask, Window
@@ -197,6 +198,8 @@ def _fused(kernels, library: str, supports_more) -> Implementation:
         if library == "cudnn":
             out = jax.nn.dot_product_attention(q, k, v, implementation=KERNELS["cudnn"], **kw)
         else:
+            if not flags.FLAGS.is_parsed():  # tokamax reads its absl flags, parsing sys.argv
+                flags.FLAGS.mark_as_parsed()  # if no app did: keep their defaults instead
             out = tokamax.dot_product_attention(q, k, v, implementation=KERNELS["tokamax"], **kw)
         return out.astype(q.dtype)
 

@@ -26,8 +26,8 @@ WINDOW = 512
     family=MaskedSoftmax(tiles=BlockSizes(64, 64)),
     long_context=True,
     test_options=(
-        {"window": 8, "block_q": 8, "block_k": 8},
         {"window": (19, 4), "block_q": 16, "block_k": 8},
+        {"window": 8, "block_q": 8, "block_k": 8},
         {"window": (4, 0), "block_q": 4, "block_k": 16},
     ),
 )

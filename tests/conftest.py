@@ -65,3 +65,28 @@ def small_cases():
     return [
         pytest.param(name, (av.spec(name).test_options or ({},))[0], id=name) for name in av.names()
     ]
+
+
+def implementation_cases(T: int = 256):
+    """pytest params (name, implementation, opts, dtype): every implementation of every variant
+    that runs on this backend, other than the one "auto" picks for the suite's float32 inputs
+    (which every other test runs), with the variant's first test option set and the first
+    dtype it serves (float32, else bfloat16). On CPU: splash, in interpret mode."""
+    backend = jax.default_backend()
+    probe = random_qkv(0, B=1, T=T, N=4, K=2)
+    cases = []
+    for name in av.names():
+        spec = av.spec(name)
+        opts = (spec.test_options or ({},))[0]
+        options = {k: v for k, v in spec.options(**opts).items() if k != "implementation"}
+        auto, _ = spec.choose("auto", *probe, **options)
+        for impl_name, impl in spec.implementations.items():
+            if impl_name == auto or backend not in impl.backends:
+                continue
+            for dtype in (jnp.float32, jnp.bfloat16):
+                q, k, v = (x.astype(dtype) for x in probe)
+                if impl.supports(q, k, v, **options) is None:
+                    case_id = f"{name}-{impl_name}-{jnp.dtype(dtype).name}"
+                    cases.append(pytest.param(name, impl_name, opts, dtype, id=case_id))
+                    break
+    return cases

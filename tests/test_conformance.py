@@ -2,7 +2,9 @@
 
 Each variant runs with its default options and with each of its `test_options` (small tiles or
 chunks, so tiling is exercised at test sizes), against its reference in forward output and
-gradients. Exact variants must also equal plain softmax under the mask they declare.
+gradients. Exact variants must also equal plain softmax under the mask they declare. Every other
+implementation that runs on this backend (on CPU: splash, in interpret mode) runs the same
+checks at lengths it serves (`implementation_cases`).
 """
 
 from __future__ import annotations
@@ -13,13 +15,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from conftest import packed_segments, random_qkv, small_cases, variant_cases
+from conftest import (
+    implementation_cases,
+    packed_segments,
+    random_qkv,
+    small_cases,
+    variant_cases,
+)
 
 import attention_variants as av
 from attention_variants.common import run_ids, softmax_attention
 
 CASES = variant_cases()
 SMALL = small_cases()
+IMPLEMENTATIONS = implementation_cases()
 EXACT = [p for p in SMALL if av.spec(p.values[0]).exact]
 NOT_EXACT = [p for p in SMALL if not av.spec(p.values[0]).exact]
 
@@ -47,6 +56,15 @@ def weighted_sum(fn, cotangent, **kw):
 def grads(fn, q, k, v, seed=9, **kw):
     cot = jax.random.normal(jax.random.key(seed), q.shape)
     return jax.grad(weighted_sum(fn, cot, **kw), argnums=(0, 1, 2))(q, k, v)
+
+
+def assert_bf16_grads_close(got, want):
+    """bf16 gradients against float32 ones: error relative to their size."""
+    for which, g, r in zip("qkv", got, want, strict=True):
+        assert g.dtype == jnp.bfloat16
+        scale = float(jnp.max(jnp.abs(r)))
+        np.testing.assert_allclose(g.astype(jnp.float32), r, rtol=0.05, atol=0.02 * scale,
+                                   err_msg=f"d{which}")  # fmt: skip
 
 
 def assert_close_with_grads(name, opts, q, k, v, tol=F32, **kw):
@@ -89,13 +107,8 @@ def test_bfloat16_forward_and_gradients_close_to_float32_reference(name, opts):
     assert out.dtype == jnp.bfloat16
     ref = reference(name, opts)(*as_f32(q, k, v))
     np.testing.assert_allclose(out.astype(jnp.float32), ref, **BF16)
-    got = grads(kernel(name, opts), q, k, v)
-    want = grads(reference(name, opts), *as_f32(q, k, v))
-    for which, g, r in zip("qkv", got, want, strict=True):
-        assert g.dtype == jnp.bfloat16
-        scale = float(jnp.max(jnp.abs(r)))  # bf16 gradients: error relative to their size
-        np.testing.assert_allclose(g.astype(jnp.float32), r, rtol=0.05, atol=0.02 * scale,
-                                   err_msg=f"d{which}")  # fmt: skip
+    assert_bf16_grads_close(grads(kernel(name, opts), q, k, v),
+                            grads(reference(name, opts), *as_f32(q, k, v)))  # fmt: skip
 
 
 @pytest.mark.parametrize("name,opts", SMALL)
@@ -113,17 +126,24 @@ def test_default_tiles_at_several_tiles(name):
     assert_close_with_grads(name, {}, q, k, v, tol=dict(rtol=2e-5, atol=2e-5))
 
 
-@pytest.mark.parametrize("name,opts", CASES)
-def test_causality(name, opts):
-    q, k, v = random_qkv(10, T=50)
-    fn = jax.jit(kernel(name, opts))
+def assert_no_leak(fn, q, k, v, times):
+    """Changing keys and values after t leaves outputs up to t bit-identical (and changes some
+    output after t: the future was not simply ignored)."""
+    fn = jax.jit(fn)
     out = fn(q, k, v)
-    for t in (0, 17, 31, 48):
-        k2 = k.at[:, t + 1 :].set(jax.random.normal(jax.random.key(t), k[:, t + 1 :].shape))
+    for t in times:
+        k2 = k.at[:, t + 1 :].set(
+            jax.random.normal(jax.random.key(t), k[:, t + 1 :].shape, k.dtype)
+        )
         v2 = v.at[:, t + 1 :].multiply(-3.0)
         out2 = fn(q, k2, v2)
         np.testing.assert_array_equal(out[:, : t + 1], out2[:, : t + 1], err_msg=f"t={t}")
         assert not np.array_equal(out[:, t + 1 :], out2[:, t + 1 :]), "future never mattered"
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+def test_causality(name, opts):
+    assert_no_leak(kernel(name, opts), *random_qkv(10, T=50), times=(0, 17, 31, 48))
 
 
 @pytest.mark.parametrize("name,opts", CASES)
@@ -325,3 +345,48 @@ class SegmentIdsWithAndWithoutJit(parameterized.TestCase):
         fn = self.variant(lambda q, k, v, s: av.get(name)(q, k, v, segment_ids=s))
         ref = av.spec(name).bound_reference()(q, k, v, segment_ids=ids)
         np.testing.assert_allclose(fn(q, k, v, ids), ref, **F32)
+
+
+# --- every other implementation that runs here (on CPU: splash, interpret mode) -----------------
+
+
+@pytest.mark.parametrize("name,implementation,opts,dtype", IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    "causal,segmented,kv_heads",
+    [(True, False, 2), (False, False, 4), (True, True, 1), (False, True, 2)],
+    ids=["causal-gqa", "full-mha", "causal-packed-mqa", "full-packed-gqa"],
+)
+def test_each_implementation_matches_the_reference(
+    name, implementation, opts, dtype, causal, segmented, kv_heads
+):
+    """Forward and gradients against the float32 reference; a call the implementation does not
+    serve (segment ids with a block pattern, say) raises NotImplementedError naming it."""
+    q, k, v = random_qkv(31, B=2, T=256, N=4, K=kv_heads, dtype=dtype)
+    call = dict(causal=causal, segment_ids=packed_segments(32, 2, 256) if segmented else None)
+    fn = av.get(name, implementation=implementation, **opts)
+    options = {n: x for n, x in av.spec(name).options(**opts).items() if n != "implementation"}
+    missing = av.spec(name).implementations[implementation].supports(q, k, v, **call, **options)
+    if missing is not None:
+        with pytest.raises(NotImplementedError, match=f"{implementation!r}.*{missing[:20]}"):
+            fn(q, k, v, **call)
+        return
+    out = jax.jit(fn, static_argnames="causal")(q, k, v, **call)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    want = reference(name, opts)(*as_f32(q, k, v), **call)
+    got, want_grads = (
+        grads(fn, q, k, v, **call),
+        grads(reference(name, opts), *as_f32(q, k, v), **call),
+    )
+    if dtype == jnp.bfloat16:
+        np.testing.assert_allclose(out.astype(jnp.float32), want, **BF16)
+        assert_bf16_grads_close(got, want_grads)
+        return
+    np.testing.assert_allclose(out, want, **F32)
+    for which, g, r in zip("qkv", got, want_grads, strict=True):
+        np.testing.assert_allclose(g, r, **F32, err_msg=f"d{which}")
+
+
+@pytest.mark.parametrize("name,implementation,opts,dtype", IMPLEMENTATIONS)
+def test_each_implementation_leaks_nothing_from_the_future(name, implementation, opts, dtype):
+    fn = av.get(name, implementation=implementation, **opts)
+    assert_no_leak(fn, *random_qkv(33, B=1, T=256, dtype=dtype), times=(0, 127, 200))

@@ -148,3 +148,124 @@ def test_a_declared_feature_map_gets_a_kernel_reference_and_a_decode_step():
             np.testing.assert_allclose(step[:, 0], out[:, t], rtol=1e-5, atol=1e-5)
     finally:
         registry._REGISTRY.pop("toy_relu", None)
+
+
+# --- accelerator rows: which path runs, and what each refuses -----------------------------------
+
+
+def test_auto_runs_the_portable_engines_on_cpu():
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU's choice")
+    q, k, v = random_qkv(40, T=256)
+    for name in av.names():
+        want = "xla" if name == "xla" else "jax"
+        assert av.spec(name).choose("auto", q, k, v)[0] == want, name
+
+
+def test_auto_prefers_splash_on_tpu_and_falls_back_for_what_it_cannot_serve(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    spec = av.spec("sliding_window")
+    q, k, v = random_qkv(41, T=256)
+    assert spec.choose("auto", q, k, v, window=64)[0] == "splash"
+    assert spec.choose("auto", q, k, v, window=64, return_lse=True)[0] == "jax"
+    assert spec.choose("auto", *random_qkv(41, T=100), window=64)[0] == "jax"  # T % 128
+    seg = jnp.zeros((2, 256), jnp.int32)
+    assert av.spec("fixed").choose("auto", q, k, v, segment_ids=seg)[0] == "jax"
+    assert av.spec("blockwise").choose("auto", q, k, v, segment_ids=seg)[0] == "splash"
+
+
+@pytest.mark.parametrize(
+    "name,implementation,call,missing",
+    [
+        ("blockwise", "splash", dict(return_lse=True), "return_lse"),
+        ("blockwise", "splash", dict(T=100), "T=100 (splash needs a multiple of 128)"),
+        ("blockwise", "splash", dict(q_offset=3), "q_offset"),
+        ("fixed", "splash", dict(segments=True), "segment_ids with the Fixed pattern"),
+        ("blockwise", "cudnn", dict(dtype=jnp.float32), "float32 inputs"),
+        ("blockwise", "cudnn", dict(segments=True), "segment_ids (cudnn's public API has none)"),
+        ("blockwise", "cudnn", dict(H=160), "head dim H=160"),
+        ("sliding_window", "cudnn", dict(causal=False, window=(8, 4)), "a window reaching 4 keys"),
+        ("bigbird", "cudnn", {}, "the BigBird pattern"),
+        ("fixed", "tokamax", {}, "the Fixed pattern"),
+        ("blockwise", "cudnn", {}, "the 'cpu' backend (it runs on gpu)"),
+    ],
+)
+def test_an_explicit_path_names_what_it_cannot_serve(name, implementation, call, missing):
+    if "backend" in missing and jax.default_backend() != "cpu":
+        pytest.skip("a CPU's refusal")
+    shape = dict(T=call.pop("T", 256), H=call.pop("H", 16), dtype=call.pop("dtype", jnp.bfloat16))
+    q, k, v = random_qkv(42, **shape)
+    if call.pop("segments", False):
+        call["segment_ids"] = jnp.zeros(q.shape[:2], jnp.int32)
+    if call.get("q_offset"):
+        q = q[:, call["q_offset"] :]
+    window = {"window": call.pop("window")} if "window" in call else {}
+    fn = av.get(name, implementation=implementation, **window)
+    with pytest.raises(NotImplementedError, match=f"'{implementation}' does not support .*"):
+        try:
+            fn(q, k, v, **call)
+        except NotImplementedError as e:
+            assert missing in str(e), str(e)
+            raise
+
+
+@pytest.mark.parametrize("implementation", ["cudnn", "tokamax"])
+@pytest.mark.parametrize(
+    "name,opts,causal",
+    [
+        ("blockwise", {}, True),
+        ("blockwise", {}, False),
+        ("sliding_window", {"window": 9}, True),
+        ("sliding_window", {"window": (7, 3)}, False),
+    ],
+)
+def test_fused_paths_hand_the_variants_mask_to_the_library(
+    monkeypatch, implementation, name, opts, causal
+):
+    """The GPU rows' calls (causal flag, window, GQA, scale), run through the libraries' own
+    XLA paths on this machine. cuDNN refuses the window that reaches ahead."""
+    from attention_variants import accelerators
+
+    monkeypatch.setitem(accelerators.KERNELS, "cudnn", "xla")
+    monkeypatch.setitem(accelerators.KERNELS, "tokamax", ("xla",))
+    q, k, v = random_qkv(43, T=48, N=4, K=2)
+    spec = av.spec(name)
+    options = {n: x for n, x in spec.options(**opts).items() if n != "implementation"}
+    impl = spec.implementations[implementation]
+    missing = impl.supports(*(x.astype(jnp.bfloat16) for x in (q, k, v)), causal=causal, **options)
+    if implementation == "cudnn" and name == "sliding_window" and not causal:
+        assert "reaching 3 keys ahead" in missing
+        return
+    assert missing is None
+    out = impl.fn(q, k, v, causal=causal, scale=0.3, **options)
+    want = spec.bound_reference(**opts)(q, k, v, causal=causal, scale=0.3)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_times_measured_rows_and_keeps_the_fastest():
+    traced = []
+
+    def fast(q, k, v, **call):
+        traced.append("fast")
+        return av.get("blockwise")(q, k, v, **call)
+
+    def slow(q, k, v, **call):
+        out = av.get("blockwise")(q, k, v, **call)
+        return jax.lax.fori_loop(0, 40, lambda i, o: av.get("dense")(o, k, v, **call), out)
+
+    spec = dataclasses.replace(
+        av.spec("blockwise"),
+        implementations={
+            "slow": registry.Implementation(slow, measured=True),
+            "fast": registry.Implementation(fast, measured=True),
+            "jax": av.spec("blockwise").implementations["jax"],
+        },
+    )
+    q, k, v = random_qkv(44, B=1, T=256, N=4, K=4, H=32)
+    assert spec.choose("auto", q, k, v, causal=True)[0] == "fast"
+    assert traced == ["fast"]  # timed once (one trace of its timing step)
+    assert spec.choose("auto", q, k, v, causal=True)[0] == "fast"
+    assert traced == ["fast"], "a second call of the same signature timed again"
+    # Under jit (tracers), for a new signature: timed eagerly on stand-ins, chosen the same.
+    jax.jit(lambda q: spec.choose("auto", q, k, v, causal=False)[1].fn(q, k, v))(q)
+    assert traced.count("fast") == 3  # the timing step's trace, then the jitted call's
