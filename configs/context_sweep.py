@@ -4,8 +4,9 @@ Run it with `make sweep`, i.e.
 
     python -m experiments.sweep --config=configs/context_sweep.py
 
-B=1, N=K=8 heads, H=64, causal, one document per row; float32 on CPU, bfloat16 on GPU/TPU. Results go to
-results/context_sweep/ (results.jsonl, report.md, results.csv, scaling.png).
+B=1, N=K=8 heads, causal, one document per row; H=64 and float32 on CPU, H=128 and bfloat16 on
+GPU/TPU (--config.head_dim=64 for the other). Results go to results/context_sweep/
+(results.jsonl, report.md, results.csv, scaling.png).
 
 Repeats are adaptive so the sweep fits in 10 minutes on a 2-core CPU: each cell makes one
 warm-up call (timed, to size the rest), then as many timed calls as fit `cell_budget_s` (2 s),
@@ -37,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch = 1  # B
     c.heads = 8  # N, query heads
     c.kv_heads = 8  # K, key/value heads (N % K == 0; K < N is GQA)
-    c.head_dim = 64  # H
+    c.head_dim = 0  # H; 0: 64 on CPU, 128 on GPU/TPU (where fused kernels are tuned for 128)
     c.causal = True  # causal self-attention
     c.segments = 1  # documents packed into each row (segment ids), as training packs them
     c.dtype = "auto"  # "auto": float32 on CPU, bfloat16 on GPU/TPU; or float32|bfloat16|float16

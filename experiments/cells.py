@@ -466,6 +466,13 @@ def resolve_dtype(value: str, platform: str) -> str:
     return value
 
 
+def resolve_head_dim(value: int, platform: str) -> int:
+    """0 is 64 on CPU and 128 on accelerators (the head size fused kernels are tuned for)."""
+    if value == 0:
+        return 64 if platform == "cpu" else 128
+    return value
+
+
 def _variants(config: Any) -> list[str]:
     known = av.names()
     names = csv_field(config, "variants")

@@ -288,7 +288,10 @@ def write_report(workdir: str | Path) -> Path:
     for mode in modes:
         md += [f"## {mode}", "", "Median time (ms):", "", table(rows, mode, "time_ms_median"), ""]
         md += ["Compiled memory (MiB):", "", table(rows, mode, "memory_bytes", 2**20), ""]
-        md += ["Useful GFLOP/s:", "", table(rows, mode, "gflops"), ""]
+        rates = [r["gflops"] for r in rows if r["mode"] == mode and r.get("gflops")]
+        unit, per = ("TFLOP/s", 1e3) if max(rates, default=0) >= 1e3 else ("GFLOP/s", 1.0)
+        md += [f"Useful {unit}:", "", table(rows, mode, "gflops", per), ""]
+        md += ["Fraction of the same-run GEMM rate:", "", table(rows, mode, "gemm_fraction"), ""]
         if baselines and baselines[0] in labels:
             md += [f"Speed-up over `{baselines[0]}` (its time / this time):", ""]
             md += [relative_table(rows, mode, baselines[0]), ""]

@@ -52,9 +52,11 @@ from experiments.cells import (
     MixedRows,
     check_one_setting,
     implementation_of,
+    int_field,
     parse_flags,
     plan_cells,
     resolve_dtype,
+    resolve_head_dim,
     row_key,
     seq_devices,
 )
@@ -413,7 +415,9 @@ def run(
     """Validates `config`, runs the sweep into `workdir` and writes the report; returns how
     many of the sweep's cells have an `ok` row. Raises ConfigError for an invalid config and
     MixedRows when the workdir holds rows of another setting."""
-    dtype = resolve_dtype(config.dtype, jax.devices()[0].platform)
+    backend = jax.devices()[0].platform
+    dtype = resolve_dtype(config.dtype, backend)
+    config.head_dim = resolve_head_dim(int_field(config, "head_dim", 0), backend)
     cells = plan_cells(config, dtype)
     sweep = Sweep(config, cells, workdir, out, reuse_stale)
     started = datetime.datetime.now(datetime.UTC)

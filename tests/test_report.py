@@ -88,6 +88,19 @@ def test_write_report_builds_markdown_csv_and_plot(tmp_path):
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_rates_in_tflops_on_fast_devices_and_as_a_fraction_of_the_gemm(tmp_path):
+    fast = [{**r, "gflops": 2e6 / T, "gemm_fraction": 0.5} for r in synthetic_rows()
+            for T in [r["seq_len"]]]  # fmt: skip
+    write_jsonl(tmp_path / "results.jsonl", fast)
+    text = report.write_report(tmp_path).read_text()
+    assert (
+        "Useful TFLOP/s:" in text and "| linear | 3.91 | 1.95 |" in text
+    )  # 2000 / 512, 2000 / 1024
+    assert "Fraction of the same-run GEMM rate:" in text and "| linear | 0.50 |" in text
+    write_jsonl(tmp_path / "results.jsonl", synthetic_rows())  # 1 GFLOP/s: kept in GFLOP/s
+    assert "Useful GFLOP/s:" in report.write_report(tmp_path).read_text()
+
+
 def two_modes():
     fwd = [r for r in synthetic_rows() if r["status"] == "ok"]
     bwd = [{**r, "mode": "fwd_bwd", "time_ms_median": 3 * r["time_ms_median"]} for r in fwd]

@@ -321,6 +321,11 @@ def test_bad_config_values_name_the_field(changes, field):
     assert str(e.value).startswith(f"config.{field}:")
 
 
+def test_head_dim_zero_is_64_on_cpu_and_128_on_accelerators():
+    assert [cells.resolve_head_dim(0, p) for p in ("cpu", "gpu", "tpu")] == [64, 128, 128]
+    assert cells.resolve_head_dim(32, "gpu") == 32
+
+
 def test_all_variants_leave_the_ring_to_mesh_sweeps():
     config = tiny(variants="all")
     planned = {c.variant for c in cells.plan_cells(config, "float32")}
