@@ -27,14 +27,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-CONTRACT_KEYWORDS = (
-    "causal",
-    "segment_ids",
-    "kv_segment_ids",
-    "q_offset",
-    "scale",
-    "return_lse",
+CONTRACT_DEFAULTS = dict(
+    causal=True, segment_ids=None, kv_segment_ids=None, q_offset=0, scale=None, return_lse=False
 )
+CONTRACT_KEYWORDS = tuple(CONTRACT_DEFAULTS)
 
 Kernel = Callable[..., Any]
 FlopsFn = Callable[..., float]
@@ -154,7 +150,7 @@ def fastest(variant: str, rivals: Mapping[str, Implementation], q, k, v, call) -
     this signature: timed once (median of 5 calls after a compiling one) on random stand-ins
     of the call's arrays, then remembered for the process. Runs eagerly even under jit."""
     key = (variant, tuple(rivals), *(_signature(x) for x in (q, k, v)))
-    key += tuple((n, _signature(x)) for n, x in sorted(call.items()))
+    key += tuple((n, _signature(x)) for n, x in sorted({**CONTRACT_DEFAULTS, **call}.items()))
     if key in _FASTEST:
         return _FASTEST[key]
     seconds = {}

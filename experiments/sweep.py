@@ -283,10 +283,11 @@ class Sweep:
         c = self.config
         try:
             built = KINDS[cell.kind](cell, c)
+            implementation = implementation_of(cell)  # before compiling: "auto" may time rivals
             compiled, compile_s = bench.compile_timed(built.fn, *built.args)
             memory = bench.compiled_memory(compiled)
             values = {"compile_s": compile_s, "useful_flops": built.useful_flops, **built.fields}
-            values["implementation"] = implementation_of(cell)
+            values["implementation"] = implementation
             values["memory_bytes"] = memory.total if memory else None
             free = bench.free_memory_bytes(self.device)
             if memory and free is not None and memory.to_allocate > c.memory_fraction * free:

@@ -41,7 +41,9 @@ def kernel(name, opts):
 
 
 def reference(name, opts):
-    return av.spec(name).bound_reference(**opts)
+    """The reference, under one jit per call (eager, it dispatches op by op: slow here)."""
+    ref = av.spec(name).bound_reference(**opts)
+    return lambda q, k, v, **kw: jax.jit(lambda q, k, v: ref(q, k, v, **kw))(q, k, v)
 
 
 def as_f32(*xs):
@@ -54,8 +56,9 @@ def weighted_sum(fn, cotangent, **kw):
 
 
 def grads(fn, q, k, v, seed=9, **kw):
+    """Gradients under one jit (eager differentiation dispatches op by op: much slower here)."""
     cot = jax.random.normal(jax.random.key(seed), q.shape)
-    return jax.grad(weighted_sum(fn, cot, **kw), argnums=(0, 1, 2))(q, k, v)
+    return jax.jit(jax.grad(weighted_sum(fn, cot, **kw), argnums=(0, 1, 2)))(q, k, v)
 
 
 def assert_bf16_grads_close(got, want):
