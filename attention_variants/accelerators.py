@@ -4,10 +4,12 @@ well-kept fused kernel.
 * `splash`: JAX's Pallas TPU splash attention (`jax.experimental.pallas.ops.tpu`). Causal,
   window and full masks become its `CausalMask` / `LocalMask` / `FullMask`, computed inside the
   kernel; any other mask (the fixed pattern, BigBird) a splash mask read from the variant's own
-  `visible` block by block, which splash stores as deduplicated partial blocks and skips where
-  empty. Packed rows become `SegmentIds` (run ids), GQA runs the MQA kernel per key/value head.
-  "auto" picks it on TPU; elsewhere an explicit request runs it in interpret mode (slow: for
-  tests). T and S must be multiples of 128 (its key tiles are whole lanes).
+  `visible` block by block at trace time, which splash keeps as partial blocks (deduplicated:
+  a regular pattern has a few, BigBird's random blocks many) and skips where empty. A mask must
+  show each query its own position (splash has no empty rows). Packed rows become `SegmentIds`
+  (run ids), GQA runs the MQA kernel per key/value head. "auto" picks it on TPU; elsewhere an
+  explicit request runs it in interpret mode (slow: for tests). T and S must be multiples of
+  128 (its key tiles are whole lanes).
 * `cudnn`: cuDNN's fused flash kernel through `jax.nn.dot_product_attention`: causal, full and
   causal-window masks, GQA, bfloat16/float16. A window is always passed with the causal flag: a
   window without it attends to the future in cuDNN (jax PR #39576), so a window that reaches
@@ -15,22 +17,27 @@ well-kept fused kernel.
 * `tokamax`: the Pallas GPU kernels of tokamax (`pip install '.[gpu]'`; Mosaic GPU, then
   Triton): causal, full and window masks (either side), GQA.
 
-On GPU "auto" times `cudnn` against `tokamax` for each call signature and keeps the faster
-(`registry.fastest`). None of them takes segment ids with a block pattern, kv_segment_ids,
-decoding offsets, T != S or return_lse: "auto" falls back to the portable "jax" engine there,
-and an explicit request raises NotImplementedError naming the missing feature.
+cuDNN and tokamax need an NVIDIA GPU. On GPU "auto" times `cudnn` against `tokamax` for each
+call signature and keeps the faster (`registry.fastest`; a rival that fails there is dropped).
+None of them takes kv_segment_ids, decoding offsets, T != S or return_lse: "auto" falls back to
+the portable "jax" engine there, and an explicit request raises NotImplementedError naming the
+missing feature. Under a current mesh of several devices (`jax.set_mesh`) each runs per device
+in a `shard_map` over the mesh axes that split the batch: XLA cannot partition a Pallas or
+cuDNN call by itself.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from jax.sharding import PartitionSpec
 
-from attention_variants.common import contract, offset_of
+from attention_variants.common import batch_axes, contract, offset_of, placed
 from attention_variants.masks import Causal, Mask, Window
 from attention_variants.registry import CONTRACT_KEYWORDS, Implementation
 from attention_variants.tiled import scaled
@@ -39,10 +46,6 @@ try:
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 except ImportError:  # moved or removed in this jax version
     splash = None
-try:
-    import tokamax
-except ImportError:  # the optional extra `gpu`
-    tokamax = None
 
 LANES = 128  # splash's key tiles are multiples of the TPU's 128 lanes
 # The kernels each library runs for us (tests swap in the libraries' XLA paths to check the
@@ -64,9 +67,30 @@ def _unplain(q, k, call) -> str | None:
     if call.get("kv_segment_ids") is not None:
         return "kv_segment_ids"
     static, _ = offset_of(call.get("q_offset", 0), q.shape[0])
-    if static != 0 or q.shape[1] != k.shape[1]:
-        return "q_offset or T != S (decoding, cross attention)"
+    if static != 0:
+        return "q_offset (decoding)"
+    if q.shape[1] != k.shape[1]:
+        return f"T={q.shape[1]} != S={k.shape[1]} (cross attention)"
     return None
+
+
+def _per_device(kernel, *args):
+    """kernel(*args) ([B, ...] arrays or None), per device under a current mesh of several:
+    in a shard_map over the mesh axes that split the batch, replicated over the others."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or all(size == 1 for size in mesh.shape.values()):
+        return kernel(*args)
+    spec = PartitionSpec(batch_axes(args[0].shape[0]))
+    given = [i for i, x in enumerate(args) if x is not None]
+
+    def local(*xs):
+        full = list(args)
+        for i, x in zip(given, xs, strict=True):
+            full[i] = x
+        return kernel(*full)
+
+    sharded = jax.shard_map(local, in_specs=(spec,) * len(given), out_specs=spec, check_vma=False)
+    return sharded(*(placed(args[i], spec) for i in given))
 
 
 def _band_of(m: Mask) -> tuple[bool, tuple[int, int] | None] | None:
@@ -108,10 +132,10 @@ class _Pattern(getattr(splash, "Mask", object)):
 
 def splash_mask(m: Mask, T: int, S: int):
     """`m` as a splash mask over a [T, S] row."""
-    flags = _band_of(m)
-    if flags is None:
+    band = _band_of(m)
+    if band is None:
         return _Pattern(m, (T, S))
-    is_causal, window = flags
+    is_causal, window = band
     if window is not None:
         return splash.LocalMask((T, S), window, offset=0)
     return splash.CausalMask((T, S)) if is_causal else splash.FullMask((T, S))
@@ -130,8 +154,9 @@ def _splash_kernel(m: Mask, T: int, S: int, heads: int, mqa: bool, interpret: bo
     )  # fmt: skip
     masks = splash.MultiHeadMask([splash_mask(m, T, S)] * heads)
     make = splash.make_splash_mqa if mqa else splash.make_splash_mha
-    with jax.ensure_compile_time_eval():  # its block tables are constants, cached across traces
-        return make(masks, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    with jax.ensure_compile_time_eval():  # its block tables: constants, cached across traces
+        kernel = make(masks, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return jax.tree.map(np.asarray, kernel)  # host arrays: no device or mesh placement
 
 
 def splash_implementation(kernels) -> Implementation:
@@ -158,18 +183,23 @@ def splash_implementation(kernels) -> Implementation:
     @contract
     def fn(q, k, v, call, options):
         m, lay = kernels.prepare(q, k, v, call, options)
-        (B, T, N, H), (S, K) = q.shape, k.shape[1:3]
+        (T, N, H), (S, K) = q.shape[1:], k.shape[1:3]
         dtype, q = q.dtype, scaled(q, call["scale"])
         interpret = jax.default_backend() != "tpu"
         kernel = _splash_kernel(m, T, S, N // K if K < N else N, K < N, interpret)
-        ids = None if lay.q_seg is None else splash.SegmentIds(lay.q_seg, lay.k_seg)
-        k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, K, S, H]
-        if K == N:
-            out = jax.vmap(kernel)(q.transpose(0, 2, 1, 3), k, v, ids)  # [B, N, T, H]
-            return out.transpose(0, 2, 1, 3).astype(dtype)
-        q = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-        out = jax.vmap(jax.vmap(kernel, in_axes=(0, 0, 0, None)))(q, k, v, ids)
-        return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(dtype)
+
+        def rows(q, k, v, q_seg, k_seg):  # [b, ...] rows of one device
+            b = q.shape[0]
+            ids = None if q_seg is None else splash.SegmentIds(q_seg, k_seg)
+            k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [b, K, S, H]
+            if K == N:
+                out = jax.vmap(kernel)(q.transpose(0, 2, 1, 3), k, v, ids)  # [b, N, T, H]
+                return out.transpose(0, 2, 1, 3)
+            q = q.reshape(b, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [b, K, G, T, H]
+            out = jax.vmap(jax.vmap(kernel, in_axes=(0, 0, 0, None)))(q, k, v, ids)
+            return out.transpose(0, 3, 1, 2, 4).reshape(b, T, N, H)
+
+        return _per_device(rows, q, k, v, lay.q_seg, lay.k_seg).astype(dtype)
 
     return Implementation(fn, supports=supports, auto=("tpu",))
 
@@ -177,11 +207,17 @@ def splash_implementation(kernels) -> Implementation:
 # --- cuDNN and tokamax ---------------------------------------------------------------------
 
 
+def _nvidia() -> str | None:
+    """None on an NVIDIA GPU, else what is missing."""
+    kind = jax.devices()[0].device_kind
+    return None if "NVIDIA" in kind or jax.default_backend() != "gpu" else f"{kind} (not NVIDIA)"
+
+
 def _fused(kernels, library: str, supports_more) -> Implementation:
     """A row that runs `library`'s fused kernel on the call's (causal, window) flags."""
 
     def supports(q, k, v, **call):
-        missing = _unplain(q, k, call)
+        missing = _unplain(q, k, call) or _nvidia()
         if missing:
             return missing
         if call.get("segment_ids") is not None:
@@ -196,14 +232,23 @@ def _fused(kernels, library: str, supports_more) -> Implementation:
         is_causal, window = _band_of(_mask(kernels, q, k, {**call, **options}))
         kw = dict(scale=call["scale"], is_causal=is_causal, local_window_size=window)
         if library == "cudnn":
-            out = jax.nn.dot_product_attention(q, k, v, implementation=KERNELS["cudnn"], **kw)
+            attention = jax.nn.dot_product_attention
+            kw["implementation"] = KERNELS["cudnn"]
         else:
             if not flags.FLAGS.is_parsed():  # tokamax reads its absl flags, parsing sys.argv
                 flags.FLAGS.mark_as_parsed()  # if no app did: keep their defaults instead
-            out = tokamax.dot_product_attention(q, k, v, implementation=KERNELS["tokamax"], **kw)
-        return out.astype(q.dtype)
+            import tokamax
+
+            attention = tokamax.dot_product_attention
+            kw["implementation"] = KERNELS["tokamax"]
+        return _per_device(functools.partial(attention, **kw), q, k, v).astype(q.dtype)
 
     return Implementation(fn, ("gpu",), supports, measured=True)
+
+
+def _hopper_or_later() -> bool:
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    return capability is not None and float(capability) >= 9.0
 
 
 def cudnn_implementation(kernels) -> Implementation:
@@ -215,17 +260,22 @@ def cudnn_implementation(kernels) -> Implementation:
             )
         if q.dtype not in (jnp.bfloat16, jnp.float16):
             return f"{q.dtype} inputs (cuDNN's flash kernel takes bfloat16 or float16)"
-        H = q.shape[-1]
-        if H % 8 or H > 128:
-            return f"head dim H={H} (cuDNN's flash kernel takes multiples of 8 up to 128)"
+        H, most = q.shape[-1], 256 if _hopper_or_later() else 128
+        if H % 8 or H > most:
+            return f"head dim H={H} (cuDNN's flash kernel takes multiples of 8 up to {most} here)"
         return None
 
     return _fused(kernels, "cudnn", supports_more)
 
 
+@functools.cache
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def tokamax_implementation(kernels) -> Implementation:
     def supports_more(q, m):
-        return "tokamax (not installed: pip install '.[gpu]')" if tokamax is None else None
+        return None if _installed("tokamax") else "tokamax (not installed: pip install '.[gpu]')"
 
     return _fused(kernels, "tokamax", supports_more)
 

@@ -237,3 +237,25 @@ def contract(body: Callable) -> Callable:
 
     fn.__doc__ = body.__doc__
     return fn
+
+
+def batch_axes(B: int, exclude: str | None = None) -> tuple[str, ...] | None:
+    """The current mesh's axes (but `exclude`) that split a batch of B rows: the longest run of
+    them, in mesh order, whose sizes divide B (the rest hold the whole batch)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    others = [a for a in mesh.axis_names if a != exclude and mesh.shape[a] > 1]
+    while others and B % math.prod(mesh.shape[a] for a in others):
+        others.pop()
+    return tuple(others) or None
+
+
+def placed(x, spec: jax.sharding.PartitionSpec):
+    """x resharded to `spec` on a mesh of explicit axes (shard_map asks it; a no-op when x is
+    already so); on automatic axes shard_map reshards by itself."""
+    mesh = jax.sharding.get_abstract_mesh()
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    if all(types[a] == jax.sharding.AxisType.Explicit for a in jax.tree.leaves(tuple(spec))):
+        return jax.reshard(x, spec)
+    return x

@@ -111,9 +111,10 @@ class Spec:
         backend = jax.default_backend()
         if implementation != "auto":
             impl = self.implementations[implementation]
-            missing = impl.supports(q, k, v, **call)
-            if missing is None and backend not in impl.backends:
+            if backend not in impl.backends:
                 missing = f"the {backend!r} backend (it runs on {', '.join(impl.backends)})"
+            else:
+                missing = impl.supports(q, k, v, **call)
             if missing is not None:
                 raise NotImplementedError(
                     f"attention variant {self.name!r}: implementation {implementation!r} does not "
@@ -128,8 +129,9 @@ class Spec:
         if serving:
             name, impl = next(iter(serving.items()))
             rivals = {n: i for n, i in serving.items() if i.measured}
-            if impl.measured and len(rivals) > 1:
-                name = fastest(self.name, rivals, q, k, v, call)
+            if impl.measured and len(rivals) > 1:  # None: every rival failed to run
+                unmeasured = [n for n, i in serving.items() if not i.measured]
+                name = fastest(self.name, rivals, q, k, v, call) or next(iter(unmeasured), name)
             return name, serving[name]
         reasons = {n: i.supports(q, k, v, **call) for n, i in self.implementations.items()}
         raise NotImplementedError(f"attention variant {self.name!r}: no implementation: {reasons}")
@@ -145,10 +147,12 @@ def _signature(x: Any) -> Any:
     return repr(x)
 
 
-def fastest(variant: str, rivals: Mapping[str, Implementation], q, k, v, call) -> str:
+def fastest(variant: str, rivals: Mapping[str, Implementation], q, k, v, call) -> str | None:
     """The rival whose forward and backward run fastest on the current device for a call of
     this signature: timed once (median of 5 calls after a compiling one) on random stand-ins
-    of the call's arrays, then remembered for the process. Runs eagerly even under jit."""
+    of the call's arrays (global shapes; under a current mesh the rivals shard them as in the
+    call), then remembered for the process. Runs eagerly even under jit. A rival that raises
+    (a library refusing the shapes, say) is left out, with a warning; None if all do."""
     key = (variant, tuple(rivals), *(_signature(x) for x in (q, k, v)))
     key += tuple((n, _signature(x)) for n, x in sorted({**CONTRACT_DEFAULTS, **call}.items()))
     if key in _FASTEST:
@@ -175,14 +179,18 @@ def fastest(variant: str, rivals: Mapping[str, Implementation], q, k, v, call) -
                 return jnp.sum(out.astype(jnp.float32))
 
             step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-            jax.block_until_ready(step(*args, arrays))  # compiles
+            try:
+                jax.block_until_ready(step(*args, arrays))  # compiles
+            except Exception as e:  # noqa: BLE001  (any library error: this rival cannot run)
+                logging.warning("%s: %s failed, left out of auto's choice: %s", variant, name, e)
+                continue
             times = []
             for _ in range(5):
                 start = time.perf_counter()
                 jax.block_until_ready(step(*args, arrays))
                 times.append(time.perf_counter() - start)
             seconds[name] = statistics.median(times)
-    _FASTEST[key] = min(seconds, key=seconds.get)
+    _FASTEST[key] = min(seconds, key=seconds.get) if seconds else None
     logging.info("%s: auto measured %s, picked %s", variant, seconds, _FASTEST[key])
     return _FASTEST[key]
 

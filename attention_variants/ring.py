@@ -39,12 +39,14 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from attention_variants.common import (
+    batch_axes,
     check_ids,
     check_inputs,
     contract,
     default_scale,
     layout,
     offset_of,
+    placed,
 )
 from attention_variants.families import MaskedSoftmax
 from attention_variants.masks import Causal, Mask, causal_or_full
@@ -68,26 +70,6 @@ def axis_size(axis: str) -> int:
     if mesh.empty or axis not in mesh.axis_names:
         return 1
     return mesh.shape[axis]
-
-
-def _batch_axes(axis: str, B: int) -> tuple[str, ...] | None:
-    """The mesh's other axes that split the batch: the longest run of them, in mesh order,
-    whose sizes divide B (the rest hold the whole batch)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    others = [a for a in mesh.axis_names if a != axis and mesh.shape[a] > 1]
-    while others and B % np.prod([mesh.shape[a] for a in others]):
-        others.pop()
-    return tuple(others) or None
-
-
-def _placed(x, spec: PartitionSpec):
-    """x resharded to `spec` on a mesh of explicit axes (shard_map asks it; a no-op when x is
-    already so); on automatic axes shard_map reshards by itself."""
-    mesh = jax.sharding.get_abstract_mesh()
-    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
-    if all(types[a] == jax.sharding.AxisType.Explicit for a in jax.tree.leaves(tuple(spec))):
-        return jax.reshard(x, spec)
-    return x
 
 
 def tile_sizes(L: int, layout: str, block_sizes: BlockSizes) -> BlockSizes:
@@ -394,13 +376,13 @@ def ring_attention(q, k, v, call, options):
         seg = None if ids is None else _run_ids(ids, n, axis)  # documents are runs of ids
         return _ring_local(cfg, q, k, v, seg)
 
-    sharded = PartitionSpec(_batch_axes(axis, B), axis)
+    sharded = PartitionSpec(batch_axes(B, exclude=axis), axis)
     out, lse = jax.shard_map(
         local,
         in_specs=(sharded,) * len(args),
         out_specs=(sharded, sharded),
         check_vma=False,  # the tiled engine's loop carries start replicated; the vjp is ours
-    )(*(_placed(x, sharded) for x in args))
+    )(*(placed(x, sharded) for x in args))
     return (out, lse) if call["return_lse"] else out
 
 

@@ -285,11 +285,11 @@ def write_report(workdir: str | Path) -> Path:
             f"other code than the latest run ({latest[0]}, jax {latest[1]})"
         )
     md += ["", LEGEND, ""]
+    rates = [r["gflops"] for r in rows if r.get("gflops")]  # one unit for the whole report
+    unit, per = ("TFLOP/s", 1e3) if max(rates, default=0) >= 1e3 else ("GFLOP/s", 1.0)
     for mode in modes:
         md += [f"## {mode}", "", "Median time (ms):", "", table(rows, mode, "time_ms_median"), ""]
         md += ["Compiled memory (MiB):", "", table(rows, mode, "memory_bytes", 2**20), ""]
-        rates = [r["gflops"] for r in rows if r["mode"] == mode and r.get("gflops")]
-        unit, per = ("TFLOP/s", 1e3) if max(rates, default=0) >= 1e3 else ("GFLOP/s", 1.0)
         md += [f"Useful {unit}:", "", table(rows, mode, "gflops", per), ""]
         md += ["Fraction of the same-run GEMM rate:", "", table(rows, mode, "gemm_fraction"), ""]
         if baselines and baselines[0] in labels:

@@ -67,11 +67,12 @@ def small_cases():
     ]
 
 
-def implementation_cases(T: int = 256):
+def implementation_cases(T: int = 384):
     """pytest params (name, implementation, opts, dtype): every implementation of every variant
-    that runs on this backend, other than the one "auto" picks for the suite's float32 inputs
-    (which every other test runs), with the variant's first test option set and the first
-    dtype it serves (float32, else bfloat16). On CPU: splash, in interpret mode."""
+    that runs on this backend and serves length T, other than the one "auto" picks for the
+    suite's other tests (float32, T=37: the portable engine, which they run), with the
+    variant's first test option set and the first dtype it serves (float32, else bfloat16).
+    On CPU: splash, in interpret mode; on TPU splash compiled, on GPU cuDNN and tokamax."""
     backend = jax.default_backend()
     probe = random_qkv(0, B=1, T=T, N=4, K=2)
     cases = []
@@ -79,7 +80,7 @@ def implementation_cases(T: int = 256):
         spec = av.spec(name)
         opts = (spec.test_options or ({},))[0]
         options = {k: v for k, v in spec.options(**opts).items() if k != "implementation"}
-        auto, _ = spec.choose("auto", *probe, **options)
+        auto, _ = spec.choose("auto", *random_qkv(0, B=1, T=37, N=4, K=2), **options)
         for impl_name, impl in spec.implementations.items():
             if impl_name == auto or backend not in impl.backends:
                 continue

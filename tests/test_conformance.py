@@ -362,15 +362,18 @@ class SegmentIdsWithAndWithoutJit(parameterized.TestCase):
 def test_each_implementation_matches_the_reference(
     name, implementation, opts, dtype, causal, segmented, kv_heads
 ):
-    """Forward and gradients against the float32 reference; a call the implementation does not
-    serve (segment ids with a block pattern, say) raises NotImplementedError naming it."""
-    q, k, v = random_qkv(31, B=2, T=256, N=4, K=kv_heads, dtype=dtype)
-    call = dict(causal=causal, segment_ids=packed_segments(32, 2, 256) if segmented else None)
+    """Forward and gradients against the float32 reference at T=384 (splash: 3 x 3 tiles); the
+    one call an implementation may refuse here, packed rows of a block pattern (fixed, bigbird),
+    raises NotImplementedError naming it."""
+    q, k, v = random_qkv(31, B=2, T=384, N=4, K=kv_heads, dtype=dtype)
+    call = dict(causal=causal, segment_ids=packed_segments(32, 2, 384) if segmented else None)
     fn = av.get(name, implementation=implementation, **opts)
     options = {n: x for n, x in av.spec(name).options(**opts).items() if n != "implementation"}
     missing = av.spec(name).implementations[implementation].supports(q, k, v, **call, **options)
     if missing is not None:
-        with pytest.raises(NotImplementedError, match=f"{implementation!r}.*{missing[:20]}"):
+        block_pattern = not av.spec(name).mask(causal=causal, **options).shift_invariant
+        assert segmented and block_pattern and missing.startswith("segment_ids"), missing
+        with pytest.raises(NotImplementedError, match=f"{implementation!r}.*segment_ids"):
             fn(q, k, v, **call)
         return
     out = jax.jit(fn, static_argnames="causal")(q, k, v, **call)
@@ -392,4 +395,4 @@ def test_each_implementation_matches_the_reference(
 @pytest.mark.parametrize("name,implementation,opts,dtype", IMPLEMENTATIONS)
 def test_each_implementation_leaks_nothing_from_the_future(name, implementation, opts, dtype):
     fn = av.get(name, implementation=implementation, **opts)
-    assert_no_leak(fn, *random_qkv(33, B=1, T=256, dtype=dtype), times=(0, 127, 200))
+    assert_no_leak(fn, *random_qkv(33, B=1, T=384, dtype=dtype), times=(0, 127, 200, 300))

@@ -182,3 +182,26 @@ def test_the_sweep_runs_the_ring_over_device_counts(tmp_path):
     ]  # fmt: skip
     md = (tmp_path / "report.md").read_text()
     assert "## Sequence parallelism" in md and "| fwd_bwd | 64 | ring | 4 |" in md
+
+
+def test_fused_paths_run_per_device_under_a_mesh():
+    """XLA cannot partition a Pallas (or cuDNN) call: under a mesh of several devices the
+    splash row (interpret mode here) runs in a shard_map over the axes that split the batch,
+    forward and gradients equal to the reference."""
+    q, k, v = random_qkv(50, B=2, T=256, N=4, K=2)
+    kw = dict(segment_ids=packed_segments(51, 2, 256), causal=False)
+    fn = av.get("sliding_window", implementation="splash", window=(19, 4))
+    ref = av.spec("sliding_window").bound_reference(window=(19, 4))
+    cot = jax.random.normal(jax.random.key(52), q.shape)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, **kw) * cot)
+
+    with jax.set_mesh(mesh(4)):  # data=2 splits the batch of 2; seq=4 holds it whole
+        step = jax.jit(jax.value_and_grad(loss(fn), (0, 1, 2)))
+        assert "shard_map" in str(jax.make_jaxpr(step)(q, k, v))
+        got = step(q, k, v)
+    want = jax.jit(jax.value_and_grad(loss(ref), (0, 1, 2)))(q, k, v)
+    leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+    for name, a, b in zip(("loss", "dq", "dk", "dv"), *leaves, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)

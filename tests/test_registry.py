@@ -70,16 +70,14 @@ def test_spec_carries_metadata():
 def test_auto_picks_per_backend_and_explicit_requests_name_what_is_missing():
     q, k, v = random_qkv(1)
     spec = av.spec("xla")
-    assert spec.choose("auto", q, k, v)[0] == "xla"  # cuDNN is GPU only
-    with pytest.raises(NotImplementedError, match="'cudnn' does not support.*float32"):
-        spec.choose("cudnn", q, k, v)
+    assert spec.choose("auto", q, k, v)[0] == "xla"  # cuDNN is GPU only, and bf16/fp16
     bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
     seg = jnp.zeros((2, 37), jnp.int32)
-    with pytest.raises(NotImplementedError, match="'cudnn' does not support segment_ids"):
-        spec.choose("cudnn", *bf16, segment_ids=seg)
-    if jax.default_backend() == "cpu":
-        with pytest.raises(NotImplementedError, match="'cpu' backend"):
-            spec.choose("cudnn", *bf16)
+    assert "float32" in spec.implementations["cudnn"].supports(q, k, v)
+    assert "segment_ids" in spec.implementations["cudnn"].supports(*bf16, segment_ids=seg)
+    if jax.default_backend() == "cpu":  # the backend is named first
+        with pytest.raises(NotImplementedError, match="'cudnn' does not support the 'cpu'"):
+            spec.choose("cudnn", q, k, v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,70 +177,88 @@ def test_auto_prefers_splash_on_tpu_and_falls_back_for_what_it_cannot_serve(monk
     [
         ("blockwise", "splash", dict(return_lse=True), "return_lse"),
         ("blockwise", "splash", dict(T=100), "T=100 (splash needs a multiple of 128)"),
-        ("blockwise", "splash", dict(q_offset=3), "q_offset"),
+        ("blockwise", "splash", dict(q_offset=3), "q_offset (decoding)"),
+        ("blockwise", "splash", dict(queries=200), "T=200 != S=256 (cross attention)"),
         ("fixed", "splash", dict(segments=True), "segment_ids with the Fixed pattern"),
         ("blockwise", "cudnn", dict(dtype=jnp.float32), "float32 inputs"),
         ("blockwise", "cudnn", dict(segments=True), "segment_ids (cudnn's public API has none)"),
-        ("blockwise", "cudnn", dict(H=160), "head dim H=160"),
+        ("blockwise", "cudnn", dict(H=264), "head dim H=264"),
         ("sliding_window", "cudnn", dict(causal=False, window=(8, 4)), "a window reaching 4 keys"),
         ("bigbird", "cudnn", {}, "the BigBird pattern"),
         ("fixed", "tokamax", {}, "the Fixed pattern"),
-        ("blockwise", "cudnn", {}, "the 'cpu' backend (it runs on gpu)"),
     ],
 )
 def test_an_explicit_path_names_what_it_cannot_serve(name, implementation, call, missing):
-    if "backend" in missing and jax.default_backend() != "cpu":
-        pytest.skip("a CPU's refusal")
+    """`supports` names the feature; an explicit request raises it, or first the backend where
+    the path does not run (cuDNN and tokamax on a CPU)."""
     shape = dict(T=call.pop("T", 256), H=call.pop("H", 16), dtype=call.pop("dtype", jnp.bfloat16))
     q, k, v = random_qkv(42, **shape)
+    q = q[:, : call.pop("queries", q.shape[1])]
     if call.pop("segments", False):
         call["segment_ids"] = jnp.zeros(q.shape[:2], jnp.int32)
-    if call.get("q_offset"):
-        q = q[:, call["q_offset"] :]
     window = {"window": call.pop("window")} if "window" in call else {}
-    fn = av.get(name, implementation=implementation, **window)
-    with pytest.raises(NotImplementedError, match=f"'{implementation}' does not support .*"):
-        try:
-            fn(q, k, v, **call)
-        except NotImplementedError as e:
-            assert missing in str(e), str(e)
-            raise
+    spec, impl = av.spec(name), av.spec(name).implementations[implementation]
+    options = {n: x for n, x in spec.options(**window).items() if n != "implementation"}
+    assert missing in impl.supports(q, k, v, **call, **options)
+    backend = jax.default_backend()
+    expected = missing if backend in impl.backends else f"the '{backend}' backend (it runs on"
+    with pytest.raises(NotImplementedError, match=f"'{implementation}' does not support") as e:
+        av.get(name, implementation=implementation, **window)(q, k, v, **call)
+    assert expected in str(e.value)
 
 
 @pytest.mark.parametrize("implementation", ["cudnn", "tokamax"])
 @pytest.mark.parametrize(
-    "name,opts,causal",
-    [
-        ("blockwise", {}, True),
-        ("blockwise", {}, False),
-        ("sliding_window", {"window": 9}, True),
-        ("sliding_window", {"window": (7, 3)}, False),
+    "name,opts,causal,flags",
+    [  # (is_causal, local_window_size) from the masks' definitions: Window(left, right)
+        ("blockwise", {}, True, (True, None)),
+        ("blockwise", {}, False, (False, None)),
+        ("sliding_window", {"window": 9}, True, (True, (8, 0))),
+        ("sliding_window", {"window": 9}, False, (True, (8, 0))),  # W keys back: causal anyway
+        ("sliding_window", {"window": (7, 3)}, True, (True, (7, 0))),
+        ("sliding_window", {"window": (7, 3)}, False, (False, (7, 3))),
     ],
 )
 def test_fused_paths_hand_the_variants_mask_to_the_library(
-    monkeypatch, implementation, name, opts, causal
+    monkeypatch, implementation, name, opts, causal, flags
 ):
-    """The GPU rows' calls (causal flag, window, GQA, scale), run through the libraries' own
-    XLA paths on this machine. cuDNN refuses the window that reaches ahead."""
+    """The GPU rows' library calls: the flags they pass (a cuDNN window always with the causal
+    flag), and their outputs through the libraries' own XLA paths on this machine."""
+    import tokamax
+
     from attention_variants import accelerators
 
-    monkeypatch.setitem(accelerators.KERNELS, "cudnn", "xla")
-    monkeypatch.setitem(accelerators.KERNELS, "tokamax", ("xla",))
+    passed = []
+
+    def recording(library):
+        def call(q, k, v, *, is_causal, local_window_size, implementation, **kw):
+            passed.append((is_causal, local_window_size))
+            xla = "xla" if implementation == "cudnn" else ("xla",)
+            return library(q, k, v, is_causal=is_causal, local_window_size=local_window_size,
+                           implementation=xla, **kw)  # fmt: skip
+
+        return call
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording(jax.nn.dot_product_attention))
+    monkeypatch.setattr(tokamax, "dot_product_attention", recording(tokamax.dot_product_attention))
     q, k, v = random_qkv(43, T=48, N=4, K=2)
     spec = av.spec(name)
     options = {n: x for n, x in spec.options(**opts).items() if n != "implementation"}
     impl = spec.implementations[implementation]
     missing = impl.supports(*(x.astype(jnp.bfloat16) for x in (q, k, v)), causal=causal, **options)
-    if implementation == "cudnn" and name == "sliding_window" and not causal:
-        assert "reaching 3 keys ahead" in missing
+    if flags[1] is not None and not flags[0] and implementation == "cudnn":
+        assert "reaching 3 keys ahead" in missing  # never handed to cuDNN without the flag
         return
     assert missing is None
     out = impl.fn(q, k, v, causal=causal, scale=0.3, **options)
+    assert passed == [flags]
+    assert accelerators.KERNELS[implementation] in ("cudnn", ("mosaic", "triton"))
     want = spec.bound_reference(**opts)(q, k, v, causal=causal, scale=0.3)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_times_measured_rows_and_keeps_the_fastest():
+def test_auto_times_measured_rows_and_keeps_the_fastest(monkeypatch):
+    monkeypatch.setattr(registry, "_FASTEST", {})
     traced = []
 
     def fast(q, k, v, **call):
@@ -269,3 +285,21 @@ def test_auto_times_measured_rows_and_keeps_the_fastest():
     # Under jit (tracers), for a new signature: timed eagerly on stand-ins, chosen the same.
     jax.jit(lambda q: spec.choose("auto", q, k, v, causal=False)[1].fn(q, k, v))(q)
     assert traced.count("fast") == 3  # the timing step's trace, then the jitted call's
+
+
+def test_auto_leaves_out_a_measured_row_that_fails_and_falls_back(monkeypatch):
+    monkeypatch.setattr(registry, "_FASTEST", {})
+
+    def refuses(q, k, v, **call):
+        raise RuntimeError("the library refuses these shapes")
+
+    jax_row = av.spec("blockwise").implementations["jax"]
+    rows = {"a": registry.Implementation(refuses, measured=True), "jax": jax_row}
+    q, k, v = random_qkv(45, B=1, T=32)
+    with_rival = {**rows, "b": registry.Implementation(jax_row.fn, measured=True)}
+    assert dataclasses.replace(av.spec("blockwise"), implementations=with_rival).choose(
+        "auto", q, k, v)[0] == "b"  # fmt: skip
+    rows["b"] = registry.Implementation(refuses, measured=True)
+    registry._FASTEST.clear()  # the same rivals' names: forget the first choice
+    assert dataclasses.replace(av.spec("blockwise"), implementations=rows).choose(
+        "auto", q, k, v)[0] == "jax"  # fmt: skip
