@@ -557,7 +557,8 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
         if mode not in MODES[kind]:
             raise ConfigError("modes", f"{mode!r} is not one of {MODES[kind]} (kind {kind!r})")
     batch, heads = int_field(config, "batch"), int_field(config, "heads")
-    kv_heads, head_dim = int_field(config, "kv_heads"), int_field(config, "head_dim")
+    kv_heads = int_field(config, "kv_heads")
+    head_dim = resolve_head_dim(int_field(config, "head_dim", 0), jax.default_backend())
     if heads % kv_heads:
         raise ConfigError("kv_heads", f"heads={heads} is not a multiple of kv_heads={kv_heads}")
     int_field(config, "seed", 0)

@@ -103,7 +103,7 @@ def test_forward_and_gradients_match_reference(name, opts, causal, segmented):
         np.testing.assert_allclose(g, r, **F32, err_msg=f"d{which}")
 
 
-@pytest.mark.parametrize("name,opts", CASES)
+@pytest.mark.parametrize("name,opts", SMALL)  # tiling in float32: the tests over CASES
 def test_bfloat16_forward_and_gradients_close_to_float32_reference(name, opts):
     q, k, v = random_qkv(6, T=40, dtype=jnp.bfloat16)
     out = kernel(name, opts)(q, k, v)
@@ -288,7 +288,7 @@ def test_linear_state_variants_name_what_they_cannot_serve(name, opts):
             fn(q, k, v, **kw)
 
 
-@pytest.mark.parametrize("name,opts", CASES)
+@pytest.mark.parametrize("name,opts", SMALL)  # every tiling runs GQA in the first test
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_grouped_query_heads(name, opts, kv_heads):
     """GQA and MQA equal multi-head attention over K/V heads repeated to N."""
