@@ -81,16 +81,8 @@ def _per_device(kernel, *args):
     if mesh.empty or all(size == 1 for size in mesh.shape.values()):
         return kernel(*args)
     spec = PartitionSpec(batch_axes(args[0].shape[0]))
-    given = [i for i, x in enumerate(args) if x is not None]
-
-    def local(*xs):
-        full = list(args)
-        for i, x in zip(given, xs, strict=True):
-            full[i] = x
-        return kernel(*full)
-
-    sharded = jax.shard_map(local, in_specs=(spec,) * len(given), out_specs=spec, check_vma=False)
-    return sharded(*(placed(args[i], spec) for i in given))
+    sharded = jax.shard_map(kernel, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)
+    return sharded(*(None if x is None else placed(x, spec) for x in args))
 
 
 def _band_of(m: Mask) -> tuple[bool, tuple[int, int] | None] | None:

@@ -52,11 +52,9 @@ from experiments.cells import (
     MixedRows,
     check_one_setting,
     implementation_of,
-    int_field,
     parse_flags,
     plan_cells,
     resolve_dtype,
-    resolve_head_dim,
     row_key,
     seq_devices,
 )
@@ -416,10 +414,8 @@ def run(
     """Validates `config`, runs the sweep into `workdir` and writes the report; returns how
     many of the sweep's cells have an `ok` row. Raises ConfigError for an invalid config and
     MixedRows when the workdir holds rows of another setting."""
-    backend = jax.devices()[0].platform
-    dtype = resolve_dtype(config.dtype, backend)
-    config.head_dim = resolve_head_dim(int_field(config, "head_dim", 0), backend)
-    cells = plan_cells(config, dtype)
+    dtype = resolve_dtype(config.dtype, jax.devices()[0].platform)
+    cells = plan_cells(config, dtype)  # head_dim 0 resolves there, per backend
     sweep = Sweep(config, cells, workdir, out, reuse_stale)
     started = datetime.datetime.now(datetime.UTC)
     t0 = time.perf_counter()

@@ -201,6 +201,8 @@ def test_fused_paths_run_per_device_under_a_mesh():
         step = jax.jit(jax.value_and_grad(loss(fn), (0, 1, 2)))
         assert "shard_map" in str(jax.make_jaxpr(step)(q, k, v))
         got = step(q, k, v)
+        unpacked = jax.jit(fn)(q, k, v)  # no segment ids: None through the shard_map
+    np.testing.assert_allclose(unpacked, ref(q, k, v), rtol=1e-5, atol=1e-5)
     want = jax.jit(jax.value_and_grad(loss(ref), (0, 1, 2)))(q, k, v)
     leaves = jax.tree.leaves(got), jax.tree.leaves(want)
     for name, a, b in zip(("loss", "dq", "dk", "dv"), *leaves, strict=True):
