@@ -37,7 +37,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import PartitionSpec
 
-from attention_variants.common import batch_axes, contract, offset_of, placed
+from attention_variants.common import batch_axes, contract, offset_of, placed, widened
 from attention_variants.masks import Causal, Mask, Window
 from attention_variants.registry import CONTRACT_KEYWORDS, Implementation
 from attention_variants.tiled import scaled
@@ -194,6 +194,135 @@ def splash_implementation(kernels) -> Implementation:
         return _per_device(rows, q, k, v, lay.q_seg, lay.k_seg).astype(dtype)
 
     return Implementation(fn, supports=supports, auto=("tpu",))
+
+
+def _splash_private(name: str):
+    """A function of splash's kernel module that its public API does not export (None if this
+    jax version lacks it): the backward kernels, which the ring calls with its global lse."""
+    return getattr(getattr(splash, "splash_attention_kernel", None), name, None)
+
+
+def splash_ring_unserved(q, n: int, call) -> str | None:
+    """Why the ring's steps cannot run on splash (None: they can), over n devices."""
+    if splash is None:
+        return "splash attention (not in this jax version)"
+    if not all(_splash_private(f"_splash_attention_bwd_{x}") for x in ("dq", "dkv")):
+        return "splash's backward kernels (not in this jax version)"
+    causal, T = call.get("causal", True), q.shape[1]
+    chunks = 2 * n if causal and call.get("layout", "zigzag") == "zigzag" else n
+    if T % (chunks * LANES):
+        return (f"T={T} (splash steps take chunks of a multiple of {LANES} positions; the "
+                f"layout cuts the row into {chunks})")  # fmt: skip
+    return None
+
+
+class SplashRingSteps:
+    """A ring's steps (`ring.py`) on splash kernels: queries [B, K, G, L, H], keys and values
+    [B, K, L, H], lse rows [B, K, G, L]; each block runs the MQA kernel per (row, key/value
+    head) with `save_residuals` (its lse). The backward of a step is splash's own dK/dV and dQ
+    kernels, handed the ring's *global* lse and its di = rowsum(out * d_out) - d_lse: splash's
+    public VJP would use the block's own. A row that sees no key of a block (another document)
+    gets splash's mask value (-0.7 x the float32 max) plus a log as its lse, and its output a
+    mean of values: weighed exp(lse - total) = 0 in the merge, since every row sees its own
+    position in its own block."""
+
+    def __init__(self, ring):
+        self.ring, (N, self.K) = ring, ring.heads
+        self.G = N // self.K
+
+    def queries(self, x):
+        B, L, N, H = x.shape
+        return x.reshape(B, L, self.K, self.G, H).transpose(0, 2, 3, 1, 4)
+
+    def query_rows(self, x):
+        return self.queries(x[..., None])[..., 0]
+
+    def keys(self, x):
+        return x.transpose(0, 2, 1, 3)
+
+    def from_queries(self, x):
+        B, K, G, L, H = x.shape
+        return x.transpose(0, 3, 1, 2, 4).reshape(B, L, K * G, H)
+
+    def from_query_rows(self, x):
+        return self.from_queries(x[..., None])[..., 0]
+
+    def from_keys(self, x):
+        return x.transpose(0, 2, 1, 3)
+
+    def _block(self, relation: int):
+        """(rows, cols, kernel) of a step, or None when it is skipped."""
+        parts = self.ring.parts(relation)
+        if parts is None:
+            return None
+        rows, cols, mask = parts
+        T, S = rows.stop - rows.start, cols.stop - cols.start
+        interpret = jax.default_backend() != "tpu"
+        return rows, cols, _splash_kernel(mask, T, S, self.G, True, interpret)
+
+    def _per_head(self, fn, *args):
+        """fn(q [G, T, H], k, v [S, H], ids, *rest) over rows and key/value heads; args are
+        (q, k, v, q_seg [B, T] | None, k_seg, *rest), rest in the query layout."""
+        q, k, v, q_seg, k_seg, *rest = args
+
+        def head(q, k, v, q_seg, k_seg, *rest):
+            ids = None if q_seg is None else splash.SegmentIds(q_seg, k_seg)
+            return fn(q, k, v, ids, *rest)
+
+        over_heads = jax.vmap(head, in_axes=(0, 0, 0, None, None) + (0,) * len(rest))
+        return jax.vmap(over_heads)(q, k, v, q_seg, k_seg, *rest)
+
+    def forward(self, relation: int, q, kv, q_seg):
+        k, v, k_seg = kv
+        block = self._block(relation)
+        if block is None:
+            return jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf)
+        rows, cols, kernel = block
+        with_lse = splash.splash_attention_kernel.SplashAttentionKernel(
+            kernel.fwd_mask_info, kernel.dq_mask_info, kernel.dkv_mask_info,
+            **{**kernel.kwargs, "save_residuals": True},
+        )  # fmt: skip
+
+        def attend(q, k, v, ids):
+            out, (lse,) = with_lse(q, k, v, ids)
+            return out, lse
+
+        seg = (None, None) if q_seg is None else (q_seg[:, rows], k_seg[:, cols])
+        o, l = self._per_head(attend, q[..., rows, :], k[..., cols, :], v[..., cols, :], *seg)
+        L = q.shape[-2]
+        return widened(o.astype(jnp.float32), rows, L, axis=-2), widened(l, rows, L, -jnp.inf, -1)
+
+    def grads(self, relation: int, q, kv, q_seg, out, lse, d_out, d_lse):
+        k, v, k_seg = kv
+        block = self._block(relation)
+        if block is None:
+            return tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
+        rows, cols, kernel = block
+        sizes, kw = kernel.kwargs["block_sizes"], kernel.kwargs
+        common = dict(is_mqa=True, mask_value=kw["mask_value"], attn_logits_soft_cap=None,
+                      q_layout=sizes.q_layout, k_layout=sizes.k_layout, v_layout=sizes.v_layout,
+                      mask_function=kw["mask_function"], interpret=kw["interpret"])  # fmt: skip
+
+        def grads(q, k, v, ids, lse, do, di):
+            _, dk, dv = _splash_private("_splash_attention_bwd_dkv")(
+                q, k, v, ids, None, lse, do, di, bq=sizes.block_q_dkv, bkv=sizes.block_kv_dkv,
+                bkv_compute=sizes.block_kv_dkv_compute, mask_info=kernel.dkv_mask_info,
+                use_fused_bwd_kernel=False, **common,
+            )  # fmt: skip
+            dq = _splash_private("_splash_attention_bwd_dq")(
+                q, k, v, ids, None, lse, do, di, bq=sizes.block_q_dq, bkv=sizes.block_kv_dq,
+                mask_info=kernel.dq_mask_info, **common,
+            )  # fmt: skip
+            return dq, dk, dv
+
+        o, do = out[..., rows, :], d_out[..., rows, :]
+        di = jnp.einsum("...h,...h->...", o.astype(jnp.float32), do.astype(jnp.float32))
+        di = di - d_lse[..., rows]  # d lse / d logits = p: the lse's cotangent joins di
+        seg = (None, None) if q_seg is None else (q_seg[:, rows], k_seg[:, cols])
+        args = q[..., rows, :], k[..., cols, :], v[..., cols, :], *seg, lse[..., rows], do, di
+        gq, gk, gv = self._per_head(grads, *args)
+        spans = ((gq, rows), (gk, cols), (gv, cols))
+        return tuple(widened(g.astype(jnp.float32), at, q.shape[-2], axis=-2) for g, at in spans)
 
 
 # --- cuDNN and tokamax ---------------------------------------------------------------------

@@ -259,3 +259,14 @@ def placed(x, spec: jax.sharding.PartitionSpec):
     if all(types[a] == jax.sharding.AxisType.Explicit for a in jax.tree.leaves(tuple(spec))):
         return jax.reshard(x, spec)
     return x
+
+
+def widened(x, span: slice, count: int, fill=0.0, axis: int = 0):
+    """x (`span` of a longer axis `axis`) placed at `span` of an axis of `count`, padded with
+    `fill` (a pad, not a scatter: XLA's CPU compiler of jax 0.11 crashes on a scatter that
+    overwrites every row in a shard_map)."""
+    if (span.start, span.stop) == (0, count):
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (span.start, count - span.stop)
+    return jnp.pad(x, pad, constant_values=fill)

@@ -1,12 +1,15 @@
 """`ring`: exact attention with the sequence sharded over a mesh axis (Liu et al. 2023).
 
 Each device of the `seq` axis keeps its queries; the key/value blocks travel around the axis
-with `lax.ppermute`, one hop per step, while the block in hand runs through the tiled engine
-(`tiled.py`); partial results merge with their log-sum-exps in float32. Everything stays in the
-engine's tile layout from the first step to the last (queries tiled once, key/value tiles
-travel), so no step copies its operands. The backward rings too:
-each block's dK/dV accumulators travel with it and arrive home after a full turn, so memory per
-device is O(T / devices) in the forward and the backward.
+with `lax.ppermute`, one hop per step, while the block in hand runs through a step engine;
+partial results merge with their log-sum-exps in float32. The engines: the tiled engine
+(`tiled.py`, implementation "ring", every backend) and splash attention ("ring_splash", which
+"auto" picks on TPU; `accelerators.SplashRingSteps`). Everything stays in the engine's layout
+from the first step to the last (queries laid out once, key/value blocks travel), so no step
+copies its operands. The backward rings too: each block's dK/dV accumulators travel with it and
+arrive home after a full turn, so memory per device is O(T / devices) in the forward and the
+backward; a step's backward starts from the ring's global out and lse (each block's own would
+give wrong gradients).
 
 Causal load balance. With `layout="contiguous"` device i holds the i-th slice of the sequence
 and sees only the blocks of devices j <= i: the last device does about 2n - 1 times the work of
@@ -19,7 +22,8 @@ with all its queries; a later device's keys with its late chunk only), and the r
 
 The mesh is JAX's current one (`jax.set_mesh(mesh)`) and the axis is found by name (`axis`).
 Outside a mesh, on an axis of size 1, or for a call the ring does not serve (decoding offsets,
-kv_segment_ids, T != S) the variant runs as `blockwise` on one device. The mesh's other axes
+kv_segment_ids, T != S) the variant runs on one device like `blockwise` (the accelerator rows,
+then the tiled engine). The mesh's other axes
 (say `data`) split the batch when it divides by them; heads are not split. Everything the ring
 does to its inputs (run ids of segment ids, the zigzag reordering) happens on the shards, so
 inputs already sharded over the axis never gather; T must be a multiple of the number of chunks
@@ -38,6 +42,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
+from attention_variants.accelerators import SplashRingSteps, splash_ring_unserved, table
 from attention_variants.common import (
     batch_axes,
     check_ids,
@@ -47,6 +52,7 @@ from attention_variants.common import (
     layout,
     offset_of,
     placed,
+    widened,
 )
 from attention_variants.families import MaskedSoftmax
 from attention_variants.masks import Causal, Mask, causal_or_full
@@ -104,6 +110,7 @@ class _Ring:
     tiles: BlockSizes  # `tile_sizes`: they divide what a step slices
     L: int
     heads: tuple[int, int]  # N query heads, K key/value heads
+    inner: str = "jax"  # the engine of a step: "jax" (the tiled engine) or "splash"
 
     def parts(self, relation: int):
         """What a step computes: (query rows, key rows, mask), or None when it is skipped.
@@ -125,9 +132,44 @@ class _Ring:
     def relations(self) -> int:
         return 3 if self.causal else 1
 
+    def steps(self):
+        """The engine of each step (`_Tiled` or the splash steps), bound to this ring."""
+        return SplashRingSteps(self) if self.inner == "splash" else _Tiled(self)
+
+
+class _Tiled:
+    """A ring's steps on the tiled engine (`tiled.py`), in its tile layout from the first step
+    to the last: queries [nq, B, K, G*bq, H], keys and values [nk, B, K, bk, H], lse rows
+    [nq, B, K, G*bq]; a step takes whole tiles (the ring's `tile_sizes` divide its slices).
+
+    Every engine of the ring has these methods: the layout's conversions (`queries`,
+    `query_rows`, `keys` and back) and a step's `forward` and `grads` on the block in hand.
+    """
+
+    def __init__(self, ring: _Ring):
+        self.ring, self.G = ring, ring.heads[0] // ring.heads[1]
+
+    def queries(self, x):
+        return to_tiles(x, self.ring.tiles.block_q, self.G)
+
+    def query_rows(self, x):
+        return self.queries(x[..., None])[..., 0]
+
+    def keys(self, x):
+        return to_tiles(x, self.ring.tiles.block_k, 1)
+
+    def from_queries(self, x):
+        return from_tiles(x, self.ring.L, self.G)
+
+    def from_query_rows(self, x):
+        return self.from_queries(x[..., None])[..., 0]
+
+    def from_keys(self, x):
+        return from_tiles(x, self.ring.L, 1)
+
     def step(self, relation: int, q_seg, k_seg):
         """(query tiles, key tiles, plan) of a step, or None when it is skipped."""
-        parts = self.parts(relation)
+        parts = self.ring.parts(relation)
         if parts is None:
             return None
         rows, cols, mask = parts
@@ -139,10 +181,34 @@ class _Ring:
             lay = layout(*shape)
         else:
             lay = layout(*shape, segment_ids=q_seg[:, rows], kv_segment_ids=k_seg[:, cols])
-        bq, bk = self.tiles.block_q, self.tiles.block_k
+        bq, bk = self.ring.tiles.block_q, self.ring.tiles.block_k
         tile_rows = slice(rows.start // bq, -(-rows.stop // bq))
         tile_cols = slice(cols.start // bk, -(-cols.stop // bk))
-        return tile_rows, tile_cols, plan(T, self.heads[0], S, self.heads[1], mask, lay, self.tiles)
+        heads = self.ring.heads
+        return tile_rows, tile_cols, plan(T, heads[0], S, heads[1], mask, lay, self.ring.tiles)
+
+    def forward(self, relation: int, q, kv, q_seg):
+        """Float32 out and lse tiles (lse -inf on rows that see nothing) of the local query
+        tiles over one block of key tiles."""
+        k, v, k_seg = kv
+        step = self.step(relation, q_seg, k_seg)
+        if step is None:
+            return jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf)
+        rows, cols, (st, co_q, co_k) = step
+        o, l = attend_tiles(st, q[rows], k[cols], v[cols], co_q, co_k)
+        l = jnp.where(jnp.isposinf(l), -jnp.inf, l)  # the engine's empty rows: +inf
+        return widened(o.astype(jnp.float32), rows, len(q)), widened(l, rows, len(q), -jnp.inf)
+
+    def grads(self, relation: int, q, kv, q_seg, out, lse, d_out, d_lse):
+        """Float32 (dq, dk, dv) tiles: the share of the gradients that one key block gives."""
+        k, v, k_seg = kv
+        step = self.step(relation, q_seg, k_seg)
+        if step is None:
+            return tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
+        rows, cols, (st, co_q, co_k) = step
+        res = (q[rows], k[cols], v[cols], co_q, co_k, out[rows], lse[rows])
+        gq, gk, gv = attend_tiles_grads(st, res, (d_out[rows], d_lse[rows]))
+        return widened(gq, rows, len(q)), widened(gk, cols, len(k)), widened(gv, cols, len(k))
 
 
 def _relation(step, n: int, axis: str):
@@ -150,42 +216,6 @@ def _relation(step, n: int, axis: str):
     i = lax.axis_index(axis)
     j = (i - step) % n
     return jnp.where(step == 0, 0, jnp.where(j < i, 1, 2))
-
-
-def _widen(x, rows: slice, count: int, fill=0.0):
-    """x [rows, ...] (tiles) placed at `rows` of a [count, ...] array of `fill` (a pad: XLA's
-    CPU compiler of jax 0.11 crashes on a scatter that overwrites every row in a shard_map)."""
-    if (rows.start, rows.stop) == (0, count):
-        return x
-    return jnp.pad(x, [(rows.start, count - rows.stop)] + [(0, 0)] * (x.ndim - 1),
-                   constant_values=fill)  # fmt: skip
-
-
-def _step_forward(cfg: _Ring, relation: int, q, kv, q_seg):
-    """Float32 out and lse tiles ([nq, B, K, G*bq, H], [nq, B, K, G*bq]; lse -inf on rows that
-    see nothing) of the local query tiles over one block of key tiles."""
-    k, v, k_seg = kv
-    out = jnp.zeros(q.shape, jnp.float32)
-    lse = jnp.full(q.shape[:-1], -jnp.inf)
-    step = cfg.step(relation, q_seg, k_seg)
-    if step is None:
-        return out, lse
-    rows, cols, (st, co_q, co_k) = step
-    o, l = attend_tiles(st, q[rows], k[cols], v[cols], co_q, co_k)
-    l = jnp.where(jnp.isposinf(l), -jnp.inf, l)  # the engine's empty rows: +inf
-    return _widen(o.astype(jnp.float32), rows, len(q)), _widen(l, rows, len(q), -jnp.inf)
-
-
-def _step_grads(cfg: _Ring, relation: int, q, kv, q_seg, out, lse, d_out, d_lse):
-    """Float32 (dq, dk, dv) tiles: the share of the gradients that one key block contributes."""
-    k, v, k_seg = kv
-    step = cfg.step(relation, q_seg, k_seg)
-    if step is None:
-        return tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
-    rows, cols, (st, co_q, co_k) = step
-    res = (q[rows], k[cols], v[cols], co_q, co_k, out[rows], lse[rows])
-    gq, gk, gv = attend_tiles_grads(st, res, (d_out[rows], d_lse[rows]))
-    return _widen(gq, rows, len(q)), _widen(gk, cols, len(k)), _widen(gv, cols, len(k))
 
 
 def _switch(cfg: _Ring, step, fn, *args):
@@ -211,9 +241,9 @@ def _merge(out, lse, o, l):
 
 
 def _forward(cfg: _Ring, q, k, v, seg):
-    """The local query tiles over every block of the ring (tiles throughout): float32 out and
-    lse (-inf on rows that see nothing)."""
-    attend = functools.partial(_step_forward, cfg)
+    """The local queries over every block of the ring (in the steps' layout throughout):
+    float32 out and lse (-inf on rows that see nothing)."""
+    attend = cfg.steps().forward
 
     def step(s, carry):  # the block in hand is computed while it is sent on
         out, lse, kv = carry
@@ -227,7 +257,7 @@ def _forward(cfg: _Ring, q, k, v, seg):
 
 def _backward(cfg: _Ring, q, k, v, seg, out, lse, d_out, d_lse):
     """Rings the blocks again; each block's dK/dV travel with it and arrive home at the end."""
-    grads = functools.partial(_step_grads, cfg)
+    grads = cfg.steps().grads
 
     def share(s, kv):
         return _switch(cfg, s, grads, q, kv, seg, out, lse, d_out, d_lse)
@@ -253,42 +283,30 @@ def _reordered(cfg: _Ring, *xs, inverse: bool = False):
     return tuple(None if x is None else _zigzag(x, cfg.n, cfg.axis, inverse) for x in xs)
 
 
-def _tiled(cfg: _Ring, x, which: str):
-    """[B, L, heads, H] -> the engine's tiles of queries ("q") or keys/values ("k")."""
-    if which == "q":
-        return to_tiles(x, cfg.tiles.block_q, cfg.heads[0] // cfg.heads[1])
-    return to_tiles(x, cfg.tiles.block_k, 1)
-
-
-def _rows(cfg: _Ring, x):
-    """[B, L, N] (lse and its cotangent) -> query-tile rows [nq, B, K, G*bq]."""
-    return _tiled(cfg, x[..., None], "q")[..., 0]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ring_local(cfg: _Ring, q, k, v, seg):
-    """The ring on this device's contiguous slice: reorders, tiles, rings, and back."""
+    """The ring on this device's contiguous slice: reorders, lays out, rings, and back."""
     return _ring_local_fwd(cfg, q, k, v, seg)[0]
 
 
 def _ring_local_fwd(cfg, q, k, v, seg):
+    steps = cfg.steps()
     q, k, v, seg = _reordered(cfg, q, k, v, seg)
-    tiles = _tiled(cfg, scaled(q, cfg.scale), "q"), _tiled(cfg, k, "k"), _tiled(cfg, v, "k")
-    out, lse = _forward(cfg, *tiles, seg)  # the keys' ids travel with them
-    G = cfg.heads[0] // cfg.heads[1]
-    result = from_tiles(out, cfg.L, G).astype(q.dtype), from_tiles(lse[..., None], cfg.L, G)[..., 0]
-    lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # the engine's convention for the backward
-    return _reordered(cfg, *result, inverse=True), (*tiles, seg, out.astype(q.dtype), lse)
+    laid = steps.queries(scaled(q, cfg.scale)), steps.keys(k), steps.keys(v)
+    out, lse = _forward(cfg, *laid, seg)  # the keys' ids travel with them
+    result = steps.from_queries(out).astype(q.dtype), steps.from_query_rows(lse)
+    lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # empty rows: p = exp(s - lse) = 0
+    return _reordered(cfg, *result, inverse=True), (*laid, seg, out.astype(q.dtype), lse)
 
 
 def _ring_local_bwd(cfg, res, cotangents):
-    """The ring's backward on tiles in the layout's order; gradients ordered back."""
-    q, k, v, seg, out, lse = res
+    """The ring's backward in the steps' layout and the layout's order; gradients back."""
+    steps, (q, k, v, seg, out, lse) = cfg.steps(), res
     d_out, d_lse = _reordered(cfg, *cotangents)
-    dq, dk, dv = _backward(cfg, q, k, v, seg, out, lse, _tiled(cfg, d_out, "q"), _rows(cfg, d_lse))
-    G = cfg.heads[0] // cfg.heads[1]
-    dq = from_tiles(dq, cfg.L, G) * default_scale(cfg.scale, dq.shape[-1])
-    dk, dv = from_tiles(dk, cfg.L, 1), from_tiles(dv, cfg.L, 1)
+    d_out, d_lse = steps.queries(d_out), steps.query_rows(d_lse)
+    dq, dk, dv = _backward(cfg, q, k, v, seg, out, lse, d_out, d_lse)
+    dq = steps.from_queries(dq) * default_scale(cfg.scale, dq.shape[-1])
+    dk, dv = steps.from_keys(dk), steps.from_keys(dv)
     grads = dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
     return (*_reordered(cfg, *grads, inverse=True), None)
 
@@ -350,8 +368,7 @@ def unserved(q, k, v, *, axis="seq", segment_ids=None, kv_segment_ids=None, q_of
     return None
 
 
-@contract
-def ring_attention(q, k, v, call, options):
+def _attend(q, k, v, call, options, inner="jax"):
     """Sequence-parallel exact attention over the mesh axis `axis` (see the module doc)."""
     check_inputs(q, k, v)
     axis, n = options["axis"], axis_size(options["axis"])
@@ -366,7 +383,8 @@ def ring_attention(q, k, v, call, options):
         )
     L = T // n
     heads = (N, k.shape[2])
-    cfg = _Ring(axis, n, order, causal, call["scale"], tile_sizes(L, order, tiles), L, heads)
+    tiles = tile_sizes(L, order, tiles)
+    cfg = _Ring(axis, n, order, causal, call["scale"], tiles, L, heads, inner)
     args = [q, k, v]
     if call["segment_ids"] is not None:
         check_ids("segment_ids", call["segment_ids"], (B, T))
@@ -401,14 +419,29 @@ def tile_work(T: int, n: int, *, layout: str = "zigzag", causal: bool = True,
     for i in range(n):
         for s in range(n):
             j = (i - s) % n
-            step = cfg.step(0 if s == 0 else 1 if j < i else 2, None, None)
+            step = _Tiled(cfg).step(0 if s == 0 else 1 if j < i else 2, None, None)
             work[i] += 0 if step is None else step[2][0].schedule.tiles
     return work
 
 
+ring_attention = contract(_attend)
+ring_splash = contract(functools.partial(_attend, inner="splash"))
+
+
 def _implementations(kernels):
+    """The ring (its steps on splash on TPU, else on the tiled engine), then what runs on one
+    device: the accelerator rows of a causal or full mask, and the tiled engine."""
     return {
+        "ring_splash": Implementation(
+            ring_splash,
+            supports=lambda q, k, v, **call: (
+                unserved(q, k, v, **call)
+                or splash_ring_unserved(q, axis_size(call.get("axis", "seq")), call)
+            ),
+            auto=("tpu",),
+        ),
         "ring": Implementation(ring_attention, supports=unserved),
+        **table(kernels),
         "jax": Implementation(kernels.tiled),
     }
 

@@ -81,6 +81,44 @@ def test_ring_equals_dense(seq, causal, kv_heads, segmented, layout):
     assert_same(flat(got), flat(want))
 
 
+def three_documents_and_one(T: int):
+    """int [2, T] ids: row 0 cut at T*3/8 and T*5/8 (over two devices' zigzag chunks of T/4,
+    device 1's late chunk sees no key of device 0's early one: a step's empty rows), row 1 one
+    document."""
+    pos = jnp.arange(T)
+    return jnp.stack([(pos >= T * 3 // 8) + (pos >= T * 5 // 8), 0 * pos]).astype(jnp.int32)
+
+
+@pytest.mark.parametrize(
+    "seq, causal, kv_heads, layout",
+    [(2, True, 2, "zigzag"), (4, True, 1, "contiguous"), (2, False, 1, "zigzag")],
+)
+def test_ring_on_splash_equals_dense(seq, causal, kv_heads, layout):
+    """The ring's steps on splash (interpret mode here): each block's kernel with its lse, the
+    backward from the global lse (and its cotangent); chunks of 128 positions (T=512)."""
+    q, k, v = random_qkv(seq, T=512, K=kv_heads, H=8)
+    kw = dict(causal=causal, segment_ids=three_documents_and_one(512))
+    want = outputs_and_grads(av.get("dense"), q, k, v, **kw)
+    fn = av.get("ring", layout=layout, implementation="ring_splash")
+    with jax.set_mesh(mesh(seq)):
+        got = outputs_and_grads(fn, q, k, v, **kw)
+    assert_same(flat(got), flat(want))
+
+
+def test_auto_rings_on_splash_on_tpu_where_the_chunks_fit(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    spec = av.spec("ring")
+    q, k, v = random_qkv(5, T=512, H=8)
+    short = [x[:, :256] for x in (q, k, v)]
+    with jax.set_mesh(mesh(2)):
+        assert spec.choose("auto", q, k, v)[0] == "ring_splash"
+        assert spec.choose("auto", *short)[0] == "ring"  # zigzag chunks of 64
+        assert spec.choose("auto", *short, causal=False)[0] == "ring_splash"  # halves of 128
+        with pytest.raises(NotImplementedError, match=r"T=256 \(splash steps take chunks"):
+            av.get("ring", implementation="ring_splash")(*short)
+    assert spec.choose("auto", q, k, v)[0] == "splash"  # one device: the accelerator row
+
+
 def test_balanced_layout_equals_contiguous_on_sharded_inputs():
     q, k, v = random_qkv(3, T=128, H=8)
     seg = packed_segments(3, 2, 128)
