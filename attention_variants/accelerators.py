@@ -3,9 +3,10 @@ well-kept fused kernel.
 
 * `splash`: JAX's Pallas TPU splash attention (`jax.experimental.pallas.ops.tpu`). Causal,
   window and full masks become its `CausalMask` / `LocalMask` / `FullMask`, computed inside the
-  kernel; any other mask (the fixed pattern, BigBird) a splash mask read from the variant's own
-  `visible` block by block at trace time, which splash keeps as partial blocks (deduplicated:
-  a regular pattern has a few, BigBird's random blocks many) and skips where empty. A mask must
+  kernel; any other mask (the fixed pattern, BigBird) a splash mask read block by block at
+  trace time (an empty or full block from the mask's O(1) `tile_visible` / `tile_full`, a
+  partial one from its `visible`), which splash keeps as partial blocks (deduplicated: a
+  regular pattern has a few, BigBird's random blocks many) and skips where empty. A mask must
   show each query its own position (splash has no empty rows). Packed rows become `SegmentIds`
   (run ids), GQA runs the MQA kernel per key/value head. "auto" picks it on TPU; elsewhere an
   explicit request runs it in interpret mode (slow: for tests). T and S must be multiples of
@@ -111,8 +112,15 @@ class _Pattern(getattr(splash, "Mask", object)):
 
     def __getitem__(self, index):
         rows, cols = (np.arange(*s.indices(n)) for s, n in zip(index, self._shape, strict=True))
+        shape = (len(rows), len(cols))
+        if all(s.step in (None, 1) for s in index) and rows.size and cols.size:
+            bounds = rows[0], rows[-1], cols[0], cols[-1]  # a tile: the mask's O(1) answers
+            if not np.all(self.mask.tile_visible(*bounds)):
+                return np.broadcast_to(False, shape)
+            if np.all(self.mask.tile_full(*bounds)):
+                return np.broadcast_to(True, shape)
         vis = self.mask.visible(rows[:, None], cols[None, :], self._shape[1])
-        return np.broadcast_to(np.asarray(vis), (len(rows), len(cols)))
+        return np.broadcast_to(np.asarray(vis), shape)
 
     def __eq__(self, other):
         same = isinstance(other, _Pattern) and self._shape == other._shape

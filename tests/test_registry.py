@@ -303,3 +303,27 @@ def test_auto_leaves_out_a_measured_row_that_fails_and_falls_back(monkeypatch):
     registry._FASTEST.clear()  # the same rivals' names: forget the first choice
     assert dataclasses.replace(av.spec("blockwise"), implementations=rows).choose(
         "auto", q, k, v)[0] == "jax"  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, opts, tile",
+    [("fixed", {"summary": 64}, 64), ("bigbird", {}, 128), ("sliding_window", {"window": 300}, 99)],
+)
+def test_splash_reads_each_block_of_a_pattern_as_the_dense_mask_has_it(name, opts, tile):
+    """The splash mask of a pattern (answered per tile from the mask's O(1) tile answers where
+    a tile is empty or full) equals the materialised mask on every block splash reads."""
+    from attention_variants.accelerators import _Pattern
+
+    spec = av.spec(name)
+    options = {n: x for n, x in spec.options(**opts).items() if n != "implementation"}
+    T, S = 384, 384
+    m = spec.mask(causal=True, **options).sized(T, S)
+    pattern, dense = _Pattern(m, (T, S)), m.dense(T, S)
+    kinds = set()
+    for i in range(0, T, tile):
+        for j in range(0, S, tile):
+            block = pattern[slice(i, i + tile), slice(j, j + tile)]
+            np.testing.assert_array_equal(block, dense[i : i + tile, j : j + tile])
+            kinds.add("empty" if not block.any() else "full" if block.all() else "partial")
+    assert kinds == {"empty", "full", "partial"}, kinds  # each of the answers was taken
+    np.testing.assert_array_equal(pattern[slice(0, T, 7), slice(5, 300)], dense[::7, 5:300])
