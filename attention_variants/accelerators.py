@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +102,8 @@ def _band_of(m: Mask) -> tuple[bool, tuple[int, int] | None] | None:
 
 
 class _Pattern(getattr(splash, "Mask", object)):
-    """A variant's mask as a splash mask: blocks read from its `visible` (positions of a row)."""
+    """A variant's mask as a splash mask: an empty or full block from the mask's tile answers,
+    a partial one from its `visible` (positions of a row)."""
 
     def __init__(self, mask: Mask, shape: tuple[int, int]):
         self.mask, self._shape = mask, shape
@@ -204,35 +206,57 @@ def splash_implementation(kernels) -> Implementation:
     return Implementation(fn, supports=supports, auto=("tpu",))
 
 
-def _splash_private(name: str):
-    """A function of splash's kernel module that its public API does not export (None if this
-    jax version lacks it): the backward kernels, which the ring calls with its global lse."""
-    return getattr(getattr(splash, "splash_attention_kernel", None), name, None)
+# The ring's steps call splash's backward kernels, which its public API does not export, with
+# the ring's global lse: their names and the arguments this module passes them (by keyword).
+_BACKWARD = {
+    "_splash_attention_bwd_dkv": {"bkv_compute", "use_fused_bwd_kernel"},
+    "_splash_attention_bwd_dq": set(),
+}
+_BACKWARD_ARGS = {
+    "q", "k", "v", "segment_ids", "sinks", "logsumexp", "do", "di", "bq", "bkv", "is_mqa",
+    "mask_info", "mask_value", "attn_logits_soft_cap", "q_layout", "k_layout", "v_layout",
+    "mask_function", "interpret",
+}  # fmt: skip
+
+
+@functools.cache
+def _splash_backward() -> dict | None:
+    """splash's dK/dV and dQ kernels by name, if this jax version has them with the parameters
+    this module passes (their signatures changed across versions), else None."""
+    module = getattr(splash, "splash_attention_kernel", None)
+    found = {name: getattr(module, name, None) for name in _BACKWARD}
+    for name, fn in found.items():
+        if fn is None or set(inspect.signature(fn).parameters) != _BACKWARD_ARGS | _BACKWARD[name]:
+            return None
+    return found
 
 
 def splash_ring_unserved(q, n: int, call) -> str | None:
     """Why the ring's steps cannot run on splash (None: they can), over n devices."""
     if splash is None:
         return "splash attention (not in this jax version)"
-    if not all(_splash_private(f"_splash_attention_bwd_{x}") for x in ("dq", "dkv")):
-        return "splash's backward kernels (not in this jax version)"
+    if _splash_backward() is None:
+        return "splash's backward kernels (not with these parameters in this jax version)"
     causal, T = call.get("causal", True), q.shape[1]
     chunks = 2 * n if causal and call.get("layout", "zigzag") == "zigzag" else n
     if T % (chunks * LANES):
-        return (f"T={T} (splash steps take chunks of a multiple of {LANES} positions; the "
-                f"layout cuts the row into {chunks})")  # fmt: skip
+        return (f"T={T} (splash steps take chunks of a multiple of {LANES} positions: the layout "
+                f"cuts the row into {chunks}, so T a multiple of {chunks * LANES})")  # fmt: skip
     return None
 
 
 class SplashRingSteps:
     """A ring's steps (`ring.py`) on splash kernels: queries [B, K, G, L, H], keys and values
-    [B, K, L, H], lse rows [B, K, G, L]; each block runs the MQA kernel per (row, key/value
-    head) with `save_residuals` (its lse). The backward of a step is splash's own dK/dV and dQ
-    kernels, handed the ring's *global* lse and its di = rowsum(out * d_out) - d_lse: splash's
-    public VJP would use the block's own. A row that sees no key of a block (another document)
-    gets splash's mask value (-0.7 x the float32 max) plus a log as its lse, and its output a
-    mean of values: weighed exp(lse - total) = 0 in the merge, since every row sees its own
-    position in its own block."""
+    [B, K, L, H]; each block runs the MQA kernel per (row, key/value head) with
+    `save_residuals` (its lse). The backward of a step is splash's own dK/dV and dQ kernels,
+    handed the ring's *global* lse and di = rowsum(out * d_out) - d_lse: splash's public VJP
+    would use the block's own. A row that sees no key of a block (another document) gets
+    splash's mask value (-0.7 x the float32 max) plus a log as its lse, and its output a mean of
+    values: weighed exp(lse - total) = 0 in the merge, since every row sees its own position in
+    its own block. Splash returns a step's output and gradients in the operands' dtype (the
+    tiled engine's are float32): in bfloat16 each step's share is rounded before the float32
+    sums. Tiles are splash's (512, 256 or 128 dividing the step), not block_q / block_k; a
+    zigzag step's half slice is a copy here (positions are the second-minor axis)."""
 
     def __init__(self, ring):
         self.ring, (N, self.K) = ring, ring.heads
@@ -242,9 +266,6 @@ class SplashRingSteps:
         B, L, N, H = x.shape
         return x.reshape(B, L, self.K, self.G, H).transpose(0, 2, 3, 1, 4)
 
-    def query_rows(self, x):
-        return self.queries(x[..., None])[..., 0]
-
     def keys(self, x):
         return x.transpose(0, 2, 1, 3)
 
@@ -252,40 +273,31 @@ class SplashRingSteps:
         B, K, G, L, H = x.shape
         return x.transpose(0, 3, 1, 2, 4).reshape(B, L, K * G, H)
 
-    def from_query_rows(self, x):
-        return self.from_queries(x[..., None])[..., 0]
-
     def from_keys(self, x):
         return x.transpose(0, 2, 1, 3)
 
-    def _block(self, relation: int):
-        """(rows, cols, kernel) of a step, or None when it is skipped."""
-        parts = self.ring.parts(relation)
-        if parts is None:
-            return None
-        rows, cols, mask = parts
+    def _block(self, relation: int, q_seg, k_seg):
+        """(rows, cols, kernel, (query ids, key ids)) of a step that is not skipped."""
+        rows, cols, mask = self.ring.parts(relation)
         T, S = rows.stop - rows.start, cols.stop - cols.start
         interpret = jax.default_backend() != "tpu"
-        return rows, cols, _splash_kernel(mask, T, S, self.G, True, interpret)
+        ids = (None, None) if q_seg is None else (q_seg[:, rows], k_seg[:, cols])
+        return rows, cols, _splash_kernel(mask, T, S, self.G, True, interpret), ids
 
-    def _per_head(self, fn, *args):
-        """fn(q [G, T, H], k, v [S, H], ids, *rest) over rows and key/value heads; args are
-        (q, k, v, q_seg [B, T] | None, k_seg, *rest), rest in the query layout."""
-        q, k, v, q_seg, k_seg, *rest = args
+    @staticmethod
+    def _per_head(fn, q, k, v, ids, *rest):
+        """fn(q [G, T, H], k, v [S, H], SegmentIds | None, *rest) over rows and key/value heads
+        (ids: [B, T] and [B, S] or None; rest in the query layout)."""
 
         def head(q, k, v, q_seg, k_seg, *rest):
-            ids = None if q_seg is None else splash.SegmentIds(q_seg, k_seg)
-            return fn(q, k, v, ids, *rest)
+            return fn(q, k, v, None if q_seg is None else splash.SegmentIds(q_seg, k_seg), *rest)
 
         over_heads = jax.vmap(head, in_axes=(0, 0, 0, None, None) + (0,) * len(rest))
-        return jax.vmap(over_heads)(q, k, v, q_seg, k_seg, *rest)
+        return jax.vmap(over_heads)(q, k, v, *ids, *rest)
 
     def forward(self, relation: int, q, kv, q_seg):
         k, v, k_seg = kv
-        block = self._block(relation)
-        if block is None:
-            return jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf)
-        rows, cols, kernel = block
+        rows, cols, kernel, ids = self._block(relation, q_seg, k_seg)
         with_lse = splash.splash_attention_kernel.SplashAttentionKernel(
             kernel.fwd_mask_info, kernel.dq_mask_info, kernel.dkv_mask_info,
             **{**kernel.kwargs, "save_residuals": True},
@@ -295,30 +307,27 @@ class SplashRingSteps:
             out, (lse,) = with_lse(q, k, v, ids)
             return out, lse
 
-        seg = (None, None) if q_seg is None else (q_seg[:, rows], k_seg[:, cols])
-        o, l = self._per_head(attend, q[..., rows, :], k[..., cols, :], v[..., cols, :], *seg)
+        o, l = self._per_head(attend, q[..., rows, :], k[..., cols, :], v[..., cols, :], ids)
         L = q.shape[-2]
         return widened(o.astype(jnp.float32), rows, L, axis=-2), widened(l, rows, L, -jnp.inf, -1)
 
     def grads(self, relation: int, q, kv, q_seg, out, lse, d_out, d_lse):
         k, v, k_seg = kv
-        block = self._block(relation)
-        if block is None:
-            return tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
-        rows, cols, kernel = block
-        sizes, kw = kernel.kwargs["block_sizes"], kernel.kwargs
+        rows, cols, kernel, ids = self._block(relation, q_seg, k_seg)
+        sizes, kw, backward = kernel.kwargs["block_sizes"], kernel.kwargs, _splash_backward()
         common = dict(is_mqa=True, mask_value=kw["mask_value"], attn_logits_soft_cap=None,
                       q_layout=sizes.q_layout, k_layout=sizes.k_layout, v_layout=sizes.v_layout,
                       mask_function=kw["mask_function"], interpret=kw["interpret"])  # fmt: skip
 
         def grads(q, k, v, ids, lse, do, di):
-            _, dk, dv = _splash_private("_splash_attention_bwd_dkv")(
-                q, k, v, ids, None, lse, do, di, bq=sizes.block_q_dkv, bkv=sizes.block_kv_dkv,
+            arrays = dict(q=q, k=k, v=v, segment_ids=ids, sinks=None, logsumexp=lse, do=do, di=di)
+            _, dk, dv = backward["_splash_attention_bwd_dkv"](
+                **arrays, bq=sizes.block_q_dkv, bkv=sizes.block_kv_dkv,
                 bkv_compute=sizes.block_kv_dkv_compute, mask_info=kernel.dkv_mask_info,
                 use_fused_bwd_kernel=False, **common,
             )  # fmt: skip
-            dq = _splash_private("_splash_attention_bwd_dq")(
-                q, k, v, ids, None, lse, do, di, bq=sizes.block_q_dq, bkv=sizes.block_kv_dq,
+            dq = backward["_splash_attention_bwd_dq"](
+                **arrays, bq=sizes.block_q_dq, bkv=sizes.block_kv_dq,
                 mask_info=kernel.dq_mask_info, **common,
             )  # fmt: skip
             return dq, dk, dv
@@ -326,11 +335,10 @@ class SplashRingSteps:
         o, do = out[..., rows, :], d_out[..., rows, :]
         di = jnp.einsum("...h,...h->...", o.astype(jnp.float32), do.astype(jnp.float32))
         di = di - d_lse[..., rows]  # d lse / d logits = p: the lse's cotangent joins di
-        seg = (None, None) if q_seg is None else (q_seg[:, rows], k_seg[:, cols])
-        args = q[..., rows, :], k[..., cols, :], v[..., cols, :], *seg, lse[..., rows], do, di
-        gq, gk, gv = self._per_head(grads, *args)
-        spans = ((gq, rows), (gk, cols), (gv, cols))
-        return tuple(widened(g.astype(jnp.float32), at, q.shape[-2], axis=-2) for g, at in spans)
+        blocks = q[..., rows, :], k[..., cols, :], v[..., cols, :]
+        gq, gk, gv = self._per_head(grads, *blocks, ids, lse[..., rows], do, di)
+        spans = ((gq, rows, q), (gk, cols, k), (gv, cols, k))
+        return tuple(widened(g.astype(jnp.float32), at, x.shape[-2], axis=-2) for g, at, x in spans)
 
 
 # --- cuDNN and tokamax ---------------------------------------------------------------------

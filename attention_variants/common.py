@@ -263,8 +263,8 @@ def placed(x, spec: jax.sharding.PartitionSpec):
 
 def widened(x, span: slice, count: int, fill=0.0, axis: int = 0):
     """x (`span` of a longer axis `axis`) placed at `span` of an axis of `count`, padded with
-    `fill` (a pad, not a scatter: XLA's CPU compiler of jax 0.11 crashes on a scatter that
-    overwrites every row in a shard_map)."""
+    `fill` (a pad, not a scatter: XLA's CPU compiler crashed on a scatter that overwrites every
+    row in a shard_map)."""
     if (span.start, span.stop) == (0, count):
         return x
     pad = [(0, 0)] * x.ndim

@@ -5,11 +5,11 @@ with `lax.ppermute`, one hop per step, while the block in hand runs through a st
 partial results merge with their log-sum-exps in float32. The engines: the tiled engine
 (`tiled.py`, implementation "ring", every backend) and splash attention ("ring_splash", which
 "auto" picks on TPU; `accelerators.SplashRingSteps`). Everything stays in the engine's layout
-from the first step to the last (queries laid out once, key/value blocks travel), so no step
-copies its operands. The backward rings too: each block's dK/dV accumulators travel with it and
-arrive home after a full turn, so memory per device is O(T / devices) in the forward and the
-backward; a step's backward starts from the ring's global out and lse (each block's own would
-give wrong gradients).
+from the first step to the last (queries laid out once, key/value blocks travel); the tiled
+engine's steps take whole tiles, so none copies its operands. The backward rings too: each
+block's dK/dV accumulators travel with it and arrive home after a full turn, so memory per
+device is O(T / devices) in the forward and the backward; a step's backward starts from the
+ring's global out and lse (each block's own would give wrong gradients).
 
 Causal load balance. With `layout="contiguous"` device i holds the i-th slice of the sequence
 and sees only the blocks of devices j <= i: the last device does about 2n - 1 times the work of
@@ -142,8 +142,8 @@ class _Tiled:
     to the last: queries [nq, B, K, G*bq, H], keys and values [nk, B, K, bk, H], lse rows
     [nq, B, K, G*bq]; a step takes whole tiles (the ring's `tile_sizes` divide its slices).
 
-    Every engine of the ring has these methods: the layout's conversions (`queries`,
-    `query_rows`, `keys` and back) and a step's `forward` and `grads` on the block in hand.
+    Every engine of the ring has these methods: the layout's conversions (`queries`, `keys`
+    and back) and a step's `forward` and `grads` on the block in hand (never a skipped one).
     """
 
     def __init__(self, ring: _Ring):
@@ -152,17 +152,11 @@ class _Tiled:
     def queries(self, x):
         return to_tiles(x, self.ring.tiles.block_q, self.G)
 
-    def query_rows(self, x):
-        return self.queries(x[..., None])[..., 0]
-
     def keys(self, x):
         return to_tiles(x, self.ring.tiles.block_k, 1)
 
     def from_queries(self, x):
         return from_tiles(x, self.ring.L, self.G)
-
-    def from_query_rows(self, x):
-        return self.from_queries(x[..., None])[..., 0]
 
     def from_keys(self, x):
         return from_tiles(x, self.ring.L, 1)
@@ -191,10 +185,7 @@ class _Tiled:
         """Float32 out and lse tiles (lse -inf on rows that see nothing) of the local query
         tiles over one block of key tiles."""
         k, v, k_seg = kv
-        step = self.step(relation, q_seg, k_seg)
-        if step is None:
-            return jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf)
-        rows, cols, (st, co_q, co_k) = step
+        rows, cols, (st, co_q, co_k) = self.step(relation, q_seg, k_seg)
         o, l = attend_tiles(st, q[rows], k[cols], v[cols], co_q, co_k)
         l = jnp.where(jnp.isposinf(l), -jnp.inf, l)  # the engine's empty rows: +inf
         return widened(o.astype(jnp.float32), rows, len(q)), widened(l, rows, len(q), -jnp.inf)
@@ -202,10 +193,7 @@ class _Tiled:
     def grads(self, relation: int, q, kv, q_seg, out, lse, d_out, d_lse):
         """Float32 (dq, dk, dv) tiles: the share of the gradients that one key block gives."""
         k, v, k_seg = kv
-        step = self.step(relation, q_seg, k_seg)
-        if step is None:
-            return tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
-        rows, cols, (st, co_q, co_k) = step
+        rows, cols, (st, co_q, co_k) = self.step(relation, q_seg, k_seg)
         res = (q[rows], k[cols], v[cols], co_q, co_k, out[rows], lse[rows])
         gq, gk, gv = attend_tiles_grads(st, res, (d_out[rows], d_lse[rows]))
         return widened(gq, rows, len(q)), widened(gk, cols, len(k)), widened(gv, cols, len(k))
@@ -218,11 +206,13 @@ def _relation(step, n: int, axis: str):
     return jnp.where(step == 0, 0, jnp.where(j < i, 1, 2))
 
 
-def _switch(cfg: _Ring, step, fn, *args):
-    """fn(relation, *args) for the relation of the block in hand at `step`."""
-    if cfg.relations() == 1:
-        return fn(0, *args)
-    branches = [functools.partial(fn, r) for r in range(cfg.relations())]
+def _switch(cfg: _Ring, step, fn, skipped, *args):
+    """fn(relation, *args) for the relation of the block in hand at `step`; skipped(*args)
+    where that relation computes nothing (`_Ring.parts`)."""
+    branches = [skipped if cfg.parts(r) is None else functools.partial(fn, r)
+                for r in range(cfg.relations())]  # fmt: skip
+    if len(branches) == 1:
+        return branches[0](*args)
     return lax.switch(_relation(step, cfg.n, cfg.axis), branches, *args)
 
 
@@ -243,24 +233,31 @@ def _merge(out, lse, o, l):
 def _forward(cfg: _Ring, q, k, v, seg):
     """The local queries over every block of the ring (in the steps' layout throughout):
     float32 out and lse (-inf on rows that see nothing)."""
-    attend = cfg.steps().forward
+
+    def nothing(q, *_):
+        return jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf)
+
+    def attend(s, kv):
+        return _switch(cfg, s, cfg.steps().forward, nothing, q, kv, seg)
 
     def step(s, carry):  # the block in hand is computed while it is sent on
         out, lse, kv = carry
         arriving = _pass_on(cfg, kv)
-        return (*_merge(out, lse, *_switch(cfg, s, attend, q, kv, seg)), arriving)
+        return (*_merge(out, lse, *attend(s, kv)), arriving)
 
-    start = jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf), (k, v, seg)
-    out, lse, kv = lax.fori_loop(0, cfg.n - 1, step, start)
-    return _merge(out, lse, *_switch(cfg, cfg.n - 1, attend, q, kv, seg))
+    out, lse = nothing(q)
+    out, lse, kv = lax.fori_loop(0, cfg.n - 1, step, (out, lse, (k, v, seg)))
+    return _merge(out, lse, *attend(cfg.n - 1, kv))
 
 
 def _backward(cfg: _Ring, q, k, v, seg, out, lse, d_out, d_lse):
     """Rings the blocks again; each block's dK/dV travel with it and arrive home at the end."""
-    grads = cfg.steps().grads
+
+    def nothing(q, kv, *_):
+        return tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, *kv[:2]))
 
     def share(s, kv):
-        return _switch(cfg, s, grads, q, kv, seg, out, lse, d_out, d_lse)
+        return _switch(cfg, s, cfg.steps().grads, nothing, q, kv, seg, out, lse, d_out, d_lse)
 
     def step(s, carry):
         dq, kv, (dk, dv) = carry
@@ -294,7 +291,7 @@ def _ring_local_fwd(cfg, q, k, v, seg):
     q, k, v, seg = _reordered(cfg, q, k, v, seg)
     laid = steps.queries(scaled(q, cfg.scale)), steps.keys(k), steps.keys(v)
     out, lse = _forward(cfg, *laid, seg)  # the keys' ids travel with them
-    result = steps.from_queries(out).astype(q.dtype), steps.from_query_rows(lse)
+    result = steps.from_queries(out).astype(q.dtype), steps.from_queries(lse[..., None])[..., 0]
     lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # empty rows: p = exp(s - lse) = 0
     return _reordered(cfg, *result, inverse=True), (*laid, seg, out.astype(q.dtype), lse)
 
@@ -303,7 +300,7 @@ def _ring_local_bwd(cfg, res, cotangents):
     """The ring's backward in the steps' layout and the layout's order; gradients back."""
     steps, (q, k, v, seg, out, lse) = cfg.steps(), res
     d_out, d_lse = _reordered(cfg, *cotangents)
-    d_out, d_lse = steps.queries(d_out), steps.query_rows(d_lse)
+    d_out, d_lse = steps.queries(d_out), steps.queries(d_lse[..., None])[..., 0]
     dq, dk, dv = _backward(cfg, q, k, v, seg, out, lse, d_out, d_lse)
     dq = steps.from_queries(dq) * default_scale(cfg.scale, dq.shape[-1])
     dk, dv = steps.from_keys(dk), steps.from_keys(dv)
@@ -424,8 +421,13 @@ def tile_work(T: int, n: int, *, layout: str = "zigzag", causal: bool = True,
     return work
 
 
+def _attend_on_splash(q, k, v, call, options):
+    """The ring with its steps on splash attention (see the module doc)."""
+    return _attend(q, k, v, call, options, inner="splash")
+
+
 ring_attention = contract(_attend)
-ring_splash = contract(functools.partial(_attend, inner="splash"))
+ring_splash = contract(_attend_on_splash)
 
 
 def _implementations(kernels):
