@@ -231,14 +231,13 @@ def _splash_backward() -> dict | None:
     return found
 
 
-def splash_ring_unserved(q, n: int, call) -> str | None:
-    """Why the ring's steps cannot run on splash (None: they can), over n devices."""
+def splash_ring_unserved(T: int, chunks: int) -> str | None:
+    """Why a ring's steps cannot run on splash (None: they can) for rows of T positions cut
+    into `chunks` by the ring's layout."""
     if splash is None:
         return "splash attention (not in this jax version)"
     if _splash_backward() is None:
         return "splash's backward kernels (not with these parameters in this jax version)"
-    causal, T = call.get("causal", True), q.shape[1]
-    chunks = 2 * n if causal and call.get("layout", "zigzag") == "zigzag" else n
     if T % (chunks * LANES):
         return (f"T={T} (splash steps take chunks of a multiple of {LANES} positions: the layout "
                 f"cuts the row into {chunks}, so T a multiple of {chunks * LANES})")  # fmt: skip

@@ -78,6 +78,13 @@ def axis_size(axis: str) -> int:
     return mesh.shape[axis]
 
 
+def chunking(n: int, layout: str, causal: bool) -> tuple[str, int]:
+    """(the layout a ring of n devices runs, the number of chunks it cuts a row into): the
+    balance matters only when causal, so a full ring runs contiguous."""
+    order = layout if causal else "contiguous"
+    return order, 2 * n if order == "zigzag" else n
+
+
 def tile_sizes(L: int, layout: str, block_sizes: BlockSizes) -> BlockSizes:
     """The tiles of a ring over shards of L positions: as asked (at most L); with the zigzag
     layout the largest that divide L / 2, so that a step can take half of a shard's tiles."""
@@ -370,9 +377,8 @@ def _attend(q, k, v, call, options, inner="jax"):
     check_inputs(q, k, v)
     axis, n = options["axis"], axis_size(options["axis"])
     causal, tiles = call["causal"], BlockSizes(options["block_q"], options["block_k"])
-    order = options["layout"] if causal else "contiguous"  # the balance matters when causal
+    order, chunks = chunking(n, options["layout"], causal)
     B, T, N, _ = q.shape
-    chunks = 2 * n if order == "zigzag" else n
     if T % chunks:
         raise ValueError(
             f"ring: T={T} must be a multiple of {chunks} ({order} layout over the {axis!r} axis "
@@ -408,8 +414,7 @@ def tile_work(T: int, n: int, *, layout: str = "zigzag", causal: bool = True,
     Counted from the same tile schedules the kernel runs (`tiled.make_schedule`), so max / mean
     is the causal imbalance of the layout.
     """
-    order = layout if causal else "contiguous"
-    chunks = 2 * n if order == "zigzag" else n
+    order, chunks = chunking(n, layout, causal)
     L = -(-T // chunks) * chunks // n
     cfg = _Ring("seq", n, order, causal, None, tile_sizes(L, order, block_sizes), L, (1, 1))
     work = np.zeros(n, np.int64)
@@ -430,18 +435,19 @@ ring_attention = contract(_attend)
 ring_splash = contract(_attend_on_splash)
 
 
+def _splash_unserved(q, k, v, *, causal=True, axis="seq", layout="zigzag", **call):
+    """Why the ring cannot run its steps on splash for this call (None: it can)."""
+    missing = unserved(q, k, v, axis=axis, **call)
+    if missing is not None:
+        return missing
+    return splash_ring_unserved(q.shape[1], chunking(axis_size(axis), layout, causal)[1])
+
+
 def _implementations(kernels):
     """The ring (its steps on splash on TPU, else on the tiled engine), then what runs on one
     device: the accelerator rows of a causal or full mask, and the tiled engine."""
     return {
-        "ring_splash": Implementation(
-            ring_splash,
-            supports=lambda q, k, v, **call: (
-                unserved(q, k, v, **call)
-                or splash_ring_unserved(q, axis_size(call.get("axis", "seq")), call)
-            ),
-            auto=("tpu",),
-        ),
+        "ring_splash": Implementation(ring_splash, supports=_splash_unserved, auto=("tpu",)),
         "ring": Implementation(ring_attention, supports=unserved),
         **table(kernels),
         "jax": Implementation(kernels.tiled),

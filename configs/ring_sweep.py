@@ -4,10 +4,10 @@
     python -m experiments.sweep --config=configs/ring_sweep.py \
         --config.options.ring.layout=contiguous --workdir=results/ring_sweep_contiguous
 
-An edit of configs/context_sweep.py (B=1, N=K=8, causal; H=64 on CPU, 128 on GPU/TPU). On a CPU host the sweep asks
-XLA for 8 simulated devices; they share the host's cores, so times measure the ring's overhead
-against `blockwise` on one device, not a speed-up. Memory is XLA's compiled analysis per
-device: it should fall about as 1/devices. Rows carry `imbalance`, the busiest device's
+An edit of configs/context_sweep.py (B=1, N=K=8, causal; H=64 on CPU, 128 on GPU/TPU). On a
+CPU host the sweep asks XLA for 8 simulated devices; they share the host's cores, so times
+measure the ring's overhead against `blockwise` on one device, not a speed-up. Memory is XLA's
+compiled analysis per device: it should fall about as 1/devices. Rows carry `imbalance`, the busiest device's
 causal tiles over the mean (zigzag layout: 1.0; contiguous: about 2 - 1/n). Calls that would
 take over `max_call_s` (T=65536 on 2 cores) are compiled for their memory only.
 """
