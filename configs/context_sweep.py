@@ -19,7 +19,7 @@ skipped, so the 10 minutes hold as variants are added; the longest lengths are d
 
 import ml_collections
 
-from experiments.cells import registered_options
+from experiments.configlib import registered_options
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -10,7 +10,7 @@ for what it writes. This base trains a tiny model on `mqar/small` in about a min
 
 import ml_collections
 
-from experiments.cells import registered_options
+from experiments.configlib import registered_options
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.grad_clip = 1.0  # global-norm gradient clipping (0: none)
     c.eval_every = 100  # evaluate every this many steps (and at the end)
     c.eval_examples = 0  # evaluate on at most this many held-out examples (0: all)
+    c.eval_tokens = 0  # text: evaluate on this many held-out tokens drawn across files (0: all)
+    c.threshold = 0.0  # stop once threshold_metric reaches this at an evaluation (0: never)
+    c.threshold_metric = "eval/accuracy"  # the metric `threshold` applies to
     c.log_every = 10  # training metrics every this many steps
     c.checkpoint_every = 100  # save a checkpoint every this many steps (and at the end)
     c.keep = 3  # checkpoints kept (the newest)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -22,12 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 from jax.sharding import use_abstract_mesh
-from ml_collections import ConfigDict
-from ml_collections.config_dict import FieldReference
 
 import attention_variants as av
+from experiments.configlib import ConfigError, csv_field, field, float_field, int_field
 
 BACKWARD_FLOPS = 2.5  # convention: backward = 2.5 x forward, so fwd_bwd = 3.5 x forward
 
@@ -108,8 +105,8 @@ def check_one_setting(rows: Iterable[Mapping[str, Any]], where: str) -> None:
     """Raises MixedRows naming each field whose value differs between rows, with row counts."""
     counts: dict[str, Counter] = {f: Counter() for f in SETTING_FIELDS}
     for row in rows:
-        for field, value in setting(row):
-            counts[field][value] += 1
+        for name, value in setting(row):
+            counts[name][value] += 1
     mixed = {f: c for f, c in counts.items() if len(c) > 1}
     if mixed:
         parts = [
@@ -402,58 +399,6 @@ def _quality():
 
 
 # -- planning: a config becomes a list of cells ------------------------------------------------
-class ConfigError(ValueError):
-    """An invalid config value; the message names the field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"config.{field}: {message}")
-        self.field = field
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing; a bad value, an unknown field or an unreadable config file is reported as
-    a config error (exit code 2)."""
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-        print(f"invalid config: unknown field {e}", file=sys.stderr)
-    except (flags.Error, OSError, TypeError, ValueError) as e:
-        print(f"invalid config: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _get(config: Any, name: str) -> Any:
-    if name not in config:
-        raise ConfigError(name, "missing field")
-    return config[name]
-
-
-def csv_field(config: Any, name: str) -> list[str]:
-    """A comma-separated field (`--config.lengths=1024,4096`) as a list of strings."""
-    value = _get(config, name)
-    items = value if isinstance(value, list | tuple) else str(value).split(",")
-    items = [str(s).strip() for s in items if str(s).strip()]
-    if not items:
-        raise ConfigError(name, "is empty")
-    return items
-
-
-def int_field(config: Any, name: str, minimum: int = 1) -> int:
-    value = _get(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(name, f"must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def float_field(config: Any, name: str, minimum: float = 0.0, strict: bool = True) -> float:
-    value = _get(config, name)
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or value < minimum or (strict and value == minimum):
-        bound = ">" if strict else ">="
-        raise ConfigError(name, f"must be a number {bound} {minimum:g}, got {value!r}")
-    return float(value)
-
-
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -490,23 +435,8 @@ def _variants(config: Any) -> list[str]:
     return baselines + [n for n in names if n not in baselines]  # baselines run first
 
 
-def registered_options() -> ConfigDict:
-    """{variant: {option: default}} for every registered variant, as a config section whose
-    every entry can be overridden from the command line (--config.options.fixed.block=32,
-    --config.options.sliding_window.window='(256, 0)'). Entries take any Python literal (the
-    variant validates it), so an int default accepts a tuple, and None accepts an int."""
-    return ConfigDict(
-        {
-            name: {
-                k: FieldReference(v, field_type=object) for k, v in av.spec(name).defaults.items()
-            }
-            for name in av.names()
-        }
-    )
-
-
 def _options(config: Any, variants: list[str]) -> dict[str, dict[str, Any]]:
-    given = _get(config, "options")
+    given = field(config, "options")
     given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
     for name in given:
         if name not in av.names():
@@ -524,7 +454,7 @@ def _model(config: Any) -> dict[str, Any]:
     """The model section of a train_step config, checked by building a ModelConfig."""
     from transformer import ModelConfig
 
-    fields = _get(config, "model")
+    fields = field(config, "model")
     fields = fields.to_dict() if hasattr(fields, "to_dict") else dict(fields)
     reserved = sorted(set(fields) & set(TRAIN_STEP_FIELDS))
     if reserved:
@@ -541,7 +471,7 @@ def _model(config: Any) -> dict[str, Any]:
 def plan_cells(config: Any, dtype: str) -> list[Cell]:
     """Validates `config` (raising ConfigError naming the field) and lists its cells in run
     order: lengths ascending, then variants (baselines first), then modes."""
-    kind = _get(config, "kind")
+    kind = field(config, "kind")
     if kind not in KINDS:
         raise ConfigError("kind", f"must be one of {tuple(KINDS)}, got {kind!r}")
     variants = _variants(config)
@@ -571,7 +501,7 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
     if not 0 < float_field(config, "memory_fraction") <= 1:
         raise ConfigError("memory_fraction", f"must be in (0, 1], got {config.memory_fraction}")
     int_field(config, "gemm_size", 0)
-    causal = _get(config, "causal")
+    causal = field(config, "causal")
     if not isinstance(causal, bool):
         raise ConfigError("causal", f"must be True or False, got {causal!r}")
     segments = int_field(config, "segments")
@@ -634,7 +564,7 @@ def _tasks(config: Any) -> list[dict[str, Any]]:
     """The task grid of a train_eval config: one dict per combination of TASK_AXES values."""
     for section, names in (("train", ("num_steps", "learning_rate")), ("data", ("dataset",))):
         for name in names:
-            if name not in _get(config, section):
+            if name not in field(config, section):
                 raise ConfigError(f"{section}.{name}", "missing field")
     int_field(config.train, "num_steps")
     from experiments import datasets

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from experiments.cells import ConfigError
+from experiments.configlib import ConfigError
 
 AXES = ("data", "seq")
 

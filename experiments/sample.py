@@ -20,10 +20,9 @@ from typing import TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
-from experiments import datasets
+from experiments import checkpoints, datasets
 from experiments.datasets.base import TaskBuilder
 from transformer import ModelConfig, TransformerLM
 from transformer.sampling import check_request, generate_tokens
@@ -33,21 +32,30 @@ class NoModel(ValueError):
     """The workdir holds no trained model."""
 
 
-def load(workdir: Path) -> tuple[dict, TransformerLM, dict, int]:
-    """(saved config, model, params, step) of the newest checkpoint in `workdir`."""
+def load(workdir: Path, out: TextIO = sys.stdout) -> tuple[dict, TransformerLM, dict, int]:
+    """(saved config, model, params, step) of the newest readable checkpoint in `workdir`
+    (the restore path training uses: an unreadable checkpoint falls back to the one before,
+    left where it is)."""
     path = workdir / "config.json"
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").glob("[0-9]*"))
     if not path.exists() or not steps:
         raise NoModel(
             f"no trained model in {workdir}: train one first, e.g.\n"
             f"  python -m experiments.train --config=configs/lm.py --workdir={workdir}"
+            "     (text: --prompt='def ')\n"
+            f"  python -m experiments.train --config=configs/mqar.py --workdir={workdir}"
+            "   (token ids: --prompt=3,7,100)"
         )
     saved = json.loads(path.read_text())
     model = TransformerLM(ModelConfig(**saved["model"]))
-    with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
-        step = manager.latest_step()
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return saved, model, restored.state["params"], step
+    manager = checkpoints.manager(workdir / "checkpoints")
+    try:
+        step, state = checkpoints.restore(manager, None, out=out, move_unreadable=False)
+    except checkpoints.NoReadableCheckpoint as e:
+        raise NoModel(str(e)) from None
+    finally:
+        manager.close()
+    return saved, model, state["params"], step
 
 
 def is_text(saved: dict) -> bool:
@@ -86,7 +94,7 @@ def sample(
     out: TextIO = sys.stdout,
 ) -> list[str]:
     """Prints and returns `num_samples` continuations of `prompt` (prompt included)."""
-    saved, model, params, step = load(workdir)
+    saved, model, params, step = load(workdir, out)
     text = is_text(saved)
     tokens = encode(prompt, text, model.config.vocab_size)
     batch = jnp.asarray(np.tile(tokens, (num_samples, 1)))

@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import datetime
 import gc
-import hashlib
 import json
 import math
 import os
 import platform
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,21 +41,20 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import bench, distributed, report
+from experiments import bench, distributed, provenance, report
 from experiments.cells import (
     KEY_FIELDS,
     KINDS,
     Cell,
-    ConfigError,
     MixedRows,
     check_one_setting,
     implementation_of,
-    parse_flags,
     plan_cells,
     resolve_dtype,
     row_key,
     seq_devices,
 )
+from experiments.configlib import ConfigError, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "sweep config file (configs/*.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "results folder; default results/<config name>")
@@ -83,41 +80,6 @@ RESULT_FIELDS = (
     "tokens_per_s",
 )
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory")
-
-
-ROOT = Path(__file__).resolve().parents[1]
-CODE = ("attention_variants", "transformer", "experiments", "configs")  # what a row measured
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
-def code_version() -> str:
-    """The version of the measured code, recorded in each row as `git_commit`: `git describe
-    --always` of the checkout, plus `-dirty+<hash>` of the uncommitted changes to the code
-    (edits and new files under CODE) when there are any, so a rerun of the same edit resumes
-    and any other edit re-measures (an edit of the docs alone changes nothing). Outside git,
-    a hash of the packages' sources."""
-    described = (_git("describe", "--always") or "").strip()
-    if not described:
-        digest = hashlib.sha1()
-        for path in sorted(p for name in CODE for p in (ROOT / name).rglob("*.py")):
-            digest.update(path.relative_to(ROOT).as_posix().encode() + path.read_bytes())
-        return f"source-{digest.hexdigest()[:10]}"
-    edits = _git("diff", "HEAD", "--", *CODE, "setup.cfg") or ""
-    new = (_git("ls-files", "--others", "--exclude-standard", "--", *CODE) or "").split()
-    if not edits and not new:
-        return described
-    digest = hashlib.sha1(edits.encode())
-    for name in sorted(new):
-        path = ROOT / name
-        digest.update(name.encode() + (path.read_bytes() if path.is_file() else b""))
-    return f"{described}-dirty+{digest.hexdigest()[:10]}"
 
 
 def _lane(row: dict[str, Any]) -> str:
@@ -152,8 +114,7 @@ class Sweep:
         self.costs: list[float] = []  # seconds spent per measured cell, for the ETA
         self.common = {
             "device": f"{self.device.platform}:{self.device.device_kind}",
-            "jax_version": jax.__version__,
-            "git_commit": code_version(),
+            **provenance.versions(),
         }
         rows = report.load_rows(self.path)
         planned = [{**cell.fields(), **self.common} for cell in cells]

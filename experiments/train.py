@@ -8,57 +8,66 @@ The dataset (a TFDS name with its config, e.g. `mqar/small`) is built on first u
 queries, ListOps' answer, every real token of text). AdamW with linear warmup and cosine decay,
 global-norm clipping, a jitted step with the state donated. The workdir receives:
 
-    config.json        the resolved config, with the model's parameter count
+    config.json        the first run's resolved config (model's parameter count, code and jax
+                       versions); resumes.jsonl: one row per resumed invocation
     checkpoints/<step> orbax: item `state` (params, opt_state, step, rng; StandardSave, so plain
                        orbax restores it) and item `data` (the grain iterator's position)
-    metrics.csv        step,tag,value rows: train/loss, train/learning_rate, train/tokens_per_s,
-                       eval/loss, eval/accuracy (text also eval/perplexity, eval/bits_per_token)
-    events.out.tfevents.*  the same scalars for TensorBoard
+    metrics.csv        step,tag,value rows: train/loss and train/accuracy (averaged over the
+                       logging window), train/learning_rate, train/tokens_per_s (the rows'
+                       tokens, compilation excluded), train/first_step_s, eval/loss,
+                       eval/accuracy (text also eval/perplexity, eval/bits_per_token)
+    events.out.tfevents.*  the same scalars for TensorBoard (`tensorboard --logdir runs/`)
+    summary.json       when the run ends: the last evaluation, the eval curve, convergence
 
-A rerun of the same command resumes from the newest readable checkpoint, with the data position
-and the rng, so a stopped and resumed run ends with the parameters of an uninterrupted one
-(rows logged after the last checkpoint are logged again; a changed num_steps or learning rate
-resumes with the new schedule). An unreadable newest checkpoint is moved to `corrupt/` with a
-warning and the one before it is used. SIGTERM or Ctrl-C saves a checkpoint, then exits (143 or
-130). A workdir trained with another model or data stream (model.*, RESUME_FIELDS) is refused,
-naming the fields. Exit 2 for an invalid config.
+Every `eval_every` steps the held-out split is evaluated; with `threshold` > 0 the run stops
+once `threshold_metric` reaches it (convergence, not a fixed budget). A rerun of the same
+command resumes from the newest readable checkpoint, with the data position and the rng, so a
+stopped and resumed run ends with the parameters of an uninterrupted one; metrics logged after
+that checkpoint are dropped first, so each (step, tag) appears once. A checkpoint that cannot be
+read is skipped for the one before (and moved to `corrupt/`); a readable one that does not
+restore (another model, out of memory) stops the run (exit 1) naming its step, as does a workdir
+none of whose checkpoints can be read; nothing is moved then. A workdir trained with another
+model, data stream or optimizer structure is refused, naming the fields; another schedule
+(learning rate, steps, warmup, weight decay, threshold) only with --allow_changes, which is
+said and recorded (experiments/workdir.py). A finished run trains nothing and writes nothing.
+SIGTERM or Ctrl-C saves a checkpoint, then exits (143 or 130). Exit 2 for an invalid config.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import math
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import datasets, distributed
-from experiments.cells import ConfigError, float_field, int_field, parse_flags
+from experiments import checkpoints, datasets, distributed
+from experiments.configlib import ConfigError, float_field, int_field, parse_flags
 from experiments.datasets import pipeline
+from experiments.workdir import (
+    Metrics,
+    WorkdirMismatch,
+    check_resume,
+    read_metrics,
+    read_summary,
+    record_start,
+    write_summary,
+)
 from transformer import ModelConfig, TransformerLM
 from transformer.model import weighted_token_stats
 
 SIGNAL_EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130}
-
-
-class WorkdirMismatch(ValueError):
-    """The workdir holds a run of another model config."""
 
 
 @dataclasses.dataclass
@@ -96,18 +105,36 @@ class Setup:
 def _check(config: Any) -> None:
     for name in ("num_steps", "batch_size", "eval_every", "log_every", "checkpoint_every", "keep"):
         int_field(config, name)
-    for name in ("warmup_steps", "seq_len", "eval_examples", "seed"):
+    for name in ("warmup_steps", "seq_len", "eval_examples", "eval_tokens", "seed"):
         int_field(config, name, 0)
     if config.warmup_steps >= config.num_steps:
         raise ConfigError("warmup_steps", f"must be < num_steps={config.num_steps}")
-    for name in ("learning_rate", "weight_decay", "grad_clip"):
+    for name in ("learning_rate", "weight_decay", "grad_clip", "threshold"):
         float_field(config, name, strict=False)
+    if config.threshold and config.threshold_metric not in EVAL_METRICS:
+        raise ConfigError("threshold_metric", f"must be one of {EVAL_METRICS}")
+
+
+EVAL_METRICS = ("eval/accuracy",)  # metrics a threshold may stop at (higher is better)
+
+
+def _model_config(config: Any, vocab_size: int, max_len: int) -> ModelConfig:
+    fields = config.model.to_dict()
+    fields["vocab_size"] = fields["vocab_size"] or vocab_size
+    fields["max_len"] = fields["max_len"] or max_len
+    fields["attention_options"] = dict(config.options.get(fields["attention"]) or {})
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError("model", str(e)) from None
 
 
 def setup(config: Any, dataset_config: Any = None) -> Setup:
-    """Validates `config` (ConfigError naming the field), builds the dataset when missing
-    (`config.dataset` names it; `dataset_config`, a builder config, may set it instead)."""
+    """Validates `config` (ConfigError naming the field), the model's fields included, then
+    builds the dataset when missing (`config.dataset` names it; `dataset_config`, a builder
+    config, may set it instead)."""
     _check(config)
+    _model_config(config, vocab_size=2, max_len=8)  # the model's own fields, before any data
     try:
         builder = datasets.prepare(config.dataset, config.data_dir or None, dataset_config)
     except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
@@ -116,21 +143,22 @@ def setup(config: Any, dataset_config: Any = None) -> Setup:
     if config.eval_split not in splits or "train" not in splits:
         raise ConfigError("eval_split", f"{config.dataset} has splits {sorted(splits)}")
     train_source, eval_source = splits["train"], splits[config.eval_split]
+    text = pipeline.is_text(train_source)
+    row = None if text else len(train_source[0]["inputs"])
+    if row is not None and config.seq_len not in (0, row):
+        raise ConfigError(
+            "seq_len", f"{config.dataset} has rows of {row} tokens; seq_len packs text (use 0)"
+        )
     if config.eval_examples:
         eval_source = [eval_source[i] for i in range(min(config.eval_examples, len(eval_source)))]
-    text = pipeline.is_text(train_source)
-    fields = config.model.to_dict()
-    row = None if text else len(train_source[0]["inputs"])
-    seq_len = config.seq_len or fields["max_len"] or row
+    if config.eval_tokens:
+        if not text:
+            raise ConfigError("eval_tokens", f"{config.dataset} is not text (use eval_examples)")
+        eval_source = pipeline.eval_subset(eval_source, max_tokens=config.eval_tokens)
+    seq_len = config.seq_len or config.model.max_len or row
     if seq_len is None:
         raise ConfigError("seq_len", "a text dataset needs seq_len or model.max_len")
-    fields["vocab_size"] = fields["vocab_size"] or builder.builder_config.vocab_size()
-    fields["max_len"] = fields["max_len"] or seq_len
-    fields["attention_options"] = dict(config.options.get(fields["attention"]) or {})
-    try:
-        model_config = ModelConfig(**fields)
-    except (TypeError, ValueError) as e:
-        raise ConfigError("model", str(e)) from None
+    model_config = _model_config(config, builder.builder_config.vocab_size(), seq_len)
     targeted = None
     if not text:  # MQAR's N queries, ListOps' one answer: the logits are needed only there
         most = builder.builder_config.max_targets()
@@ -206,99 +234,48 @@ def evaluate(setup: Setup, eval_step, params, mesh=None) -> dict[str, float]:
     return metrics
 
 
-class Metrics:
-    """step,tag,value rows appended to metrics.csv and written to TensorBoard, as produced
-    (workdir None: nothing is written, as on the processes other than 0 of several hosts)."""
-
-    def __init__(self, workdir: Path | None):
-        self.file = None
-        if workdir is None:
-            return
-        from tensorboardX import SummaryWriter
-
-        self.path = workdir / "metrics.csv"
-        new = not self.path.exists()
-        self.file = open(self.path, "a", newline="")  # noqa: SIM115  (closed in close())
-        self.csv = csv.writer(self.file)
-        if new:
-            self.csv.writerow(["step", "tag", "value"])
-        self.writer = SummaryWriter(str(workdir))
-
-    def write(self, step: int, values: dict[str, float]) -> None:
-        if self.file is None:
-            return
-        for tag, value in values.items():
-            self.csv.writerow([step, tag, value])
-            self.writer.add_scalar(tag, value, step)
-        self.file.flush()
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.writer.close()
+def summarize(config: Any, evals: dict[int, dict[str, float]], step: int) -> dict[str, Any]:
+    """The run's evaluations as a result: the last one's metrics, the curve of the threshold
+    metric ([step, value] pairs), the first step that reached the threshold and whether the
+    run converged (reached it; without a threshold: ran its num_steps)."""
+    metric, threshold = config.threshold_metric, config.threshold
+    curve = [[s, evals[s][metric]] for s in sorted(evals) if metric in evals[s]]
+    reached = [s for s, v in curve if threshold and v >= threshold]
+    return {
+        "step": step,
+        "metrics": evals[max(evals)] if evals else {},
+        "eval_curve": curve,
+        "threshold_metric": metric,
+        "threshold": threshold or None,
+        "steps_to_threshold": reached[0] if reached else None,
+        "converged": bool(reached) if threshold else step >= config.num_steps,
+    }
 
 
-# Fields a checkpoint depends on beyond the model: the optimizer state's structure and the data
-# stream. Others (num_steps, learning_rate, eval_every, ...) may change on resume.
-RESUME_FIELDS = ("dataset", "data_dir", "seq_len", "batch_size", "seed", "grad_clip")
+def _logged_evals(workdir: Path, until: int) -> dict[int, dict[str, float]]:
+    """The evaluations metrics.csv holds up to step `until`."""
+    evals: dict[int, dict[str, float]] = {}
+    for step, tag, value in read_metrics(workdir):
+        if tag.startswith("eval/") and step <= until:
+            evals.setdefault(step, {})[tag] = value
+    return evals
 
 
-def check_workdir(workdir: Path, resolved: dict[str, Any]) -> None:
-    """Refuses a workdir whose checkpoints belong to another model or data stream, naming the
-    fields (model.* and RESUME_FIELDS)."""
-    path = workdir / "config.json"
-    if not path.exists() or not any((workdir / "checkpoints").glob("[0-9]*")):
-        return
-    saved = json.loads(path.read_text())
-    now = json.loads(json.dumps(resolved, default=str))
-    pairs = [(f, saved.get(f), now.get(f)) for f in RESUME_FIELDS]
-    model = sorted(set(saved["model"]) | set(now["model"]))
-    pairs += [(f"model.{k}", saved["model"].get(k), now["model"].get(k)) for k in model]
-    differ = [f"{k}: {a!r} there, {b!r} here" for k, a, b in pairs if a != b]
-    if differ:
-        raise WorkdirMismatch(
-            f"{workdir} holds checkpoints of another run ({'; '.join(differ)}); "
-            "use another --workdir. Nothing was changed."
-        )
-
-
-def restore(manager: ocp.CheckpointManager, abstract: Any, data: Any, out: TextIO) -> Any:
-    """The newest readable checkpoint's state (and `data` set to its position), or None. An
-    unreadable checkpoint is moved to <checkpoints>/../corrupt/<step>, with a warning."""
-    for step in sorted(manager.all_steps(), reverse=True):
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data)
-        )
-        try:
-            return manager.restore(step, args=args).state
-        except Exception as e:  # noqa: BLE001  (any unreadable checkpoint: fall back)
-            corrupt = Path(manager.directory).parent / "corrupt" / str(step)
-            corrupt.parent.mkdir(exist_ok=True)
-            shutil.move(str(Path(manager.directory) / str(step)), corrupt)
-            manager.reload()
-            print(
-                f"warning: checkpoint {step} is unreadable ({type(e).__name__}: "
-                f"{str(e)[:200]}); moved to {corrupt}, trying the one before",
-                file=out,
-            )
-    return None
-
-
-def save(manager: ocp.CheckpointManager, state: Any, data: Any) -> None:
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data)
-    )
-    manager.save(int(state["step"]), args=args)
-    manager.wait_until_finished()
-
-
-def train(
-    config: Any, workdir: Path, out: TextIO = sys.stdout, stop_after: int = 0
-) -> dict[str, float]:
-    """Trains (or resumes) into `workdir`; returns the last evaluation's metrics (empty when
-    no step ran). Raises ConfigError or WorkdirMismatch before anything is written."""
-    setup_ = setup(config)
+def train_and_evaluate(
+    config: Any,
+    workdir: Path,
+    *,
+    dataset_config: Any = None,
+    out: TextIO = sys.stdout,
+    stop_after: int = 0,
+    allow_changes: bool = False,
+) -> dict[str, Any]:
+    """Trains (or resumes) into `workdir`, evaluating every eval_every steps and stopping
+    early once `threshold_metric` reaches `threshold` (when > 0); returns `summarize`'s result
+    with `params` and `train_s` (written to summary.json too when the run ends). Raises
+    ConfigError or WorkdirMismatch before anything is written, RestoreError or
+    NoReadableCheckpoint (experiments/checkpoints.py) before anything is trained."""
+    setup_ = setup(config, dataset_config)
     c = config
     mesh = distributed.make_mesh(c.mesh.data, c.mesh.seq)
     row = setup_.seq_len or len(setup_.train_source[0]["inputs"])
@@ -306,21 +283,32 @@ def train(
     state = distributed.place_state(mesh, init_state(setup_))
     params = sum(x.size for x in jax.tree.leaves(state["params"]))
     resolved = {**c.to_dict(), "model": dataclasses.asdict(setup_.model_config), "params": params}
-    check_workdir(workdir, resolved)
+    changed = check_resume(workdir, resolved, allow_changes)
     workdir.mkdir(parents=True, exist_ok=True)
     data = pipeline.train_batches(
         setup_.train_source, batch_size=c.batch_size, seed=c.seed, seq_len=setup_.seq_len
     )
-    options = ocp.CheckpointManagerOptions(max_to_keep=c.keep, create=True)
-    manager = ocp.CheckpointManager(
-        (workdir / "checkpoints").resolve(), options=options, item_names=("state", "data")
-    )
-    restored = restore(manager, distributed.abstract_state(mesh, state), data, out)
+    manager = checkpoints.manager(workdir / "checkpoints", c.keep)
+    try:
+        restored = checkpoints.restore(manager, distributed.abstract_state(mesh, state), data, out)
+    except BaseException:
+        manager.close()
+        raise
+    start, state = (0, state) if restored is None else restored
     lead = jax.process_index() == 0  # several hosts: one writes the files, one reports
+    evals = _logged_evals(workdir, start) if start else {}
+    done = summarize(c, evals, start)
+    if start >= c.num_steps or (start and done["steps_to_threshold"] is not None):
+        manager.close()
+        print(f"nothing to train: {workdir} finished at step {start}", file=out)
+        return {**done, **(read_summary(workdir) or {}), "params": params}
     if lead:
-        (workdir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
-    start = 0 if restored is None else int(restored["step"])
-    state = state if restored is None else restored
+        record_start(workdir, resolved, start, changed)
+        if start == 0:
+            (workdir / "summary.json").unlink(missing_ok=True)
+    for name, (there, here) in changed.items():
+        print(f"resuming with {name} {there!r} -> {here!r}: the new schedule from step "
+              f"{start} on (recorded in resumes.jsonl)", file=out)  # fmt: skip
     print(
         f"{c.dataset}: {setup_.model_config.attention}, {params:,} parameters, mesh data="
         f"{mesh.shape['data']} x seq={mesh.shape['seq']}; "
@@ -331,41 +319,37 @@ def train(
     rows, one = distributed.batch_sharding(mesh), distributed.replicated(mesh)  # `one`: all of it
     train_step = jax.jit(train_step, in_shardings=(one, rows), out_shardings=one, donate_argnums=0)
     eval_step = jax.jit(eval_step, in_shardings=(one, rows), out_shardings=one)
-    metrics = Metrics(workdir if lead else None)
-    metrics.write(start, {"model/params": params})
+    metrics = Metrics(workdir if lead else None, start)
+    if start == 0:
+        metrics.write(0, {"model/params": params})
     stop: list[int] = []
     handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in SIGNAL_EXIT}
-    last_eval: dict[str, float] = {}
-    tokens = c.batch_size * setup_.model_config.max_len
     bar = tqdm.tqdm(total=c.num_steps, initial=start, file=out, disable=None if lead else True,
                     unit="step")  # fmt: skip
+    began, window = time.perf_counter(), Window()
     try:
         with jax.set_mesh(mesh):  # `ring` attention finds its `seq` axis here
-            tick, ticked = time.perf_counter(), start
             for step in range(start + 1, c.num_steps + 1):
-                state, values = train_step(state, distributed.place_batch(mesh, next(data)))
+                batch = next(data)
+                state, values = train_step(state, distributed.place_batch(mesh, batch))
+                window.add(values, batch["inputs"].size, first=step == start + 1)
                 bar.update(1)
                 if step % c.log_every == 0 or step == c.num_steps:
-                    loss = float(values["loss"])
-                    seconds = time.perf_counter() - tick
-                    metrics.write(step, {
-                        "train/loss": loss,
-                        "train/accuracy": float(values["accuracy"]),
-                        "train/learning_rate": float(values["learning_rate"]),
-                        "train/tokens_per_s": tokens * (step - ticked) / seconds,
-                    })  # fmt: skip
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    logged = window.flush()
+                    metrics.write(step, logged)
+                    bar.set_postfix(loss=f"{logged['train/loss']:.4f}", refresh=False)
+                converged = False
                 if step % c.eval_every == 0 or step == c.num_steps:
-                    last_eval = evaluate(setup_, eval_step, state["params"], mesh)
-                    metrics.write(step, last_eval)
-                    line = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+                    evals[step] = evaluate(setup_, eval_step, state["params"], mesh)
+                    metrics.write(step, evals[step])
+                    line = ", ".join(f"{k} {v:.4f}" for k, v in evals[step].items())
                     bar.write(f"step {step}: {line}", file=out)
-                ends = step == c.num_steps or (stop_after and step - start >= stop_after)
-                if step % c.checkpoint_every == 0 or ends or stop:
-                    save(manager, state, data)
-                if step % c.log_every == 0:
-                    tick, ticked = time.perf_counter(), step
-                if stop or ends:
+                    converged = bool(c.threshold) and evals[step][c.threshold_metric] >= c.threshold
+                ends = step == c.num_steps or converged
+                paused = bool(stop) or bool(stop_after and step - start >= stop_after)
+                if step % c.checkpoint_every == 0 or ends or paused:
+                    checkpoints.save(manager, state, data)
+                if ends or paused:
                     break
     finally:
         bar.close()
@@ -376,7 +360,51 @@ def train(
     if stop:
         print(f"stopped by signal {stop[0]} at step {int(state['step'])}; saved", file=out)
         sys.exit(SIGNAL_EXIT[stop[0]])
-    return last_eval
+    step = int(state["step"])
+    result = summarize(c, evals, step)
+    result.update(params=params, train_s=time.perf_counter() - began)
+    if result["steps_to_threshold"] is not None:
+        print(f"reached {c.threshold_metric} >= {c.threshold:g} at step {step}", file=out)
+    if lead and (step >= c.num_steps or result["steps_to_threshold"] is not None):
+        write_summary(workdir, result)
+    return result
+
+
+class Window:
+    """Training metrics averaged over a logging window (every step's loss, not the last
+    batch's) and tokens/s over its steps. A run's first step (compilation) is timed apart as
+    train/first_step_s and left out of the rate."""
+
+    def __init__(self):
+        self.sums, self.steps, self.tokens, self.extra, self.last = None, 0, 0, {}, None
+        self.tick = time.perf_counter()
+
+    def add(self, values: dict[str, Any], tokens: int, first: bool = False) -> None:
+        self.last = values
+        if first:  # compilation: wait for it, time it, start the clock after it
+            jax.block_until_ready(values)
+            self.extra["train/first_step_s"] = time.perf_counter() - self.tick
+            self.tick = time.perf_counter()
+            return
+        self.sums = values if self.sums is None else jax.tree.map(jnp.add, self.sums, values)
+        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
+
+    def flush(self) -> dict[str, float]:
+        """The window's averages; starts the next window."""
+        if self.steps:
+            logged = {f"train/{k}": float(v) / self.steps for k, v in self.sums.items()}
+            logged["train/tokens_per_s"] = self.tokens / (time.perf_counter() - self.tick)
+        else:  # a window of the first step alone
+            logged = {f"train/{k}": float(v) for k, v in self.last.items()}
+        logged["train/learning_rate"] = float(self.last["learning_rate"])  # the last step's
+        logged.update(self.extra)
+        self.__init__()
+        return logged
+
+
+def train(config: Any, workdir: Path, out: TextIO = sys.stdout, **kwargs: Any) -> dict[str, float]:
+    """train_and_evaluate's last evaluation metrics (empty when none ran)."""
+    return train_and_evaluate(config, workdir, out=out, **kwargs)["metrics"]
 
 
 def define_flags() -> None:
@@ -386,6 +414,12 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, config")
     flags.DEFINE_integer(
         "stop_after", 0, "save and stop after this many steps of this invocation (0: to the end)"
+    )
+    flags.DEFINE_bool(
+        "allow_changes",
+        False,
+        "resume with other schedule fields (learning_rate, num_steps, "
+        "warmup_steps, weight_decay, threshold): the new schedule from the restored step on",
     )
     distributed.define_flags()
 
@@ -401,14 +435,20 @@ def main(argv: list[str]) -> None:
         message = "--config=configs/<name>.py and --workdir are required"
         print(f"invalid config: {message}", file=sys.stderr)
         sys.exit(2)
+    f = flags.FLAGS
     try:
-        train(config, Path(workdir), stop_after=flags.FLAGS.stop_after)
+        train_and_evaluate(
+            config, Path(workdir), stop_after=f.stop_after, allow_changes=f.allow_changes
+        )
     except ConfigError as e:
         print(f"invalid config: {e}", file=sys.stderr)
         sys.exit(2)
     except WorkdirMismatch as e:
         print(e, file=sys.stderr)
         sys.exit(2)
+    except (checkpoints.RestoreError, checkpoints.NoReadableCheckpoint) as e:
+        print(f"cannot resume: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

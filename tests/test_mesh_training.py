@@ -12,7 +12,7 @@ import pytest
 from test_train import run, saved_params, tiny
 
 from experiments import distributed, train
-from experiments.cells import ConfigError
+from experiments.configlib import ConfigError
 from experiments.datasets import pipeline
 
 pytestmark = pytest.mark.mesh

@@ -15,7 +15,7 @@ import pytest
 
 import attention_variants as av
 from configs import tiny_sweep
-from experiments import bench, cells, report, sweep
+from experiments import bench, cells, provenance, report, sweep
 
 ROW_FIELDS = {
     "variant", "options", "seq_len", "batch", "heads", "kv_heads", "head_dim", "dtype", "mode",
@@ -189,18 +189,18 @@ def test_rows_of_other_code_are_measured_again_unless_reuse_stale(
 
 def test_the_code_version_changes_with_an_edit_of_the_code_only(tmp_path, monkeypatch):
     git = {"describe": "abc1234\n", "diff": "", "ls-files": ""}  # a clean checkout
-    monkeypatch.setattr(sweep, "_git", lambda command, *args: git[command])
-    assert sweep.code_version() == "abc1234"  # docs edits are not in `diff -- CODE`
+    monkeypatch.setattr(provenance, "_git", lambda command, *args: git[command])
+    assert provenance.code_version() == "abc1234"  # docs edits are not in `diff -- CODE`
     git["diff"] = "+x = 1\n"
-    first = sweep.code_version()
-    assert first.startswith("abc1234-dirty+") and sweep.code_version() == first
+    first = provenance.code_version()
+    assert first.startswith("abc1234-dirty+") and provenance.code_version() == first
     git["diff"] = "+x = 2\n"
-    second = sweep.code_version()
+    second = provenance.code_version()
     assert second != first
     git["ls-files"] = "attention_variants/new_variant.py\n"  # a new, untracked kernel file
-    assert sweep.code_version() not in (first, second)
+    assert provenance.code_version() not in (first, second)
     git["describe"] = None  # not a git checkout: a hash of the sources
-    assert sweep.code_version().startswith("source-")
+    assert provenance.code_version().startswith("source-")
 
 
 def test_error_rows_are_retried(tmp_path, monkeypatch, no_gemm):

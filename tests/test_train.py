@@ -18,7 +18,7 @@ import pytest
 
 from configs import train as train_config
 from experiments import train
-from experiments.cells import ConfigError
+from experiments.configlib import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,3 +250,128 @@ def test_a_mesh_of_more_devices_than_there_are_names_the_field():
         distributed.make_mesh(data=2)
     with pytest.raises(ConfigError, match=r"config.mesh.seq: must be an int >= 0"):
         distributed.make_mesh(seq=-1)
+
+
+def test_a_restore_error_that_is_not_a_read_error_propagates_and_moves_nothing(data_dir, tmp_path):
+    from experiments import checkpoints
+    from experiments.datasets import pipeline
+
+    config = tiny(data_dir)
+    run(config, tmp_path, stop_after=8)  # checkpoints 4 and 8, both readable
+    other = tiny(data_dir)
+    other.model.num_layers = 2  # a model that no longer matches the saved parameters
+    setup = train.setup(other)
+    abstract = jax.eval_shape(lambda: train.init_state(setup))
+    data = pipeline.train_batches(setup.train_source, batch_size=8, seed=0)
+    manager = checkpoints.manager(tmp_path / "checkpoints")
+    with pytest.raises(checkpoints.RestoreError, match="checkpoint 8 .* is readable"):
+        checkpoints.restore(manager, abstract, data, io.StringIO())
+    manager.close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
+    assert not (tmp_path / "corrupt").exists()
+
+
+def test_no_readable_checkpoint_stops_the_run_and_moves_nothing(data_dir, tmp_path):
+    config = tiny(data_dir)
+    run(config, tmp_path, stop_after=8)
+    for f in (tmp_path / "checkpoints").rglob("*"):
+        if f.is_file() and f.parent.name in ("state", "data"):
+            f.write_bytes(b"garbage")
+    before = (tmp_path / "metrics.csv").read_text()
+    command = cli(data_dir, tmp_path, "--config.num_steps=12", "--config.warmup_steps=2",
+                  "--config.eval_every=6", "--config.log_every=3", "--config.checkpoint_every=4",
+                  "--config.model.head_dim=16")  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no checkpoint" in result.stderr and "nothing was moved" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
+    assert not (tmp_path / "corrupt").exists()
+    assert (tmp_path / "metrics.csv").read_text() == before
+
+
+def test_a_resume_after_a_crash_logs_each_step_once_and_keeps_the_history(data_dir, tmp_path):
+    import shutil
+
+    config = tiny(data_dir)
+    run(config, tmp_path, stop_after=8)  # logged up to step 8, checkpoints 4 and 8
+    first = json.loads((tmp_path / "config.json").read_text())
+    shutil.rmtree(tmp_path / "checkpoints" / "8")  # as if killed before saving step 8
+    _, out = run(config, tmp_path)
+    assert "resuming at step 4" in out
+    with open(tmp_path / "metrics.csv") as f:
+        keys = [(r["step"], r["tag"]) for r in csv.DictReader(f)]
+    assert len(keys) == len(set(keys))
+    assert [s for s, _ in rows(tmp_path, "eval/accuracy")] == [6, 12]
+    assert [s for s, _ in rows(tmp_path, "model/params")] == [0]
+    assert json.loads((tmp_path / "config.json").read_text()) == first  # never rewritten
+    assert set(first["versions"]) == {"git_commit", "jax_version"}
+    (resume,) = [json.loads(line) for line in (tmp_path / "resumes.jsonl").open()]
+    assert resume["step"] == 4 and resume["changed"] == {} and resume["config"]["versions"]
+
+
+def test_a_finished_run_trains_and_writes_nothing_and_refuses_another_schedule(data_dir, tmp_path):
+    config = tiny(data_dir, num_steps=8)
+    run(config, tmp_path)
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    _, out = run(config, tmp_path)
+    assert "nothing to train" in out
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+    with pytest.raises(train.WorkdirMismatch, match="learning_rate: 0.001 there, 0.003 here"):
+        run(tiny(data_dir, num_steps=8, learning_rate=3e-3), tmp_path)
+    with pytest.raises(train.WorkdirMismatch, match="--allow_changes"):
+        run(tiny(data_dir, num_steps=12), tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+    _, out = run(tiny(data_dir, num_steps=12), tmp_path, allow_changes=True)
+    assert "resuming with num_steps 8 -> 12" in out and "resuming at step 8" in out
+    (resume,) = [json.loads(line) for line in (tmp_path / "resumes.jsonl").open()]
+    assert resume["changed"] == {"num_steps": {"there": 8, "here": 12}}
+
+
+def test_training_stops_at_the_threshold_and_records_its_curve(data_dir, tmp_path):
+    config = tiny(data_dir, num_steps=300, eval_every=10, learning_rate=3e-3, warmup_steps=5)
+    config.update(dict(threshold=0.1, checkpoint_every=1000))
+    result = train.train_and_evaluate(config, tmp_path, out=io.StringIO())
+    curve = result["eval_curve"]
+    assert [s for s, _ in curve] == list(range(10, result["step"] + 1, 10))
+    assert result["converged"] and result["steps_to_threshold"] == result["step"] < 300
+    assert curve[-1][1] >= 0.1 and all(v < 0.1 for _, v in curve[:-1])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps_to_threshold"] == result["step"] and summary["eval_curve"] == curve
+    assert [int(p.name) for p in (tmp_path / "checkpoints").iterdir()] == [result["step"]]
+    _, out = run(config, tmp_path)
+    assert "nothing to train" in out
+
+
+def test_logged_training_metrics_average_the_window_and_time_apart_the_compile(data_dir, tmp_path):
+    config = tiny(data_dir, log_every=4, eval_every=12)
+    run(config, tmp_path)
+    assert [s for s, _ in rows(tmp_path, "train/first_step_s")] == [4]  # once, in the 1st window
+    assert [s for s, _ in rows(tmp_path, "train/tokens_per_s")] == [4, 8, 12]
+    assert all(v > 0 for _, v in rows(tmp_path, "train/tokens_per_s"))
+
+
+def test_the_model_is_checked_before_the_dataset_is_built_and_task_rows_keep_their_length(
+    data_dir, tmp_path
+):
+    fresh = tmp_path / "tfds"
+    config = tiny(str(fresh))
+    config.model.norm = "x"
+    with pytest.raises(ConfigError) as e:
+        train.setup(config)
+    assert e.value.field == "model" and not fresh.exists()
+    with pytest.raises(ConfigError, match="rows of 64 tokens") as e:
+        train.setup(tiny(data_dir, seq_len=128))
+    assert e.value.field == "seq_len"
+
+
+def test_sample_falls_back_past_an_unreadable_checkpoint_and_moves_nothing(data_dir, tmp_path):
+    from experiments import sample
+
+    run(tiny(data_dir), tmp_path, stop_after=8)
+    for f in (tmp_path / "checkpoints" / "8" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    out = io.StringIO()
+    sample.sample(tmp_path, "3,7", max_new_tokens=2, temperature=0.0, out=out)
+    assert "checkpoint 8 is unreadable" in out.getvalue() and "step 4" in out.getvalue()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
