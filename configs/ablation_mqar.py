@@ -18,7 +18,7 @@ overrun. The comparison between variants at equal budget is the point.
 
 import ml_collections
 
-from configs import context_sweep
+from configs import context_sweep, train
 
 
 def get_config():
@@ -52,11 +52,14 @@ def get_config():
     c.data.num_train = 20000  # training rows
     c.data.num_test = 500  # held-out rows
     c.data.seed = 0  # dataset seed
-    c.train = ml_collections.ConfigDict()  # the training of every cell
-    c.train.num_steps = 3000  # AdamW steps (about 70 s per cell here)
-    c.train.learning_rate = 3e-3  # peak learning rate
+    c.seeds = "0"  # training seeds (parameters, data order): one cell each, e.g. 0,1,2
+    c.learning_rates = "3e-3"  # peak learning rates: one cell each; the report keeps the best
+    c.train = train.get_config()  # the training of every cell (configs/train.py's fields)
+    c.train.num_steps = 3000  # AdamW step cap (about 70 s per cell here)
     c.train.warmup_steps = 50  # linear warmup, then cosine decay
-    c.train.data_dir = ""  # where datasets are built ("": TFDS_DATA_DIR or TFDS's default)
+    c.train.eval_every = 250  # evaluate on the held-out rows every this many steps
+    c.train.threshold = 0.0  # stop a cell once its accuracy reaches this (0: run the cap)
+    c.train.checkpoint_every = 1000  # a killed sweep resumes the cell from here
     c.cell_budget_s = 1.0  # seconds of timed training steps per cell
     c.max_call_s = 10.0  # a step slower than this is not trained
     c.time_budget_s = 1800.0  # whole-grid budget (s)

@@ -30,6 +30,7 @@ from experiments.cells import (
     row_key,
     setting,
 )
+from experiments.quality_report import quality_section
 
 Row = dict[str, Any]
 SHORT = {"oom": "oom", "error": "err", "skipped": "skip", "crashed": "crash"}
@@ -299,7 +300,7 @@ def write_report(workdir: str | Path) -> Path:
                 md += [f"Long Range Arena layout (speed-up over `{baselines[0]}`):", ""]
                 md += [lra_layout(rows, mode, baselines[0]), ""]
     if any(r.get("accuracy") is not None for r in rows):
-        md += quality_section(rows, workdir)
+        md += quality_section(rows, workdir, _label, _save)
     if any(r["mode"] == "decode" for r in rows):
         md += decode_section(rows)
     if any(r.get("devices") for r in rows):
@@ -325,28 +326,6 @@ def write_report(workdir: str | Path) -> Path:
     path = workdir / "report.md"
     path.write_text("\n".join(md))
     return path
-
-
-def quality_section(rows: Sequence[Row], workdir: Path) -> list[str]:
-    """Accuracy per variant and task by length, quality beside cost per cell, quality.png."""
-    rows = [r for r in rows if r["mode"] == "train_eval"]
-    md = ["## Quality", "", "Accuracy on the held-out rows' weighted positions:", ""]
-    md += [table(rows, "train_eval", "accuracy"), "", "Quality beside cost, per cell:", ""]
-    head = ["variant", "T", "task", "accuracy", "loss", "step ms", "compiled MiB", "train s"]
-    md += ["| " + " | ".join([*head, "params"]) + " |", "|---" * (len(head) + 1) + "|"]
-    order = lambda r: (r["seq_len"], sorted((r.get("task") or {}).items()), r["variant"])  # noqa: E731
-    for r in sorted(rows, key=order):
-        if r["status"] != "ok":
-            md.append(f"| {r['variant']} | {r['seq_len']} | {_task(r).strip()} | {r['status']} |")
-            continue
-        memory = (r.get("memory_bytes") or 0) / 2**20
-        cells = [r["variant"] + r.get("_suffix", ""), r["seq_len"], _task(r).strip()]
-        cells += [f"{r['accuracy']:.3f}", f"{r['loss']:.3f}", _num(r["time_ms_median"])]
-        cells += [f"{memory:.0f}", f"{r['train_s']:.0f}", f"{r['params']:,}"]
-        md.append("| " + " | ".join(map(str, cells)) + " |")
-    if plot_quality(rows, workdir / "quality.png"):
-        md += ["", "![quality](quality.png)"]
-    return [*md, ""]
 
 
 def decode_section(rows: Sequence[Row]) -> list[str]:
@@ -410,48 +389,15 @@ def mesh_section(rows: Sequence[Row], baseline: str | None) -> list[str]:
     return [*md, ""]
 
 
-def plot_quality(rows: Sequence[Row], path: Path) -> bool:
-    """Saves `quality_figure(rows)`; False without matplotlib or task fields."""
-    if not any(r.get("task") for r in rows):
-        return False
-    return _save(quality_figure, rows, path)
-
-
-def quality_figure(rows: Sequence[Row]) -> Any:
-    """Accuracy vs the first task field (e.g. num_pairs), one panel per length, one line per
-    variant."""
-    import matplotlib.pyplot as plt
-
-    axis = next(k for r in rows for k in (r.get("task") or {}))
-
-    lengths = sorted({r["seq_len"] for r in rows})
-    variants = _ordered(r["variant"] + r.get("_suffix", "") for r in rows)
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 4), squeeze=False)
-    for ax, T in zip(axes[0], lengths, strict=True):
-        for i, variant in enumerate(variants):
-            pts = sorted(
-                (r["task"][axis], r["accuracy"])
-                for r in rows
-                if r["seq_len"] == T and r["variant"] + r.get("_suffix", "") == variant
-                and r["status"] == "ok"
-            )  # fmt: skip
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", color=f"C{i % 10}", label=variant)
-        ax.set(title=f"T = {T}", xlabel=axis, ylabel="accuracy", ylim=(-0.02, 1.02))
-        ax.set_xscale("log", base=2)
-        ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
 def write_csv(rows: Sequence[Row], path: Path) -> None:
     fields = _ordered(k for r in rows for k in r if not k.startswith("_"))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()})
+            writer.writerow(
+                {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in r.items()}
+            )
 
 
 def plot(rows: Sequence[Row], path: Path) -> bool:

@@ -44,17 +44,15 @@ from ml_collections import config_flags
 from experiments import bench, distributed, provenance, report
 from experiments.cells import (
     KEY_FIELDS,
-    KINDS,
     Cell,
     MixedRows,
     check_one_setting,
     implementation_of,
-    plan_cells,
-    resolve_dtype,
     row_key,
-    seq_devices,
 )
 from experiments.configlib import ConfigError, parse_flags
+from experiments.kinds import KINDS
+from experiments.plan import plan_cells, resolve_dtype, seq_devices
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "sweep config file (configs/*.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "results folder; default results/<config name>")
@@ -271,7 +269,7 @@ class Sweep:
         gflops = built.useful_flops / seconds / 1e9 if built.useful_flops else None
         if built.quality:  # a train_eval cell: train and evaluate after timing the step
             try:
-                values.update(built.quality())
+                values.update(built.quality(self.workdir, self.out))
             except Exception as e:  # noqa: BLE001  (one bad cell must not stop the sweep)
                 return self.row(cell, "error", f"{type(e).__name__}: {e}"[:2000], **values)
         values.update(

@@ -217,9 +217,9 @@ def test_zigzag_balances_the_causal_work():
 
 def test_the_shipped_ring_sweep_plans_every_device_count():
     from configs import ring_sweep
-    from experiments import cells
+    from experiments import plan
 
-    planned = cells.plan_cells(ring_sweep.get_config(), "float32")
+    planned = plan.plan_cells(ring_sweep.get_config(), "float32")
     assert {(c.variant, c.devices) for c in planned} == {
         ("blockwise", 1),
         *(("ring", n) for n in (1, 2, 4, 8)),

@@ -1,9 +1,12 @@
-"""The sweep's train_eval kind (quality beside cost) end to end on a tiny MQAR grid."""
+"""The sweep's train_eval kind (quality beside cost) end to end on a tiny MQAR grid: seeds and
+learning rates as axes, the real training loop per cell, and the report's best-rate protocol."""
 
 import io
+import json
 
 from configs import ablation_mqar
-from experiments import cells, report, sweep
+from experiments import plan, quality_report, report, sweep
+from tests.test_report import make_row
 
 
 def tiny(data_dir, **changes):
@@ -11,16 +14,17 @@ def tiny(data_dir, **changes):
     config.update(dict(variants="dense,linear", lengths="32", num_pairs="2,16", batch=8))
     config.update(dict(cell_budget_s=0.05, min_repeats=1, max_repeats=1, gemm_size=64))
     config.data.update(dict(num_train=64, num_test=16))
-    config.train.update(dict(num_steps=4, warmup_steps=1, data_dir=data_dir))
+    config.train.update(dict(num_steps=4, warmup_steps=1, data_dir=data_dir, eval_every=2))
     config.update(changes)
     return config
 
 
 def test_the_planner_leaves_out_pairs_that_do_not_fit(tmp_path):
-    planned = cells.plan_cells(tiny(str(tmp_path)), "float32")
-    assert {(c.variant, c.seq_len, c.task["num_pairs"]) for c in planned} == {
-        (v, 32, 2)
+    planned = plan.plan_cells(tiny(str(tmp_path), learning_rates="1e-3,3e-3"), "float32")
+    assert {(c.variant, c.seq_len, c.task["num_pairs"], c.learning_rate) for c in planned} == {
+        (v, 32, 2, lr)
         for v in ("dense", "linear")  # N = 16: 4 x 16 > 32, left out
+        for lr in (1e-3, 3e-3)
     }
     assert planned[0].variant == "dense"  # the baseline first
 
@@ -33,9 +37,57 @@ def test_train_eval_cells_report_quality_beside_cost(tmp_path):
         assert row["status"] == "ok", row["error"]
         assert 0.0 <= row["accuracy"] <= 1.0 and row["loss"] > 0
         assert row["params"] > 0 and row["train_s"] > 0 and row["time_ms_median"] > 0
+        assert [s for s, _ in row["eval_curve"]] == [2, 4] and row["trained_steps"] == 4
+        assert row["converged"] and row["steps_to_threshold"] is None  # no threshold: the cap
+        assert (row["seed"], row["learning_rate"]) == (0, 3e-3)
     assert len({r["params"] for r in rows}) == 1  # same parameter count across variants
+    runs = sorted(p.name for p in (tmp_path / "run" / "runs").iterdir())  # the real trainer's
+    assert [name.split("_")[0] for name in runs] == ["dense", "linear"]
+    assert (tmp_path / "run" / "runs" / runs[0] / "summary.json").exists()
     text = (tmp_path / "run" / "report.md").read_text()
     assert "## Quality" in text and "| dense num_pairs=2 |" in text
-    assert "| dense | 32 | num_pairs=2 |" in text  # quality beside cost
+    assert "| dense | 32 | num_pairs=2 | 0.003 (0.003)◂ | 1 |" in text  # quality beside cost
     assert (tmp_path / "run" / "quality.png").read_bytes()[:4] == b"\x89PNG"
     assert "accuracy" in out.getvalue()
+
+
+def test_another_seed_is_a_new_cell_and_the_measured_ones_are_kept(tmp_path):
+    config = tiny(str(tmp_path / "tfds"), variants="dense", num_pairs="2")
+    assert sweep.run(config, tmp_path / "run", "test", out=io.StringIO()) == 1
+    out = io.StringIO()
+    config.seeds = "0,1"
+    assert sweep.run(config, tmp_path / "run", "test", out=out) == 2
+    assert "resuming: 1 cells already done" in out.getvalue()
+    rows = report.load_rows(tmp_path / "run")
+    assert sorted(r["seed"] for r in rows) == [0, 1] and len(rows) == 2
+    assert len({r["accuracy"] for r in rows} | {json.dumps(r["eval_curve"]) for r in rows}) > 1
+
+
+def quality_rows():
+    """dense: three seeds at two rates (3e-3 best, inside a 3-rate grid); linear: best at the
+    grid's largest rate, one seed unconverged."""
+    rows = []
+    accuracy = {("dense", 1e-3): [0.5, 0.6, 0.7], ("dense", 3e-3): [0.98, 1.0, 0.99],
+                ("dense", 1e-2): [0.2, 0.3, 0.1], ("linear", 1e-3): [0.1, 0.1, 0.1],
+                ("linear", 3e-3): [0.2, 0.2, 0.2], ("linear", 1e-2): [0.3, 0.4, 0.5]}  # fmt: skip
+    for (variant, lr), values in accuracy.items():
+        for seed, value in enumerate(values):
+            rows.append(make_row(variant, 64, mode="train_eval", memory=2**20, accuracy=value,
+                                 loss=1.0, seed=seed, learning_rate=lr, task={"num_pairs": 4},
+                                 converged=not (variant == "linear" and seed == 2),
+                                 steps_to_threshold=100, train_s=1.0, params=10))  # fmt: skip
+    return rows
+
+
+def test_the_report_keeps_the_best_rate_per_cell_with_its_spread_and_flags_the_edge(tmp_path):
+    best = {b.variant: b for b in quality_report.best_rates(quality_rows(), report._label)}
+    dense, linear = best["dense"], best["linear"]
+    assert dense.learning_rate == 3e-3 and not dense.edge and dense.converged == 3
+    assert abs(dense.mean - 0.99) < 1e-9 and abs(dense.std - 0.01) < 1e-9
+    assert linear.learning_rate == 1e-2 and linear.edge and linear.converged == 2
+    with open(tmp_path / "results.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in quality_rows())
+    text = report.write_report(tmp_path).read_text()
+    assert "| dense num_pairs=4 | 0.990 [0.980-1.000] |" in text
+    assert "| linear num_pairs=4 | 0.400 [0.300-0.500]◂~ |" in text
+    assert "| linear | 64 | num_pairs=4 | 0.01 (0.001, 0.003, 0.01)◂ | 3 | 0.400 |" in text

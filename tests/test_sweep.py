@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 import attention_variants as av
+import experiments.kinds as kinds
 from configs import tiny_sweep
-from experiments import bench, cells, provenance, report, sweep
+from experiments import bench, cells, plan, provenance, report, sweep
+from experiments.configlib import ConfigError
 
 ROW_FIELDS = {
     "variant", "options", "seq_len", "batch", "heads", "kv_heads", "head_dim", "dtype", "mode",
@@ -233,7 +235,7 @@ def test_run_counts_ok_cells_and_is_zero_when_every_cell_failed(tmp_path, monkey
     def failing(cell, config):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setitem(cells.KINDS, "kernel", failing)
+    monkeypatch.setitem(kinds.KINDS, "kernel", failing)
     config = tiny(lengths="64")
     assert sweep.run(config, tmp_path, "test", out=io.StringIO()) == 0
     monkeypatch.undo()
@@ -255,14 +257,14 @@ def test_oom_is_predicted_without_running_and_stops_growth(tmp_path, monkeypatch
 
 
 def test_an_exception_is_an_error_row_and_the_sweep_goes_on(tmp_path, monkeypatch, no_gemm):
-    build = cells.KINDS["kernel"]
+    build = kinds.KINDS["kernel"]
 
     def flaky(cell, config):
         if cell.variant == "xla" and cell.mode == "fwd_bwd":
             raise RuntimeError("injected failure")
         return build(cell, config)
 
-    monkeypatch.setitem(cells.KINDS, "kernel", flaky)
+    monkeypatch.setitem(kinds.KINDS, "kernel", flaky)
     rows, _ = run(tiny(lengths="64"), tmp_path)
     status = {(r["variant"], r["mode"]): (r["status"], r["error"]) for r in rows}
     assert status[("xla", "fwd_bwd")] == ("error", "RuntimeError: injected failure")
@@ -315,20 +317,20 @@ def test_slow_variants_stop_growing_and_the_budget_is_kept(tmp_path, monkeypatch
 def test_bad_config_values_name_the_field(changes, field):
     config = tiny()
     config.update(changes)
-    with pytest.raises(cells.ConfigError) as e:
-        cells.plan_cells(config, cells.resolve_dtype(config.dtype, "cpu"))
+    with pytest.raises(ConfigError) as e:
+        plan.plan_cells(config, plan.resolve_dtype(config.dtype, "cpu"))
     assert e.value.field == field
     assert str(e.value).startswith(f"config.{field}:")
 
 
 def test_head_dim_zero_is_64_on_cpu_and_128_on_accelerators():
-    assert [cells.resolve_head_dim(0, p) for p in ("cpu", "gpu", "tpu")] == [64, 128, 128]
-    assert cells.resolve_head_dim(32, "gpu") == 32
+    assert [plan.resolve_head_dim(0, p) for p in ("cpu", "gpu", "tpu")] == [64, 128, 128]
+    assert plan.resolve_head_dim(32, "gpu") == 32
 
 
 def test_all_variants_leave_the_ring_to_mesh_sweeps():
     config = tiny(variants="all")
-    planned = {c.variant for c in cells.plan_cells(config, "float32")}
+    planned = {c.variant for c in plan.plan_cells(config, "float32")}
     assert "ring" not in planned and set(av.names()) - planned == {"ring"}
 
 
@@ -388,8 +390,8 @@ def test_cli_exits_1_when_every_cell_failed(tmp_path):
 
 def test_packed_rows_give_each_document_its_own_attention_and_flops():
     config = tiny(segments=4, variants="blockwise", lengths="64")
-    cell = cells.plan_cells(config, "float32")[0]
-    built = cells.build_kernel(cell, config)
+    cell = plan.plan_cells(config, "float32")[0]
+    built = kinds.kernel.build_kernel(cell, config)
     q, k, v, ids = built.args
     assert ids.shape == (1, 64) and [int(n) for n in jnp.bincount(ids[0])] == [16] * 4
     packed = built.fn(*built.args)
@@ -399,8 +401,8 @@ def test_packed_rows_give_each_document_its_own_attention_and_flops():
     spec = av.spec("blockwise")
     per_document = spec.flops(1, 16, 16, 2, 16, causal=True, **cell.options)
     assert built.useful_flops == pytest.approx(4 * per_document)
-    with pytest.raises(cells.ConfigError, match="segments"):
-        cells.plan_cells(tiny(segments=128, lengths="64"), "float32")
+    with pytest.raises(ConfigError, match="segments"):
+        plan.plan_cells(tiny(segments=128, lengths="64"), "float32")
 
 
 def test_train_step_cells_time_the_model(tmp_path, no_gemm):
@@ -451,8 +453,8 @@ def test_decode_cells_need_one_document_per_row():
 
     config = decode_sweep.get_config()
     config.segments = 2
-    with pytest.raises(cells.ConfigError, match="one sequence per row"):
-        cells.plan_cells(config, "float32")
+    with pytest.raises(ConfigError, match="one sequence per row"):
+        plan.plan_cells(config, "float32")
 
 
 @pytest.mark.parametrize(
@@ -468,7 +470,7 @@ def test_decode_cells_need_one_document_per_row():
 )
 def test_shipped_configs_are_valid(name):
     config = importlib.import_module(f"configs.{name}").get_config()
-    planned = cells.plan_cells(config, "float32")
+    planned = plan.plan_cells(config, "float32")
     variants = {c.variant for c in planned}
     assert planned and len(planned) == len({c.key() for c in planned})
     meshed = {n for n in av.names() if cells.mesh_aware(n)}  # ring: mesh sweeps only
@@ -492,6 +494,6 @@ def test_bad_model_section_names_the_field(model_changes):
 
     config = model_sweep.get_config()
     config.model.update(model_changes)
-    with pytest.raises(cells.ConfigError) as e:
-        cells.plan_cells(config, "float32")
+    with pytest.raises(ConfigError) as e:
+        plan.plan_cells(config, "float32")
     assert e.value.field == "model"

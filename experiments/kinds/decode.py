@@ -1,0 +1,73 @@
+"""The `decode` kind: the TransformerLM reading T tokens into its cache (`prefill`) or
+generating through it after T tokens (`decode`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import attention_variants as av
+from experiments.cells import DECODE_STEPS, Built, Cell, cell_model, matmul_weights
+
+
+def build_decode(cell: Cell, config: Any) -> Built:
+    """`prefill`: the model reads T random tokens into an empty cache in one call (logits at
+    the last position only). `decode`: DECODE_STEPS greedy single-token steps in one lax.scan
+    (the cache updated in place, as `transformer.generate` does) from position T, so each step
+    attends to T + i cached tokens; the cache's contents do not change the work, so it starts
+    empty at position T rather than after a prefill. Rows carry `cache_bytes` (the cache of
+    the whole model, every layer) and `decode_steps` (time per token = time / steps)."""
+    steps = DECODE_STEPS if cell.mode == "decode" else 0
+    B, T = cell.batch, cell.seq_len
+    cfg, model = cell_model(cell, T + steps)
+    key = jax.random.key(config.seed)
+    tokens = jax.random.randint(key, (B, T), 0, cfg.vocab_size)
+    params = jax.jit(model.init)(key, tokens[:, :1])["params"]
+    empty = jnp.zeros((B, T + steps), jnp.int32)
+    cache = jax.jit(lambda: model.init(key, empty, decode=True)["cache"])()
+
+    def extend(params, cache, tokens, logits_at=None):
+        logits, variables = model.apply(
+            {"params": params, "cache": cache}, tokens, decode=True, logits_at=logits_at,
+            mutable=["cache"],
+        )  # fmt: skip
+        return logits[:, -1], variables["cache"]
+
+    attention = av.spec(cell.variant).flops
+    options = av.spec(cell.variant).options(**cell.options)
+    weights = matmul_weights(params, cfg.tie_embeddings)
+    N, H = cell.heads, cell.head_dim
+    fields = {"cache_bytes": av.cache_bytes(cache), "decode_steps": steps}
+    if cell.mode == "prefill":
+
+        def prefill(params, cache, tokens):
+            return extend(params, cache, tokens, jnp.full((B, 1), T - 1, jnp.int32))[0]
+
+        # Logits at the last position only: the output layer's V x D weights count once.
+        logits_weights = cfg.vocab_size * cfg.width
+        flops = 2.0 * (weights - logits_weights) * B * T + 2.0 * logits_weights * B
+        flops += cfg.num_layers * attention(B, T, T, N, H, **options)
+        return Built(prefill, (params, cache, tokens), flops, B * T, fields=fields)
+    cache = {**cache, "position": jnp.int32(T)}
+
+    def decode(params, cache, token):
+        def step(carry, _):
+            token, cache = carry
+            logits, cache = extend(params, cache, token[:, None])
+            return (jnp.argmax(logits, -1).astype(jnp.int32), cache), None
+
+        (token, _), _ = jax.lax.scan(step, (token, cache), None, length=steps)
+        return token
+
+    # The last query's visible keys: the variant's count at T + i + 1 less that at T + i (a
+    # linear-state step runs as one chunk of one token).
+    if "chunk" in options:
+        options = {**options, "chunk": 1}
+    marginal = sum(
+        attention(B, t + 1, t + 1, N, H, **options) - attention(B, t, t, N, H, **options)
+        for t in range(T, T + steps)
+    )
+    flops = 2.0 * weights * B * steps + cfg.num_layers * marginal
+    return Built(decode, (params, cache, tokens[:, -1]), flops, B * steps, fields=fields)
