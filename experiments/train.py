@@ -80,6 +80,7 @@ class Setup:
     eval_source: Any
     seq_len: int | None  # packed row length of a text dataset, else None (task rows)
     targeted: int | None = None  # most weighted positions in a task row (logits only there)
+    dataset_fields: dict[str, Any] = dataclasses.field(default_factory=dict)  # builder config
 
     @property
     def text(self) -> bool:
@@ -129,6 +130,17 @@ def _model_config(config: Any, vocab_size: int, max_len: int) -> ModelConfig:
         raise ConfigError("model", str(e)) from None
 
 
+def dataset_fields(builder_config: Any) -> dict[str, Any]:
+    """The project's fields of a TFDS builder config (seq_len, num_pairs, ...; not TFDS's own
+    name, version, ...): with the dataset's name, what rebuilds it at another length."""
+    own = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+    return {
+        f.name: getattr(builder_config, f.name)
+        for f in dataclasses.fields(builder_config)
+        if f.name not in own
+    }
+
+
 def setup(config: Any, dataset_config: Any = None) -> Setup:
     """Validates `config` (ConfigError naming the field), the model's fields included, then
     builds the dataset when missing (`config.dataset` names it; `dataset_config`, a builder
@@ -164,7 +176,8 @@ def setup(config: Any, dataset_config: Any = None) -> Setup:
         most = builder.builder_config.max_targets()
         targeted = most if 2 * most <= row else None
     text_len = seq_len if text else None
-    return Setup(config, model_config, train_source, eval_source, text_len, targeted)
+    fields = dataset_fields(builder.builder_config)
+    return Setup(config, model_config, train_source, eval_source, text_len, targeted, fields)
 
 
 def init_state(setup: Setup) -> dict[str, Any]:
@@ -283,6 +296,7 @@ def train_and_evaluate(
     state = distributed.place_state(mesh, init_state(setup_))
     params = sum(x.size for x in jax.tree.leaves(state["params"]))
     resolved = {**c.to_dict(), "model": dataclasses.asdict(setup_.model_config), "params": params}
+    resolved["dataset_config"] = setup_.dataset_fields  # what evaluation at other lengths edits
     changed = check_resume(workdir, resolved, allow_changes)
     workdir.mkdir(parents=True, exist_ok=True)
     data = pipeline.train_batches(

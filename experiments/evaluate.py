@@ -1,0 +1,240 @@
+"""Evaluate a trained model at other context lengths, beyond the one it was trained at.
+
+    python -m experiments.evaluate --workdir=runs/lm --lengths=256,512,1024,2048 \
+        [--max_tokens=65536] [--max_examples=1000] [--batch_tokens=8192]
+
+The workdir's config rebuilds the model at each length (RoPE, sinusoidal or no positions
+extend; learned positions cannot pass the `max_len` they were trained with) and its newest
+readable checkpoint gives the parameters. The held-out split is read at each length:
+- text (a `text` feature, e.g. pystdlib): documents packed into rows of the length, on a budget
+  of `max_tokens` held-out tokens drawn across many files (pipeline.eval_subset);
+- tasks (mqar, passkey, listops): the test split built anew at the length, with the fields
+  that grow with the row (MQAR's num_pairs: more pairs in longer rows, as Zoology's
+  `ar_extrapolate`) scaled by length / training length (`--no_scale` keeps them).
+Each length appends one JSON row to <workdir>/evaluation.jsonl as it is measured: `length`,
+`train_length`, `loss` (nats per target token), `bits_per_token` (text), `accuracy`,
+`position_loss` (mean loss of the targets in each position bucket [2^(i-1), 2^i) of the
+position within the document, so a reader sees whether later positions gain from the context)
+and the checkpoint's `step` and code versions. A rerun reuses the rows of the same step,
+length, data and code. Prints a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from absl import app, flags, logging
+
+from experiments import checkpoints, datasets, provenance
+from experiments.datasets import pipeline
+from experiments.workdir import current_config
+from transformer import ModelConfig, TransformerLM
+
+LENGTH_SCALED = {"mqar": ("num_pairs",)}  # task fields that grow with the row length
+
+
+class CannotEvaluate(ValueError):
+    """The workdir's model or data cannot be evaluated as asked; the message says why."""
+
+
+def load(workdir: Path, out: TextIO) -> tuple[dict[str, Any], Any, int]:
+    """(the run's config, params, step) of the newest readable checkpoint."""
+    saved = current_config(workdir)
+    if saved is None or not any((workdir / "checkpoints").glob("[0-9]*")):
+        raise CannotEvaluate(f"no trained model in {workdir} (config.json and checkpoints/)")
+    manager = checkpoints.manager(workdir / "checkpoints")
+    try:
+        step, state = checkpoints.restore(manager, None, out=out, move_unreadable=False)
+    except checkpoints.NoReadableCheckpoint as e:
+        raise CannotEvaluate(str(e)) from None
+    finally:
+        manager.close()
+    return saved, state["params"], step
+
+
+def model_at(saved: dict[str, Any], length: int) -> TransformerLM:
+    fields = dict(saved["model"])
+    if fields["positions"] == "learned" and length > fields["max_len"]:
+        raise CannotEvaluate(
+            f"learned positions were trained up to max_len={fields['max_len']}; length {length} "
+            "needs positions it has no embedding for (RoPE, sinusoidal or none extrapolate)"
+        )
+    return TransformerLM(ModelConfig(**{**fields, "max_len": max(length, fields["max_len"])}))
+
+
+def source_at(saved: dict[str, Any], length: int, args: Any) -> tuple[list, bool, dict]:
+    """(held-out examples at `length`, whether they are text, the dataset fields used)."""
+    name = saved["dataset"].split("/")[0]
+    fields = dict(saved.get("dataset_config") or {})
+    data_dir = saved.get("data_dir") or None
+    if "seq_len" not in fields:  # text: the run's own dataset, rows packed at `length`
+        builder = datasets.prepare(saved["dataset"], data_dir)
+        source = builder.as_data_source()[saved["eval_split"]]
+        return pipeline.eval_subset(source, max_tokens=args.max_tokens), True, fields
+    train_length = fields["seq_len"]
+    fields.update(seq_len=length, num_train=1, num_test=args.max_examples)
+    for key in LENGTH_SCALED.get(name, ()) if args.scale else ():
+        fields[key] = max(1, fields[key] * length // train_length)
+    config = datasets.config_for(name, **fields)
+    try:
+        config.check()
+    except ValueError as e:
+        raise CannotEvaluate(f"{name} at length {length}: {e}") from None
+    builder = datasets.prepare(name, data_dir, config)
+    return list(builder.as_data_source()["test"]), False, fields
+
+
+def positions_in_document(segment_ids: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    """[B, T] position of each token within its document (within the row without ids)."""
+    index = np.broadcast_to(np.arange(shape[1]), shape)
+    if segment_ids is None:
+        return index
+    starts = np.concatenate([np.ones((shape[0], 1), bool), np.diff(segment_ids) != 0], axis=1)
+    return index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+
+
+def bucket(position: np.ndarray) -> np.ndarray:
+    """Position bucket i holds [2^(i-1), 2^i) (bucket 0: position 0)."""
+    return np.where(position > 0, np.floor(np.log2(np.maximum(position, 1))).astype(int) + 1, 0)
+
+
+def bucket_name(i: int) -> str:
+    return "0" if i == 0 else f"{2 ** (i - 1)}-{2**i - 1}"
+
+
+def evaluate_length(model: TransformerLM, params: Any, examples: list, text: bool, length: int,
+                    batch_rows: int, out: TextIO) -> dict[str, Any]:  # fmt: skip
+    """Loss, accuracy and the per-bucket loss over the weighted positions of `examples`."""
+
+    @jax.jit
+    def token_stats(params, batch):
+        logits = model.apply({"params": params}, batch["inputs"], batch.get("segment_ids"))
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return losses, (jnp.argmax(logits, -1) == batch["targets"])
+
+    sums, counts = {}, {}
+    total = correct = weight = 0.0
+    batches = pipeline.eval_batches(
+        examples, batch_size=batch_rows, seq_len=length if text else None
+    )
+    for batch in tqdm.tqdm(batches, desc=f"length {length}", file=out, disable=None, leave=False):
+        losses, right = (np.asarray(x) for x in token_stats(params, batch))
+        w = np.asarray(batch["weights"], np.float64)
+        ids = batch.get("segment_ids")
+        where = bucket(positions_in_document(None if ids is None else np.asarray(ids), w.shape))
+        total, correct, weight = (
+            total + (losses * w).sum(),
+            correct + (right * w).sum(),
+            weight + w.sum(),
+        )
+        for i in np.unique(where[w > 0]):
+            mask = (where == i) * w
+            sums[int(i)] = sums.get(int(i), 0.0) + float((losses * mask).sum())
+            counts[int(i)] = counts.get(int(i), 0.0) + float(mask.sum())
+    if weight == 0:
+        raise CannotEvaluate(f"no target token at length {length}")
+    row = {"loss": total / weight, "accuracy": correct / weight, "tokens": int(weight)}
+    if text:
+        row["bits_per_token"] = row["loss"] / math.log(2)
+    row["position_loss"] = {bucket_name(i): sums[i] / counts[i] for i in sorted(sums)}
+    return row
+
+
+@dataclasses.dataclass
+class Args:
+    lengths: list[int]
+    max_tokens: int = 65536  # text: held-out tokens per length
+    max_examples: int = 1000  # tasks: test rows per length
+    batch_tokens: int = 8192  # tokens per evaluation batch (rows = batch_tokens // length)
+    scale: bool = True  # tasks: scale LENGTH_SCALED fields with the length
+
+
+def evaluate(workdir: Path, args: Args, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
+    """Evaluates the workdir's model at each length; returns and appends the rows."""
+    saved, params, step = load(workdir, out)
+    train_length = (saved.get("dataset_config") or {}).get("seq_len") or saved["model"]["max_len"]
+    if saved.get("seq_len"):
+        train_length = saved["seq_len"]
+    path = workdir / "evaluation.jsonl"
+    done = [json.loads(line) for line in path.open()] if path.exists() else []
+    versions = provenance.versions()
+    rows = []
+    for length in args.lengths:
+        model = model_at(saved, length)
+        examples, text, fields = source_at(saved, length, args)
+        key = {"step": step, "length": length, "data": fields, **versions}
+        key["max_tokens" if text else "max_examples"] = (
+            args.max_tokens if text else args.max_examples
+        )
+        old = [r for r in done if all(r.get(k) == v for k, v in key.items())]
+        if old:
+            rows.append(old[-1])
+            print(f"length {length}: reused the row of step {step}", file=out)
+            continue
+        batch_rows = max(1, args.batch_tokens // length)
+        row = {**key, "train_length": train_length, "attention": saved["model"]["attention"]}
+        row.update(evaluate_length(model, params, examples, text, length, batch_rows, out))
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+        print(f"length {length}: loss {row['loss']:.4f}, accuracy {row['accuracy']:.4f}", file=out)
+    print(table(rows), file=out)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one line per length, the loss per position bucket beside it."""
+    names = list(dict.fromkeys(b for r in rows for b in r["position_loss"]))
+    text = any("bits_per_token" in r for r in rows)
+    head = ["length", "x train", "tokens", "loss", "bits/token" if text else "accuracy", *names]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        score = r["bits_per_token"] if text else r["accuracy"]
+        cells = [r["length"], f"{r['length'] / r['train_length']:g}", r["tokens"]]
+        cells += [f"{r['loss']:.4f}", f"{score:.4f}"]
+        cells += [f"{r['position_loss'][b]:.3f}" if b in r["position_loss"] else "" for b in names]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "a training workdir (config.json and checkpoints/)")
+    flags.DEFINE_list("lengths", None, "context lengths to evaluate at, e.g. 256,512,1024")
+    flags.DEFINE_integer("max_tokens", Args.max_tokens, "text: held-out tokens per length")
+    flags.DEFINE_integer("max_examples", Args.max_examples, "tasks: test rows per length")
+    flags.DEFINE_integer("batch_tokens", Args.batch_tokens, "tokens per evaluation batch")
+    flags.DEFINE_bool("scale", True, "tasks: scale num_pairs etc. with the length")
+
+
+def main(argv: list[str]) -> None:
+    logging.set_verbosity(logging.ERROR)
+    f = flags.FLAGS
+    if len(argv) > 1 or f.workdir is None or not f.lengths:
+        print("usage: --workdir=<training workdir> --lengths=256,512,...", file=sys.stderr)
+        sys.exit(2)
+    try:
+        lengths = [int(n) for n in f.lengths]
+    except ValueError:
+        print(f"--lengths must be ints, got {f.lengths}", file=sys.stderr)
+        sys.exit(2)
+    args = Args(lengths, f.max_tokens, f.max_examples, f.batch_tokens, f.scale)
+    try:
+        evaluate(Path(f.workdir), args)
+    except CannotEvaluate as e:
+        print(f"cannot evaluate: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

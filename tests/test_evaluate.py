@@ -1,0 +1,78 @@
+"""experiments.evaluate: a trained model at its training length and beyond."""
+
+import io
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import train as train_config
+from experiments import evaluate, train
+from tests.test_train import ROOT
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny(data_dir, **changes):
+    config = train_config.get_config()
+    config.update(dict(data_dir=data_dir, num_steps=6, batch_size=8, warmup_steps=1))
+    config.update(dict(eval_every=6, log_every=3, checkpoint_every=6, eval_examples=8))
+    config.model.update(dict(num_layers=1, head_dim=16))
+    config.update(changes)
+    return config
+
+
+def test_a_text_model_is_evaluated_at_twice_its_training_length(data_dir, tmp_path):
+    config = tiny(data_dir, dataset="pystdlib/small", eval_split="validation", seq_len=32)
+    config.model.vocab_size = 256
+    train.train(config, tmp_path, out=io.StringIO())
+    out = io.StringIO()
+    args = evaluate.Args([32, 64], max_tokens=512, batch_tokens=256)
+    rows = evaluate.evaluate(tmp_path, args, out)
+    assert [r["length"] for r in rows] == [32, 64] and rows[1]["train_length"] == 32
+    for row in rows:
+        assert math.isfinite(row["loss"]) and row["bits_per_token"] == row["loss"] / math.log(2)
+        assert 0 < row["tokens"] <= 512 and all(
+            math.isfinite(v) for v in row["position_loss"].values()
+        )
+    assert "32-63" in rows[1]["position_loss"] and "32-63" not in rows[0]["position_loss"]
+    saved = [json.loads(line) for line in (tmp_path / "evaluation.jsonl").open()]
+    assert [r["length"] for r in saved] == [32, 64] and saved[0]["step"] == 6
+    assert "| 64 | 2 |" in out.getvalue()
+    out = io.StringIO()
+    evaluate.evaluate(tmp_path, args, out)  # a rerun reuses the rows of the same step and code
+    assert "length 64: reused" in out.getvalue()
+    assert len((tmp_path / "evaluation.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_task_model_is_evaluated_on_rows_built_at_the_length_with_more_pairs(data_dir, tmp_path):
+    train.train(tiny(data_dir), tmp_path, out=io.StringIO())  # mqar/small: L=64, N=4
+    args = evaluate.Args([64, 96], max_examples=16)  # (MQAR needs vocab 128 > length)
+    rows = evaluate.evaluate(tmp_path, args, io.StringIO())
+    assert [r["data"]["num_pairs"] for r in rows] == [4, 6]
+    assert [r["tokens"] for r in rows] == [16 * 4, 16 * 6]  # one target per query
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+
+
+def test_learned_positions_refuse_a_longer_length_naming_max_len(data_dir, tmp_path):
+    config = tiny(data_dir)
+    config.model.positions = "learned"
+    train.train(config, tmp_path, out=io.StringIO())
+    with pytest.raises(evaluate.CannotEvaluate, match="max_len=64"):
+        evaluate.evaluate(tmp_path, evaluate.Args([96], max_examples=8), io.StringIO())
+    command = [sys.executable, "-m", "experiments.evaluate", f"--workdir={tmp_path}",
+               "--lengths=96", "--max_examples=8"]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "max_len=64" in result.stderr
+
+
+def test_positions_restart_at_each_document():
+    ids = np.array([[1, 1, 1, 2, 2, 0]])
+    assert evaluate.positions_in_document(ids, ids.shape).tolist() == [[0, 1, 2, 0, 1, 0]]
+    assert evaluate.bucket(np.array([0, 1, 2, 3, 4, 7, 8])).tolist() == [0, 1, 2, 2, 3, 3, 4]
