@@ -2,6 +2,7 @@
 
     python -m experiments.report results/context_sweep          # (re)build report.md & co.
     python -m experiments.report --compare OLD.jsonl NEW.jsonl [--threshold 0.1]
+    python -m experiments.report runs/    # training workdirs under runs/: runs.md & co.
 
 `--compare` prints new/old time ratios per cell and exits 1 when any cell got slower by more
 than the threshold (or stopped running), so kernel changes can be guarded.
@@ -31,6 +32,7 @@ from experiments.cells import (
     setting,
 )
 from experiments.quality_report import quality_section
+from experiments.runs_report import write_runs_report
 
 Row = dict[str, Any]
 SHORT = {"oom": "oom", "error": "err", "skipped": "skip", "crashed": "crash"}
@@ -537,8 +539,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if worse else 0
     if not args.workdir:
         parser.error("give a workdir or --compare OLD NEW")
-    if not load_rows(args.workdir):
-        parser.error(f"no results.jsonl rows in {args.workdir}")
+    if not load_rows(args.workdir):  # not a sweep: a folder of training runs?
+        try:
+            print(f"wrote {write_runs_report(args.workdir, _save)}")
+        except ValueError as e:
+            parser.error(f"no results.jsonl rows in {args.workdir}, and {e}")
+        return 0
     try:
         print(f"wrote {write_report(args.workdir)}")
     except MixedRows as e:

@@ -76,3 +76,17 @@ def test_positions_restart_at_each_document():
     ids = np.array([[1, 1, 1, 2, 2, 0]])
     assert evaluate.positions_in_document(ids, ids.shape).tolist() == [[0, 1, 2, 0, 1, 0]]
     assert evaluate.bucket(np.array([0, 1, 2, 3, 4, 7, 8])).tolist() == [0, 1, 2, 2, 3, 3, 4]
+
+
+def test_the_report_tabulates_the_training_runs_it_finds(data_dir, tmp_path):
+    from experiments import report
+
+    for name in ("dense", "linear"):
+        config = tiny(data_dir)
+        config.model.attention = name
+        train.train(config, tmp_path / "runs" / name, out=io.StringIO())
+    evaluate.evaluate(tmp_path / "runs" / "dense", evaluate.Args([64]), io.StringIO())
+    assert report.main([str(tmp_path / "runs")]) == 0
+    text = (tmp_path / "runs" / "runs.md").read_text()
+    assert "| dense | mqar/small | dense |" in text and "| linear | mqar/small | linear |" in text
+    assert "T=64" in text and (tmp_path / "runs" / "runs.png").exists()
