@@ -124,7 +124,73 @@ def quality_section(
         md.append(f"\n- {where}: {r['status']} ({(r.get('error') or '')[:200]})")
     if any(r.get("task") for r in rows) and save(quality_figure, best, workdir / "quality.png"):
         md += ["", "![quality](quality.png)"]
+    if best:
+        longest = max(b.seq_len for b in best)
+        front = pareto([b for b in best if b.seq_len == longest])
+        names = ", ".join(f"{b.label} ({b.mean:.3f}, {b.rows[0]['time_ms_median']:.1f} ms)"
+                          for b in front)  # fmt: skip
+        md += ["", f"Pareto front at T = {longest} (no cell is both more accurate and cheaper "
+                   f"per step): {names}."]  # fmt: skip
+        if save(central_figure, best, workdir / "central.png"):
+            md += ["", "Quality and cost against context length; quality against cost at "
+                       f"T = {longest}:", "", "![quality and cost](central.png)"]  # fmt: skip
     return [*md, ""]
+
+
+def pareto(best: Sequence[Best]) -> list[Best]:
+    """The cells no other cell beats in both accuracy (higher) and step time (lower)."""
+    point = lambda b: (b.mean, -b.rows[0]["time_ms_median"])  # noqa: E731  (both: higher)
+
+    def beaten(b: Best) -> bool:
+        return any(
+            point(o) != point(b) and all(x >= y for x, y in zip(point(o), point(b), strict=True))
+            for o in best
+        )
+
+    return sorted((b for b in best if not beaten(b)), key=lambda b: -point(b)[1])
+
+
+def central_figure(best: Sequence[Best]) -> Any:
+    """Accuracy (best rate, mean and min-max over seeds) and step time against the context
+    length, one colour per variant and one line style per task; then accuracy against step
+    time at the longest length, the Pareto front joined."""
+    import matplotlib.pyplot as plt
+
+    fig, (quality, cost, trade) = plt.subplots(1, 3, figsize=(14, 4))
+    variants = list(dict.fromkeys(b.variant for b in best))
+    tasks = list(dict.fromkeys(b.task for b in best))
+    styles = ["-", "--", ":", "-."]
+    for b_label in dict.fromkeys(b.label for b in best):
+        mine = sorted((b for b in best if b.label == b_label), key=lambda b: b.seq_len)
+        colour = f"C{variants.index(mine[0].variant) % 10}"
+        style = styles[tasks.index(mine[0].task) % len(styles)]
+        T = [b.seq_len for b in mine]
+        low = [b.mean - min(b.accuracies) for b in mine]
+        high = [max(b.accuracies) - b.mean for b in mine]
+        quality.errorbar(T, [b.mean for b in mine], yerr=[low, high], color=colour,
+                         linestyle=style, marker="o", capsize=2, label=b_label)  # fmt: skip
+        cost.plot(T, [b.rows[0]["time_ms_median"] for b in mine], color=colour, linestyle=style,
+                  marker="o")  # fmt: skip
+    longest = max(b.seq_len for b in best)
+    at = [b for b in best if b.seq_len == longest]
+    for b in at:
+        colour = f"C{variants.index(b.variant) % 10}"
+        trade.scatter(b.rows[0]["time_ms_median"], b.mean, color=colour)
+        trade.annotate(b.label, (b.rows[0]["time_ms_median"], b.mean), fontsize=6)
+    front = pareto(at)
+    trade.plot([b.rows[0]["time_ms_median"] for b in front], [b.mean for b in front], "k--",
+               linewidth=0.8, label="Pareto front")  # fmt: skip
+    quality.set(xlabel="context length T", ylabel="accuracy (best lr)", ylim=(-0.02, 1.02))
+    cost.set(xlabel="context length T", ylabel="training step (ms)", yscale="log")
+    trade.set(xlabel=f"training step at T = {longest} (ms)", ylabel="accuracy", ylim=(-0.02, 1.02))
+    for ax in (quality, cost):
+        ax.set_xscale("log", base=2)
+    for ax in (quality, cost, trade):
+        ax.grid(True, alpha=0.3)
+    quality.legend(fontsize=6)
+    trade.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
 
 
 def quality_figure(best: Sequence[Best]) -> Any:

@@ -91,3 +91,16 @@ def test_the_report_keeps_the_best_rate_per_cell_with_its_spread_and_flags_the_e
     assert "| dense num_pairs=4 | 0.990 [0.980-1.000] |" in text
     assert "| linear num_pairs=4 | 0.400 [0.300-0.500]◂~ |" in text
     assert "| linear | 64 | num_pairs=4 | 0.01 (0.001, 0.003, 0.01)◂ | 3 | 0.400 |" in text
+    assert "Pareto front at T = 64" in text and (tmp_path / "central.png").exists()
+
+
+def test_the_pareto_front_keeps_the_cells_nothing_beats_in_both():
+    rows = quality_rows()
+    for r in rows:
+        r["time_ms_median"] = {"dense": 2.0, "linear": 1.0}[r["variant"]]
+    best = quality_report.best_rates(rows, report._label)
+    assert [b.variant for b in quality_report.pareto(best)] == ["linear", "dense"]  # by cost
+    for r in rows:
+        r["time_ms_median"] = 1.0  # as cheap as linear and more accurate: dense alone
+    best = quality_report.best_rates(rows, report._label)
+    assert [b.variant for b in quality_report.pareto(best)] == ["dense"]
