@@ -2,6 +2,8 @@
 
     python -m experiments.evaluate --workdir=runs/lm --lengths=256,512,1024,2048 \
         [--max_tokens=65536] [--max_examples=1000] [--batch_tokens=8192]
+    python -m experiments.evaluate --workdir=runs/passkey --lengths=128,256,512,1024 \
+        --depths=0,0.25,0.5,0.75,1      # needle in a haystack: accuracy per length x depth
 
 The workdir's config rebuilds the model at each length (RoPE, sinusoidal or no positions
 extend; learned positions cannot pass the `max_len` they were trained with) and its newest
@@ -16,7 +18,8 @@ Each length appends one JSON row to <workdir>/evaluation.jsonl as it is measured
 `position_loss` (mean loss of the targets in each position bucket [2^(i-1), 2^i) of the
 position within the document, so a reader sees whether later positions gain from the context)
 and the checkpoint's `step` and code versions. A rerun reuses the rows of the same step,
-length, data and code. Prints a table.
+length, data and code. Prints a table; with `--depths` (passkey) also the accuracy per
+(depth, length) and the heat map <workdir>/passkey.png.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from absl import app, flags, logging
 
 from experiments import checkpoints, datasets, provenance
 from experiments.datasets import pipeline
+from experiments.report import save_figure
 from experiments.workdir import current_config
 from transformer import ModelConfig, TransformerLM
 
@@ -72,8 +76,11 @@ def model_at(saved: dict[str, Any], length: int) -> TransformerLM:
     return TransformerLM(ModelConfig(**{**fields, "max_len": max(length, fields["max_len"])}))
 
 
-def source_at(saved: dict[str, Any], length: int, args: Any) -> tuple[list, bool, dict]:
-    """(held-out examples at `length`, whether they are text, the dataset fields used)."""
+def source_at(
+    saved: dict[str, Any], length: int, args: Any, depth: float | None = None
+) -> tuple[list, bool, dict]:
+    """(held-out examples at `length`, whether they are text, the dataset fields used); a
+    `depth` sets the passkey's needle depth."""
     name = saved["dataset"].split("/")[0]
     fields = dict(saved.get("dataset_config") or {})
     data_dir = saved.get("data_dir") or None
@@ -83,6 +90,10 @@ def source_at(saved: dict[str, Any], length: int, args: Any) -> tuple[list, bool
         return pipeline.eval_subset(source, max_tokens=args.max_tokens), True, fields
     train_length = fields["seq_len"]
     fields.update(seq_len=length, num_train=1, num_test=args.max_examples)
+    if depth is not None:
+        if "depth" not in fields:
+            raise CannotEvaluate(f"{name} has no needle depth (--depths is for passkey)")
+        fields["depth"] = depth
     for key in LENGTH_SCALED.get(name, ()) if args.scale else ():
         fields[key] = max(1, fields[key] * length // train_length)
     config = datasets.config_for(name, **fields)
@@ -157,6 +168,7 @@ class Args:
     max_examples: int = 1000  # tasks: test rows per length
     batch_tokens: int = 8192  # tokens per evaluation batch (rows = batch_tokens // length)
     scale: bool = True  # tasks: scale LENGTH_SCALED fields with the length
+    depths: list[float] | None = None  # passkey: one cell per (length, needle depth)
 
 
 def evaluate(workdir: Path, args: Args, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
@@ -169,9 +181,9 @@ def evaluate(workdir: Path, args: Args, out: TextIO = sys.stdout) -> list[dict[s
     done = [json.loads(line) for line in path.open()] if path.exists() else []
     versions = provenance.versions()
     rows = []
-    for length in args.lengths:
+    for length, depth in [(n, d) for n in args.lengths for d in args.depths or [None]]:
         model = model_at(saved, length)
-        examples, text, fields = source_at(saved, length, args)
+        examples, text, fields = source_at(saved, length, args, depth)
         key = {"step": step, "length": length, "data": fields, **versions}
         key["max_tokens" if text else "max_examples"] = (
             args.max_tokens if text else args.max_examples
@@ -187,9 +199,49 @@ def evaluate(workdir: Path, args: Args, out: TextIO = sys.stdout) -> list[dict[s
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
         rows.append(row)
-        print(f"length {length}: loss {row['loss']:.4f}, accuracy {row['accuracy']:.4f}", file=out)
+        at = f" depth {depth:g}" if depth is not None else ""
+        print(f"length {length}{at}: loss {row['loss']:.4f}, accuracy {row['accuracy']:.4f}",
+              file=out)  # fmt: skip
     print(table(rows), file=out)
+    if args.depths:
+        print(depth_table(rows), file=out)
+        if save_figure(depth_figure, rows, workdir / "passkey.png"):
+            print(f"wrote {workdir / 'passkey.png'}", file=out)
     return rows
+
+
+def depth_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: accuracy per needle depth (rows) and length (columns)."""
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["data"]["depth"] for r in rows})
+    grid = {(r["data"]["depth"], r["length"]): r["accuracy"] for r in rows}
+    lines = ["| depth | " + " | ".join(map(str, lengths)) + " |", "|---" * (len(lengths) + 1) + "|"]
+    for d in depths:
+        cells = [f"{grid[d, n]:.3f}" if (d, n) in grid else "" for n in lengths]
+        lines.append(f"| {d:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def depth_figure(rows: list[dict[str, Any]]) -> Any:
+    """The needle-in-a-haystack heat map: accuracy per (length, depth)."""
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["data"]["depth"] for r in rows})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for r in rows:
+        grid[depths.index(r["data"]["depth"]), lengths.index(r["length"])] = r["accuracy"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.5 * len(depths) + 2))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set(xticks=range(len(lengths)), xticklabels=lengths, xlabel="context length",
+           yticks=range(len(depths)), yticklabels=[f"{d:g}" for d in depths],
+           ylabel="needle depth", title=f"passkey accuracy ({rows[0]['attention']})")  # fmt: skip
+    for i, j in np.ndindex(grid.shape):
+        if not np.isnan(grid[i, j]):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -214,6 +266,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_examples", Args.max_examples, "tasks: test rows per length")
     flags.DEFINE_integer("batch_tokens", Args.batch_tokens, "tokens per evaluation batch")
     flags.DEFINE_bool("scale", True, "tasks: scale num_pairs etc. with the length")
+    flags.DEFINE_list("depths", None, "passkey: needle depths in [0, 1], e.g. 0,0.25,0.5,0.75,1")
 
 
 def main(argv: list[str]) -> None:
@@ -224,10 +277,11 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     try:
         lengths = [int(n) for n in f.lengths]
+        depths = [float(d) for d in f.depths] if f.depths else None
     except ValueError:
-        print(f"--lengths must be ints, got {f.lengths}", file=sys.stderr)
+        print(f"--lengths must be ints, --depths numbers: {f.lengths}, {f.depths}", file=sys.stderr)
         sys.exit(2)
-    args = Args(lengths, f.max_tokens, f.max_examples, f.batch_tokens, f.scale)
+    args = Args(lengths, f.max_tokens, f.max_examples, f.batch_tokens, f.scale, depths)
     try:
         evaluate(Path(f.workdir), args)
     except CannotEvaluate as e:

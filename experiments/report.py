@@ -302,7 +302,7 @@ def write_report(workdir: str | Path) -> Path:
                 md += [f"Long Range Arena layout (speed-up over `{baselines[0]}`):", ""]
                 md += [lra_layout(rows, mode, baselines[0]), ""]
     if any(r.get("accuracy") is not None for r in rows):
-        md += quality_section(rows, workdir, _label, _save)
+        md += quality_section(rows, workdir, _label, save_figure)
     if any(r["mode"] == "decode" for r in rows):
         md += decode_section(rows)
     if any(r.get("devices") for r in rows):
@@ -404,10 +404,10 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
 
 def plot(rows: Sequence[Row], path: Path) -> bool:
     """Saves `figure(rows)` to `path`; False when matplotlib is not installed."""
-    return _save(figure, rows, path)
+    return save_figure(figure, rows, path)
 
 
-def _save(make_figure: Any, rows: Sequence[Row], path: Path) -> bool:
+def save_figure(make_figure: Any, rows: Sequence[Row], path: Path) -> bool:
     """Draws `make_figure(rows)` off-screen into `path`; False (and no file) when matplotlib
     is not installed (`pip install scalable-attention[plot]`)."""
     try:
@@ -541,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give a workdir or --compare OLD NEW")
     if not load_rows(args.workdir):  # not a sweep: a folder of training runs?
         try:
-            print(f"wrote {write_runs_report(args.workdir, _save)}")
+            print(f"wrote {write_runs_report(args.workdir, save_figure)}")
         except ValueError as e:
             parser.error(f"no results.jsonl rows in {args.workdir}, and {e}")
         return 0

@@ -90,3 +90,18 @@ def test_the_report_tabulates_the_training_runs_it_finds(data_dir, tmp_path):
     text = (tmp_path / "runs" / "runs.md").read_text()
     assert "| dense | mqar/small | dense |" in text and "| linear | mqar/small | linear |" in text
     assert "T=64" in text and (tmp_path / "runs" / "runs.png").exists()
+
+
+def test_passkey_is_evaluated_on_a_length_by_depth_grid(data_dir, tmp_path):
+    train.train(tiny(data_dir, dataset="passkey/small"), tmp_path, out=io.StringIO())
+    out = io.StringIO()
+    args = evaluate.Args([64, 128], max_examples=8, depths=[0.0, 1.0])
+    rows = evaluate.evaluate(tmp_path, args, out)
+    assert [(r["length"], r["data"]["depth"]) for r in rows] == [
+        (64, 0.0), (64, 1.0), (128, 0.0), (128, 1.0)
+    ]  # fmt: skip
+    assert all(r["tokens"] == 8 * r["data"]["digits"] for r in rows)  # the key's digits
+    assert "| depth | 64 | 128 |" in out.getvalue() and (tmp_path / "passkey.png").exists()
+    mqar = {"dataset": "mqar/small", "dataset_config": {"seq_len": 64, "num_pairs": 4}}
+    with pytest.raises(evaluate.CannotEvaluate, match="no needle depth"):
+        evaluate.source_at(mqar, 64, args, depth=0.5)
