@@ -54,6 +54,7 @@ def get_config():
     c.data.seed = 0  # dataset seed
     c.seeds = "0"  # training seeds (parameters, data order): one cell each, e.g. 0,1,2
     c.learning_rates = "3e-3"  # peak learning rates: one cell each; the report keeps the best
+    c.extrapolate = ""  # e.g. "2,4": also test each trained model at 2L and 4L (more pairs)
     c.train = train.get_config()  # the training of every cell (configs/train.py's fields)
     c.train.num_steps = 3000  # AdamW step cap (about 70 s per cell here)
     c.train.warmup_steps = 50  # linear warmup, then cosine decay

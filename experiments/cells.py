@@ -69,7 +69,9 @@ class Cell:
         if self.task is not None:
             out["task"] = dict(self.task)
         if self.training is not None:
-            out["training"] = {k: dict(v) for k, v in self.training.items()}
+            out["training"] = {
+                k: dict(v) if isinstance(v, Mapping) else list(v) for k, v in self.training.items()
+            }
         if self.devices > 1:
             out["devices"] = self.devices
         if self.seed is not None:

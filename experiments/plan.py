@@ -136,6 +136,8 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
     if kind == "train_eval":
         tasks = _tasks(config)
         training = {"data": config.data.to_dict(), "train": training_fields(config.train)}
+        if config.get("extrapolate"):
+            training["extrapolate"] = _numbers(config, "extrapolate", int, 2)
         seeds = _numbers(config, "seeds", int, 0)
         rates = _numbers(config, "learning_rates", float, 0.0)
     shape = (batch, heads, kv_heads, head_dim, dtype)

@@ -84,7 +84,8 @@ LEGEND = (
     "rate the mean, [min-max] over the seeds and their standard deviation. ◂: the best rate is "
     "at the edge of the swept grid (or the only rate swept), so a better one may lie beyond. "
     "~: not every seed converged (reached `train.threshold`, or ran its whole step cap when no "
-    "threshold is set)."
+    "threshold is set). at T=n: the same models on test rows of length n (mean over the seeds; "
+    "MQAR with proportionally more pairs)."
 )
 
 
@@ -103,6 +104,8 @@ def quality_section(
         md.append(f"| {name} | " + " | ".join(cells) + " |")
     head = ["variant", "T", "task", "best lr (grid)", "seeds", "mean", "min-max", "std"]
     head += ["converged", "steps to threshold", "step ms", "compiled MiB", "train s", "params"]
+    beyond = sorted({int(n) for b in best for r in b.rows for n in r.get("extrapolation") or {}})
+    head += [f"at T={n}" for n in beyond]  # the trained models on longer test rows
     md += ["", "Per cell, at its best learning rate:", ""]
     md += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for b in sorted(best, key=lambda b: (b.seq_len, b.task, b.label)):
@@ -117,6 +120,13 @@ def quality_section(
         cells += [f"{b.std:.3f}" if b.std is not None else "-", f"{b.converged}/{len(b.rows)}"]
         cells += [f"{statistics.fmean(steps):.0f}" if steps else "-", *cost]
         cells += [f"{statistics.fmean(train_s):.0f}", f"{first.get('params') or 0:,}"]
+        for n in beyond:
+            at = [
+                r["extrapolation"][str(n)]
+                for r in b.rows
+                if str(n) in (r.get("extrapolation") or {})
+            ]
+            cells.append(f"{statistics.fmean(at):.3f}" if at else "")
         md.append("| " + " | ".join(map(str, cells)) + " |")
     failed = [r for r in rows if r["mode"] == "train_eval" and r["status"] != "ok"]
     for r in failed:

@@ -52,8 +52,11 @@ def test_train_eval_cells_report_quality_beside_cost(tmp_path):
 
 
 def test_another_seed_is_a_new_cell_and_the_measured_ones_are_kept(tmp_path):
-    config = tiny(str(tmp_path / "tfds"), variants="dense", num_pairs="2")
+    config = tiny(str(tmp_path / "tfds"), variants="dense", num_pairs="2", extrapolate="2")
     assert sweep.run(config, tmp_path / "run", "test", out=io.StringIO()) == 1
+    (row,) = report.load_rows(tmp_path / "run")
+    assert set(row["extrapolation"]) == {"64"} and 0 <= row["extrapolation"]["64"] <= 1
+    assert "at T=64" in (tmp_path / "run" / "report.md").read_text()
     out = io.StringIO()
     config.seeds = "0,1"
     assert sweep.run(config, tmp_path / "run", "test", out=out) == 2

@@ -8,7 +8,10 @@ length and task fields (e.g. MQAR with `num_pairs` key-value pairs) with the rea
 sweep's workdir (metrics, checkpoints: a killed sweep resumes the cell's training). The runner
 times one training step and reads its compiled memory like any cell (the cost); the row also
 gets the final `accuracy` and `loss`, `eval_curve`, `steps_to_threshold`, `converged`,
-`trained_steps`, `params` and `train_s` (the quality).
+`trained_steps`, `params` and `train_s` (the quality), and with `extrapolate` factors (e.g.
+"2,4") `extrapolation`: {length: accuracy} of the trained model on test rows built at those
+multiples of the length (experiments.evaluate: Zoology's `ar_extrapolate`, more pairs in
+longer rows).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, TextIO
 
 from ml_collections import ConfigDict
 
-from experiments import datasets, provenance, train
+from experiments import datasets, evaluate, provenance, train
 from experiments.cells import Built, Cell, train_step_flops
 from experiments.configlib import ConfigError
 
@@ -73,10 +76,15 @@ def build_train_eval(cell: Cell, config: Any) -> Built:
         flops -= 6.0 * cfg.vocab_size * cfg.width * skipped
 
     def quality(workdir: Path, out: TextIO) -> dict[str, Any]:
-        result = train.train_and_evaluate(
-            c, workdir / "runs" / run_name(cell), dataset_config=data, out=out
-        )
+        run = workdir / "runs" / run_name(cell)
+        result = train.train_and_evaluate(c, run, dataset_config=data, out=out)
         metrics = result["metrics"]
+        lengths = [cell.seq_len * f for f in (cell.training or {}).get("extrapolate", [])]
+        extrapolation = {}
+        if lengths:  # the test split built at each longer length, more pairs in it
+            beyond = evaluate.Args(lengths, max_examples=config.data.num_test)
+            rows = evaluate.evaluate(run, beyond, out)
+            extrapolation = {str(r["length"]): r["accuracy"] for r in rows}
         return {
             "accuracy": metrics["eval/accuracy"],
             "loss": metrics["eval/loss"],
@@ -86,6 +94,7 @@ def build_train_eval(cell: Cell, config: Any) -> Built:
             "trained_steps": result["step"],
             "params": result["params"],
             "train_s": result.get("train_s"),
+            **({"extrapolation": extrapolation} if lengths else {}),
         }
 
     first = next(train.pipeline.train_batches(setup.train_source, batch_size=cell.batch,
