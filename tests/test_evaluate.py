@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from configs import train as train_config
 from experiments import evaluate, train
 from tests.test_train import ROOT
+from tests.test_train import tiny as train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +20,9 @@ def data_dir(tmp_path_factory):
 
 
 def tiny(data_dir, **changes):
-    config = train_config.get_config()
-    config.update(dict(data_dir=data_dir, num_steps=6, batch_size=8, warmup_steps=1))
-    config.update(dict(eval_every=6, log_every=3, checkpoint_every=6, eval_examples=8))
-    config.model.update(dict(num_layers=1, head_dim=16))
-    config.update(changes)
-    return config
+    """test_train's tiny run, 6 steps with one checkpoint and one evaluation."""
+    short = dict(num_steps=6, warmup_steps=1, eval_every=6, checkpoint_every=6, eval_examples=8)
+    return train_tiny(data_dir, **{**short, **changes})
 
 
 def test_a_text_model_is_evaluated_at_twice_its_training_length(data_dir, tmp_path):
