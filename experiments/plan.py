@@ -123,7 +123,7 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
     segments = int_field(config, "segments")
     if segments > lengths[0]:
         raise ConfigError("segments", f"{segments} documents do not fit in T={lengths[0]}")
-    model, tasks, training = None, [None], None
+    model, training = None, None
     if kind in ("train_step", "train_eval", "decode"):
         model = _model(config)
         if not causal:
@@ -134,7 +134,7 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
         float_field(config, "learning_rate")
     seeds, rates = [None], [None]
     if kind == "train_eval":
-        tasks = _tasks(config)
+        _tasks(config, lengths[0])  # validates the task section
         training = {"data": config.data.to_dict(), "train": training_fields(config.train)}
         if config.get("extrapolate"):
             training["extrapolate"] = _numbers(config, "extrapolate", int, 2)
@@ -142,6 +142,7 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
         rates = _numbers(config, "learning_rates", float, 0.0)
     shape = (batch, heads, kv_heads, head_dim, dtype)
     devices = _seq_devices(config, kind)
+    tasks_at = {T: _tasks(config, T) if kind == "train_eval" else [None] for T in lengths}
     return [
         Cell(
             kind,
@@ -162,7 +163,7 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
         for T in lengths
         for v in variants
         for n in (devices if mesh_aware(v) else [1])
-        for task in tasks
+        for task in tasks_at[T]
         for rate in rates
         for seed in seeds
         for mode in modes
@@ -196,8 +197,10 @@ def _seq_devices(config: Any, kind: str) -> list[int]:
     return values
 
 
-def _tasks(config: Any) -> list[dict[str, Any]]:
-    """The task grid of a train_eval config: one dict per combination of TASK_AXES values."""
+def _tasks(config: Any, seq_len: int) -> list[dict[str, Any]]:
+    """The task grid of a train_eval config at one length: one dict per combination of
+    TASK_AXES values, each an int or `L/k` (the length over k: `--config.num_pairs=L/16`
+    gives Zoology's (64, 4), (128, 8), (256, 16))."""
     for section, names in (("train", ("num_steps", "model", "options")), ("data", ("dataset",))):
         for name in names:
             if name not in field(config, section):
@@ -212,11 +215,18 @@ def _tasks(config: Any) -> list[dict[str, Any]]:
     tasks = [{}]
     for axis in (a for a in TASK_AXES if a in config):
         try:
-            values = [int(v) for v in csv_field(config, axis)]
-        except ValueError:
-            raise ConfigError(axis, f"must be ints, got {config[axis]!r}") from None
-        tasks = [{**t, axis: v} for t in tasks for v in values]
+            values = [_per_length(v, seq_len) for v in csv_field(config, axis)]
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(axis, f"must be ints or L/k, got {config[axis]!r}") from None
+        tasks = [{**t, axis: v} for t in tasks for v in dict.fromkeys(values)]
     return tasks
+
+
+def _per_length(value: str, seq_len: int) -> int:
+    """An int, or `L/k`: the length over k."""
+    if value.startswith("L/"):
+        return seq_len // int(value[2:])
+    return int(value)
 
 
 def _numbers(config: Any, name: str, kind: type, minimum: float) -> list[Any]:

@@ -27,6 +27,11 @@ def test_the_planner_leaves_out_pairs_that_do_not_fit(tmp_path):
         for lr in (1e-3, 3e-3)
     }
     assert planned[0].variant == "dense"  # the baseline first
+    zoology = tiny(str(tmp_path), variants="dense", lengths="64,128,256", num_pairs="L/16,8")
+    planned = plan.plan_cells(zoology, "float32")
+    assert [(c.seq_len, c.task["num_pairs"]) for c in planned] == [
+        (64, 4), (64, 8), (128, 8), (256, 16), (256, 8)
+    ]  # fmt: skip
 
 
 def test_train_eval_cells_report_quality_beside_cost(tmp_path):
