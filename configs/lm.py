@@ -5,7 +5,8 @@
 
 An edit of configs/train.py: documents (files) are packed into rows of 256 bytes with segment
 ids, so no byte attends across files; evaluation reports loss, perplexity and bits per token
-(= bits per byte here) on the held-out files. The sparse variants' options are sized to the
+(= bits per byte here) on 65536 held-out bytes drawn across many files (at most 1024 from one:
+experiments.datasets.pipeline.eval_subset). The sparse variants' options are sized to the
 256-byte rows (each sees about a quarter of a row in its local pattern), so that swapping
 `model.attention` compares patterns that differ at this length. 1000 steps of 4096 bytes took
 9-16 minutes per variant on a 2-core CPU (see docs/quality.md for the measured table).
@@ -16,9 +17,9 @@ from configs import train
 
 def get_config():
     c = train.get_config()
-    c.dataset = "pystdlib/full"  # every stdlib .py file, bytes; 5% of files held out
+    c.dataset = "pystdlib/full"  # every stdlib .py file, bytes; 5% held out, by package
     c.eval_split = "validation"  # the held-out files
-    c.eval_examples = 20  # evaluate on 20 held-out files (more is slower, not better)
+    c.eval_tokens = 65536  # evaluate on this many held-out bytes, from 64 or more files
     c.seq_len = 256  # bytes per packed row
     c.num_steps = 1000  # optimizer steps
     c.batch_size = 16  # rows per step (4096 bytes)

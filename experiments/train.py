@@ -55,6 +55,7 @@ from ml_collections import config_flags
 from experiments import checkpoints, datasets, distributed
 from experiments.configlib import ConfigError, float_field, int_field, parse_flags
 from experiments.datasets import pipeline
+from experiments.datasets.base import config_fields
 from experiments.workdir import (
     Metrics,
     WorkdirMismatch,
@@ -130,17 +131,6 @@ def _model_config(config: Any, vocab_size: int, max_len: int) -> ModelConfig:
         raise ConfigError("model", str(e)) from None
 
 
-def dataset_fields(builder_config: Any) -> dict[str, Any]:
-    """The project's fields of a TFDS builder config (seq_len, num_pairs, ...; not TFDS's own
-    name, version, ...): with the dataset's name, what rebuilds it at another length."""
-    own = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
-    return {
-        f.name: getattr(builder_config, f.name)
-        for f in dataclasses.fields(builder_config)
-        if f.name not in own
-    }
-
-
 def setup(config: Any, dataset_config: Any = None) -> Setup:
     """Validates `config` (ConfigError naming the field), the model's fields included, then
     builds the dataset when missing (`config.dataset` names it; `dataset_config`, a builder
@@ -176,7 +166,7 @@ def setup(config: Any, dataset_config: Any = None) -> Setup:
         most = builder.builder_config.max_targets()
         targeted = most if 2 * most <= row else None
     text_len = seq_len if text else None
-    fields = dataset_fields(builder.builder_config)
+    fields = config_fields(builder.builder_config)  # what rebuilds it at another length
     return Setup(config, model_config, train_source, eval_source, text_len, targeted, fields)
 
 

@@ -5,6 +5,7 @@ the generator: e.g. ListOps answers are recomputed by a stack evaluator of the t
 """
 
 import hashlib
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -135,19 +136,84 @@ def test_listops_answers_match_an_independent_evaluator(data_dir):
     assert max(depths) >= 2  # nested expressions occur
 
 
-def test_pystdlib_is_the_stdlib_split_by_path(data_dir):
+def test_pystdlib_is_the_stdlib_split_by_group(data_dir):
     data = splits("pystdlib/small", data_dir)
     names = {s: [r["path"].decode() for r in rows] for s, rows in data.items()}
     assert set(names) == {"train", "validation"}
-    assert not set(names["train"]) & set(names["validation"])
     expected = {rel for rel, _ in pystdlib.stdlib_files(2048)}
     assert set(names["train"]) | set(names["validation"]) == expected
-    for name in names["validation"]:  # the split is a function of the path alone
-        assert int(hashlib.sha1(name.encode()).hexdigest(), 16) % 20 == 0
+    assert not any(n.startswith(("_sysconfigdata_", "config-")) for n in expected)
+    groups = {s: {pystdlib.group_of(n) for n in names[s]} for s in names}
+    assert not groups["train"] & groups["validation"]  # a group is on one side only
+    for group in groups["validation"]:  # the split is a function of the group alone
+        assert int(hashlib.sha1(f"327:{group}".encode()).hexdigest(), 16) % 20 == 0
     assert 0.01 < len(names["validation"]) / len(expected) < 0.12
     root = Path(sysconfig.get_paths()["stdlib"])
     row = data["train"][0]
     assert row["text"].tobytes() == (root / row["path"].decode()).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "path, group",
+    [
+        ("email/mime/text.py", "email"),
+        ("tarfile.py", "tarfile"),
+        ("test/test_tarfile.py", "tarfile"),  # a module's tests go with it
+        ("test/test_email/test_email.py", "email"),
+        ("test/support/os_helper.py", "test/support"),
+        ("test/__init__.py", "test/__init__"),
+    ],
+)
+def test_pystdlib_groups_keep_related_files_together(path, group):
+    assert pystdlib.group_of(path) == group
+
+
+def test_pystdlib_data_is_named_by_its_python(tmp_path):
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    builder = tfds.builder("pystdlib/small", data_dir=str(tmp_path))
+    assert builder.builder_config.name == f"small-py{python}"
+    assert builder.builder_config.python == python
+    assert python in builder.builder_config.description
+    assert f"small-py{python}" in builder.data_dir  # another Python's data sits elsewhere
+    assert tfds.builder("pystdlib", data_dir=str(tmp_path)).builder_config.name.endswith(python)
+    with pytest.raises(ValueError, match=rf"Python 2\.7.*this is Python {python}"):
+        tfds.builder("pystdlib/full-py2.7", data_dir=str(tmp_path))
+    other = pystdlib.PyStdlibConfig(name="other", python="2.7")
+    with pytest.raises(ValueError, match="python=2.7"):
+        datasets.prepare("pystdlib", str(tmp_path), config=other)
+
+
+@pytest.mark.parametrize("builder", datasets.BUILDERS, ids=lambda b: b.name)
+def test_the_generator_matches_its_pinned_fingerprint(builder):
+    # Prepared data is kept under data_dir/name/config/version: a generator that changes
+    # without a new VERSION would keep serving the old data.
+    assert datasets.fingerprint(builder) == builder.FINGERPRINT, (
+        f"{builder.name}: generator changed: bump VERSION and update FINGERPRINT "
+        f"(to {datasets.fingerprint(builder)}), with RELEASE_NOTES saying what changed"
+    )
+    assert str(builder.VERSION) in builder.RELEASE_NOTES
+
+
+def test_the_fingerprint_sees_a_generator_change(monkeypatch):
+    pinned = datasets.fingerprint(datasets.Mqar)
+
+    def changed(config, rng):
+        row = mqar.mqar_example(config, rng)
+        return {**row, "inputs": np.roll(row["inputs"], 1)}
+
+    monkeypatch.setattr(datasets.Mqar, "example", staticmethod(changed))
+    assert datasets.fingerprint(datasets.Mqar) != pinned
+    monkeypatch.setattr(pystdlib, "SPLIT_SALT", 1)
+    assert datasets.fingerprint(datasets.Pystdlib) != datasets.Pystdlib.FINGERPRINT
+
+
+@pytest.mark.parametrize("builder", datasets.BUILDERS, ids=lambda b: b.name)
+def test_the_plain_tfds_client_builds_and_reads_without_tensorflow(tmp_path, builder):
+    name = f"{builder.name}/small"
+    tfds.builder(name, data_dir=str(tmp_path)).download_and_prepare()  # array_record
+    source = tfds.data_source(name, data_dir=str(tmp_path))
+    assert set(source) in ({"train", "test"}, {"train", "validation"})
+    assert len(source["train"]) > 0 and source["train"][0]
 
 
 def documents(seed, count, low=3, high=40):
@@ -210,3 +276,28 @@ def test_eval_batches_cover_the_split_once(data_dir):
     text = pipeline.eval_batches(documents(2, 10), batch_size=3, seq_len=16)
     total = sum(float(b["weights"].sum()) for b in text)
     assert total == sum(len(d["text"]) - 1 for d in documents(2, 10))  # every target once
+
+
+def test_eval_subset_spreads_a_token_budget_over_documents():
+    docs = [
+        {"text": t, "path": str(i)}
+        for i, t in enumerate(d["text"] for d in documents(5, 60, 3, 400))
+    ]
+    subset = pipeline.eval_subset(docs, max_tokens=1000, per_document=64)
+    assert sum(len(d["text"]) - 1 for d in subset) == 1000  # scored tokens: the budget
+    assert all(2 <= len(d["text"]) <= 65 for d in subset)  # no document gives more than 64
+    assert len({d["path"] for d in subset}) == len(subset) >= 1000 // 64
+    for d in subset:  # a contiguous window of its document, a short one whole
+        text = docs[int(d["path"])]["text"]
+        assert d["text"].tobytes() in text.tobytes()
+        assert len(text) > 65 or len(d["text"]) == len(text) or d is subset[-1]
+    again = pipeline.eval_subset(docs, max_tokens=1000, per_document=64)
+    assert all(
+        a["text"].tobytes() == b["text"].tobytes() for a, b in zip(subset, again, strict=True)
+    )
+    other = pipeline.eval_subset(docs, max_tokens=1000, per_document=64, seed=1)
+    assert [d["path"] for d in other] != [d["path"] for d in subset]
+    everything = pipeline.eval_subset(docs, max_tokens=10**9, per_document=10**6)
+    assert sum(len(d["text"]) for d in everything) == sum(len(d["text"]) for d in docs)
+    batches = pipeline.eval_batches(subset, batch_size=4, seq_len=32)
+    assert sum(float(b["weights"].sum()) for b in batches) == 1000  # what evaluation scores

@@ -7,7 +7,15 @@ pipeline. Importing this package registers the builders with TFDS:
 
 - `mqar`: multi-query associative recall (Zoology); configs `small`, `zoology`.
 - `listops`: Long Range Arena's ListOps; configs `small`, `short`, `lra`.
-- `pystdlib`: the running Python's standard library source, byte-level; configs `small`, `full`.
+- `passkey`: passkey retrieval, a needle in a haystack; configs `small`, `short`, `long`.
+- `pystdlib`: the running Python's standard library source, byte-level; configs `small`,
+  `full` (named by the Python version: `full-py3.11`).
+
+The builders write array_record by default, so the standard client needs no TensorFlow:
+`tfds.builder("mqar/small", data_dir=D).download_and_prepare()` builds a dataset and
+`tfds.data_source` reads it (random access, numpy). `tfds.load` and `builder.as_dataset`
+return tf.data pipelines and so need TensorFlow, which the project does not install. Each
+builder pins a FINGERPRINT of its generator's output next to its VERSION (base.py).
 """
 
 from __future__ import annotations
@@ -18,12 +26,17 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from experiments.datasets.base import ProjectBuilder, fingerprint
 from experiments.datasets.listops import Listops, ListOpsConfig
 from experiments.datasets.mqar import Mqar, MqarConfig
+from experiments.datasets.passkey import Passkey, PasskeyConfig
 from experiments.datasets.pystdlib import Pystdlib, PyStdlibConfig
 
-__all__ = ["ListOpsConfig", "Listops", "Mqar", "MqarConfig", "PyStdlibConfig", "Pystdlib"]
-__all__ += ["builder_class", "config_for", "prepare"]
+__all__ = ["ListOpsConfig", "Listops", "Mqar", "MqarConfig", "Passkey", "PasskeyConfig"]
+__all__ += ["PyStdlibConfig", "Pystdlib"]
+__all__ += ["BUILDERS", "builder_class", "config_for", "fingerprint", "prepare"]
+
+BUILDERS: tuple[type[ProjectBuilder], ...] = (Listops, Mqar, Passkey, Pystdlib)
 
 
 def builder_class(name: str) -> type[tfds.core.DatasetBuilder]:
@@ -31,7 +44,7 @@ def builder_class(name: str) -> type[tfds.core.DatasetBuilder]:
     try:
         return tfds.builder_cls(name)
     except tfds.core.registered.DatasetNotFoundError:
-        known = "listops, mqar, pystdlib"
+        known = ", ".join(b.name for b in BUILDERS)
         raise ValueError(f"unknown dataset {name!r}; the project's: {known}") from None
 
 
@@ -46,9 +59,9 @@ def config_for(name: str, **fields: Any) -> tfds.core.BuilderConfig:
 def prepare(
     name: str, data_dir: str | None = None, config: tfds.core.BuilderConfig | None = None
 ) -> tfds.core.DatasetBuilder:
-    """The builder of `name` ("mqar/small", or "mqar" with a `config`), written as array_record
+    """The builder of `name` ("mqar/small", or "mqar" with a `config`), written (array_record)
     into `data_dir` (None: TFDS_DATA_DIR or TFDS's default) when it is not there yet."""
     kwargs = {"config": config} if config is not None else {}
-    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record", **kwargs)
+    builder = tfds.builder(name, data_dir=data_dir, **kwargs)
     builder.download_and_prepare()  # nothing to do once prepared
     return builder

@@ -1,4 +1,12 @@
-"""What the synthetic task builders share: fixed-length `inputs`, `targets`, `weights` rows.
+"""What the project's builders share, and the fixed-length rows of the synthetic tasks.
+
+Every builder writes array_record by default (`tfds.builder(...).download_and_prepare()` needs
+no TensorFlow) and pins a FINGERPRINT of its generator's output next to its VERSION: TFDS
+keeps prepared data under data_dir/name/config/version and serves it as long as that folder
+exists, so a generator change that kept the version would keep serving the old data.
+`fingerprint(builder)` hashes the first examples of each split of every named config,
+generated in memory, and tests/test_datasets.py fails until the pinned value is updated
+along with a new VERSION.
 
 A task row is next-token prediction with weights: `targets[t]` is what the model must predict
 after reading `inputs[:t + 1]`, and only positions with `weights[t] > 0` are trained on and
@@ -10,6 +18,8 @@ in any generation order, and train and test come from disjoint seeds.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -17,6 +27,49 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 SPLITS = ("train", "test")  # test: the held-out split, drawn from its own seeds
+FILE_FORMAT = "array_record"  # random access without TensorFlow (tfds.data_source, grain)
+FINGERPRINT_EXAMPLES = 3  # examples per split and config that the fingerprint hashes
+
+
+class ProjectBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A builder of the project: array_record files, a checked config, a pinned FINGERPRINT
+    of `sample()` (recomputed by `fingerprint`)."""
+
+    FINGERPRINT: ClassVar[str] = ""  # fingerprint(cls) at VERSION; a subclass pins it
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("file_format", FILE_FORMAT)  # TFDS's own default is tfrecord
+        super().__init__(**kwargs)
+        self.builder_config.check()
+
+    @classmethod
+    def sample(cls) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(key, example) pairs that show what the generator makes, generated in memory: the
+        first examples of each split of every named config, and the configs' fields."""
+        raise NotImplementedError
+
+
+def config_fields(config: tfds.core.BuilderConfig, exclude: tuple[str, ...] = ()) -> dict:
+    """A config's own fields (those TFDS's BuilderConfig does not define), less `exclude`."""
+    common = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)} | set(exclude)
+    fields = dataclasses.fields(config)
+    return {f.name: getattr(config, f.name) for f in fields if f.name not in common}
+
+
+def fingerprint(builder: type[ProjectBuilder]) -> str:
+    """The first 16 hex digits of the SHA-256 of `builder.sample()`: keys, feature names, and
+    arrays' dtypes, shapes and bytes (other values by repr)."""
+    digest = hashlib.sha256()
+    for key, example in builder.sample():
+        digest.update(f"\n{key}".encode())
+        for name in sorted(example):
+            value = example[name]
+            if isinstance(value, np.ndarray):
+                digest.update(f"|{name}:{value.dtype.str}{value.shape}=".encode())
+                digest.update(np.ascontiguousarray(value).tobytes())
+            else:
+                digest.update(f"|{name}={value!r}".encode())
+    return digest.hexdigest()[:16]
 
 
 @dataclasses.dataclass
@@ -42,19 +95,39 @@ class TaskConfig(tfds.core.BuilderConfig):
         raise NotImplementedError
 
 
-class TaskBuilder(tfds.core.GeneratorBasedBuilder):
+def task_row(inputs: np.ndarray, at: Any, answers: Any) -> dict[str, np.ndarray]:
+    """A task row: `inputs`, and `answers` as the targets at positions `at`, weighted 1 there
+    and 0 elsewhere."""
+    targets = np.zeros(len(inputs), np.int32)
+    targets[at] = answers
+    weights = np.zeros(len(inputs), np.float32)
+    weights[at] = 1.0
+    return {"inputs": np.asarray(inputs, np.int32), "targets": targets, "weights": weights}
+
+
+class TaskBuilder(ProjectBuilder, skip_registration=True):
     """A TFDS builder of fixed-length task rows; a subclass defines `example(config, rng)`."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
-
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.builder_config.check()
 
     @staticmethod
     def example(config: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    @classmethod
+    def examples(cls, config: TaskConfig, split: str) -> Iterator[tuple[int, dict]]:
+        """The (index, example) pairs of a split, each from [seed, split, index]."""
+        count = {"train": config.num_train, "test": config.num_test}[split]
+        for index in range(count):
+            rng = np.random.default_rng([config.seed, SPLITS.index(split), index])
+            yield index, cls.example(config, rng)
+
+    @classmethod
+    def sample(cls) -> Iterator[tuple[str, dict[str, Any]]]:
+        for config in cls.BUILDER_CONFIGS:
+            yield config.name, config_fields(config)
+            for split in SPLITS:
+                first = itertools.islice(cls.examples(config, split), FINGERPRINT_EXAMPLES)
+                for index, row in first:
+                    yield f"{config.name}/{split}/{index}", row
 
     def _info(self) -> tfds.core.DatasetInfo:
         L = self.builder_config.seq_len
@@ -70,12 +143,7 @@ class TaskBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
         del dl_manager  # nothing is downloaded
-        config = self.builder_config
-        sizes = {"train": config.num_train, "test": config.num_test}
-        return {split: self._generate_examples(split, sizes[split]) for split in SPLITS}
+        return {split: self._generate_examples(split) for split in SPLITS}
 
-    def _generate_examples(self, split: str, count: int) -> Iterator[tuple[int, dict]]:
-        config = self.builder_config
-        for index in range(count):
-            rng = np.random.default_rng([config.seed, SPLITS.index(split), index])
-            yield index, self.example(config, rng)
+    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
+        return self.examples(self.builder_config, split)

@@ -16,11 +16,12 @@ padded with 0 to `seq_len`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+import tensorflow_datasets as tfds
 
-from experiments.datasets.base import TaskBuilder, TaskConfig
+from experiments.datasets.base import TaskBuilder, TaskConfig, task_row
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 CLOSE = "]"
@@ -94,16 +95,15 @@ def listops_example(config: ListOpsConfig, rng: np.random.Generator) -> dict[str
             break
     inputs = np.zeros(config.seq_len, np.int32)
     inputs[: len(seq)] = [TOKEN_ID[t] for t in seq]
-    targets = np.zeros(config.seq_len, np.int32)
-    targets[len(seq) - 1] = TOKEN_ID[str(value(tree))]
-    weights = np.zeros(config.seq_len, np.float32)
-    weights[len(seq) - 1] = 1.0
-    return {"inputs": inputs, "targets": targets, "weights": weights}
+    return task_row(inputs, len(seq) - 1, TOKEN_ID[str(value(tree))])
 
 
 class Listops(TaskBuilder):
     """ListOps rows; `short` trains on a CPU in minutes, `lra` is the paper's setting."""
 
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
+    FINGERPRINT = "51e54b4ca2ae4a52"  # base.fingerprint at VERSION
     BUILDER_CONFIGS = [  # noqa: RUF012  (TFDS reads this class attribute)
         ListOpsConfig(name="small", seq_len=64, min_len=8, max_len=64, num_train=256, num_test=64),
         ListOpsConfig(name="short", seq_len=128, min_len=20, max_len=128, num_train=20000),

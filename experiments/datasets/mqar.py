@@ -18,10 +18,12 @@ the queries harder to spot; here they are the only non-zero tokens after the pai
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
+import tensorflow_datasets as tfds
 
-from experiments.datasets.base import TaskBuilder, TaskConfig
+from experiments.datasets.base import TaskBuilder, TaskConfig, task_row
 
 POWER_A = 0.01  # a: the gap distribution's power law (Zoology's default)
 
@@ -64,16 +66,15 @@ def mqar_example(config: MqarConfig, rng: np.random.Generator) -> dict[str, np.n
     inputs[0 : 2 * N : 2], inputs[1 : 2 * N : 2] = keys, values
     queries = 2 * N + 2 * gaps
     inputs[queries] = keys
-    targets = np.zeros(L, np.int32)
-    targets[queries] = values
-    weights = np.zeros(L, np.float32)
-    weights[queries] = 1.0
-    return {"inputs": inputs, "targets": targets, "weights": weights}
+    return task_row(inputs, queries, values)
 
 
 class Mqar(TaskBuilder):
     """MQAR rows; configs name a setting, `MqarConfig(...)` makes any other."""
 
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
+    FINGERPRINT = "37492a79f204d2b7"  # base.fingerprint at VERSION
     BUILDER_CONFIGS = [  # noqa: RUF012  (TFDS reads this class attribute)
         MqarConfig(name="small", seq_len=64, vocab=128, num_pairs=4, num_train=256, num_test=64),
         MqarConfig(

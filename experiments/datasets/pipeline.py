@@ -10,6 +10,9 @@ that no token attends across documents and positions restart per piece (the mode
 them from the ids). Training rows are then shuffled again in windows. Training iterators are grain
 `DatasetIterator`s: `get_state()` / `set_state()` (or orbax, via `grain.checkpoint`) resume
 them exactly.
+
+`eval_subset` picks a text evaluation set by a token budget spread over many documents, so
+that no single long file decides the score.
 """
 
 from __future__ import annotations
@@ -80,3 +83,37 @@ def eval_batches(
     """One pass over `source` in order; the last batch may be smaller."""
     rows = _rows(grain.MapDataset.source(source), is_text(source), seq_len)
     return iter(rows.batch(batch_size, drop_remainder=False))
+
+
+PER_DOCUMENT = 1024  # eval_subset: most scored tokens from one document
+
+
+def eval_subset(
+    source: Sequence[dict[str, Any]],
+    max_tokens: int,
+    seed: int = 0,
+    per_document: int = PER_DOCUMENT,
+) -> list[dict[str, Any]]:
+    """`max_tokens` scored tokens of text (fewer if `source` has fewer) from many documents of
+    `source`, the same for the same seed: the documents in a seeded random order, from each a
+    window of at most `per_document` scored tokens (`per_document + 1` bytes: each byte
+    predicts the next) at a seeded random offset, a whole document when it is shorter, until
+    the budget is spent (the last window cut to fit). So the evaluated tokens come from at
+    least `max_tokens / per_document` documents (or from all of them), spread over each
+    document, not only its opening lines. Returns the windows as documents (`text` replaced)."""
+    if max_tokens < 1 or per_document < 1:
+        raise ValueError(f"max_tokens={max_tokens} and per_document={per_document} must be >= 1")
+    rng = np.random.default_rng(seed)
+    subset, left = [], max_tokens
+    for index in rng.permutation(len(source)):
+        if left == 0:
+            break
+        example = source[int(index)]
+        text = np.asarray(example["text"])
+        size = min(len(text), per_document + 1, left + 1)  # bytes: size - 1 scored tokens
+        if size < 2:
+            continue
+        start = int(rng.integers(len(text) - size + 1))
+        subset.append({**example, "text": text[start : start + size]})
+        left -= size - 1
+    return subset
