@@ -1,19 +1,21 @@
-"""MQAR ablation: every variant x context length x number of key-value pairs, each cell a fresh
-training run; accuracy beside the step time and memory of the same cell.
+"""MQAR ablation: every variant x context length x number of key-value pairs x learning rate x
+seed, each cell a fresh training run; accuracy beside the step time and memory of the cell.
 
     python -m experiments.sweep --config=configs/ablation_mqar.py \
-        [--config.variants=dense,linear] [--config.lengths=64,128] [--config.num_pairs=4,16] \
-        [--config.train.num_steps=800] [--config.model.num_layers=2]
+        [--config.variants=dense,linear] [--config.lengths=64,128] [--config.num_pairs=4,L/8] \
+        [--config.learning_rates=1e-3,3e-3,1e-2] [--config.seeds=0,1,2] \
+        [--config.train.threshold=0.99] [--config.extrapolate=2,4]
 
-An edit of configs/context_sweep.py with the `train_eval` cell kind (experiments/quality.py):
+An edit of configs/context_sweep.py with the `train_eval` cell kind (experiments/kinds/):
 Zoology's MQAR model (2 attention-only layers, width 64 = 2 heads x 32, RoPE) on MQAR rows of
-length L with N pairs, trained from the same seed for `train.num_steps` AdamW steps at batch
-32 and evaluated on 500 held-out rows; the logits are computed at the N queries only. Pairs
-that do not fit a length (4N > L) are left out. To finish within 30 minutes on a 2-core CPU
-the grid is one length (L = 64; N = 4, 8, 16; 6 variants: 18 cells of about 80 s) with a
-vocabulary of 512 instead of Zoology's 8192 (V > L holds; the output layer is 16x cheaper) and
-3000 steps on 20000 rows, far below Zoology's budget; `time_budget_s` skips cells that would
-overrun. The comparison between variants at equal budget is the point.
+length L with N pairs, trained by experiments.train's loop (`train.*`: configs/train.py's
+fields) at batch 32, evaluated every `train.eval_every` steps on 500 held-out rows (the logits
+at the N queries only), stopped at `train.threshold` or the step cap. Pairs that do not fit a
+length (4N > L) are left out. The report keeps each variant's best rate per cell (the mean over
+seeds) with the spread. To finish within 30 minutes on a 2-core CPU the default grid is one
+length (L = 64; N = 4, 8, 16; 6 variants; one rate, one seed: 18 cells of about 80 s) with a
+vocabulary of 512 instead of Zoology's 8192 and a 3000-step cap on 20000 rows;
+`time_budget_s` skips cells that would overrun. configs/zoology_mqar.py is the protocol run.
 """
 
 import ml_collections
