@@ -245,14 +245,17 @@ def depth_figure(rows: list[dict[str, Any]]) -> Any:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: one line per length, the loss per position bucket beside it."""
+    """Markdown: one line per length (and needle depth), the loss per position bucket."""
     names = list(dict.fromkeys(b for r in rows for b in r["position_loss"]))
     text = any("bits_per_token" in r for r in rows)
-    head = ["length", "x train", "tokens", "loss", "bits/token" if text else "accuracy", *names]
+    depth = any(r["data"].get("depth") is not None for r in rows)
+    head = ["length", *(["depth"] if depth else []), "x train", "tokens", "loss"]
+    head += ["bits/token" if text else "accuracy", *names]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         score = r["bits_per_token"] if text else r["accuracy"]
-        cells = [r["length"], f"{r['length'] / r['train_length']:g}", r["tokens"]]
+        cells = [r["length"], *([r["data"].get("depth")] if depth else [])]
+        cells += [f"{r['length'] / r['train_length']:g}", r["tokens"]]
         cells += [f"{r['loss']:.4f}", f"{score:.4f}"]
         cells += [f"{r['position_loss'][b]:.3f}" if b in r["position_loss"] else "" for b in names]
         lines.append("| " + " | ".join(map(str, cells)) + " |")

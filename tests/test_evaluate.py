@@ -99,6 +99,7 @@ def test_passkey_is_evaluated_on_a_length_by_depth_grid(data_dir, tmp_path):
     ]  # fmt: skip
     assert all(r["tokens"] == 8 * r["data"]["digits"] for r in rows)  # the key's digits
     assert "| depth | 64 | 128 |" in out.getvalue() and (tmp_path / "passkey.png").exists()
+    assert "| 128 | 1.0 | 2 |" in out.getvalue()  # the per-length table names the depth
     mqar = {"dataset": "mqar/small", "dataset_config": {"seq_len": 64, "num_pairs": 4}}
     with pytest.raises(evaluate.CannotEvaluate, match="no needle depth"):
         evaluate.source_at(mqar, 64, args, depth=0.5)
