@@ -58,6 +58,8 @@ def get_config():
     c.learning_rates = "3e-3"  # peak learning rates: one cell each; the report keeps the best
     c.extrapolate = ""  # e.g. "2,4": also test each trained model at 2L and 4L (more pairs)
     c.train = train.get_config()  # the training of every cell (configs/train.py's fields)
+    for per_cell in ("dataset", "seed", "learning_rate", "batch_size"):  # the sweep's axes
+        del c.train[per_cell]
     c.train.num_steps = 3000  # AdamW step cap (about 70 s per cell here)
     c.train.warmup_steps = 50  # linear warmup, then cosine decay
     c.train.eval_every = 250  # evaluate on the held-out rows every this many steps

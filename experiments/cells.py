@@ -48,6 +48,7 @@ class Cell:
     devices: int = 1  # kernel: devices on the mesh's `seq` axis (ring variants), 1: no mesh
     seed: int | None = None  # train_eval: the training run's seed (parameters, data order)
     learning_rate: float | None = None  # train_eval: its peak learning rate
+    task_spec: Mapping[str, str] | None = None  # train_eval: the task fields as written (L/16)
 
     def fields(self) -> dict[str, Any]:
         """The cell's identifying fields as they appear in a result row."""
@@ -76,6 +77,10 @@ class Cell:
             out["devices"] = self.devices
         if self.seed is not None:
             out.update(seed=self.seed, learning_rate=self.learning_rate)
+        if self.task_spec is not None and self.task_spec != {
+            k: str(v) for k, v in (self.task or {}).items()
+        }:
+            out["task_spec"] = dict(self.task_spec)  # labels: "num_pairs=L/16" across lengths
         return out
 
     def key(self) -> str:

@@ -142,7 +142,7 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
         rates = _numbers(config, "learning_rates", float, 0.0)
     shape = (batch, heads, kv_heads, head_dim, dtype)
     devices = _seq_devices(config, kind)
-    tasks_at = {T: _tasks(config, T) if kind == "train_eval" else [None] for T in lengths}
+    tasks_at = {T: _tasks(config, T) if kind == "train_eval" else [(None, None)] for T in lengths}
     return [
         Cell(
             kind,
@@ -159,11 +159,12 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
             devices=n,
             seed=seed,
             learning_rate=rate,
+            task_spec=spec,
         )  # fmt: skip
         for T in lengths
         for v in variants
         for n in (devices if mesh_aware(v) else [1])
-        for task in tasks_at[T]
+        for task, spec in tasks_at[T]
         for rate in rates
         for seed in seeds
         for mode in modes
@@ -197,10 +198,10 @@ def _seq_devices(config: Any, kind: str) -> list[int]:
     return values
 
 
-def _tasks(config: Any, seq_len: int) -> list[dict[str, Any]]:
-    """The task grid of a train_eval config at one length: one dict per combination of
-    TASK_AXES values, each an int or `L/k` (the length over k: `--config.num_pairs=L/16`
-    gives Zoology's (64, 4), (128, 8), (256, 16))."""
+def _tasks(config: Any, seq_len: int) -> list[tuple[dict[str, Any], dict[str, str]]]:
+    """The task grid of a train_eval config at one length: (values, as written) per
+    combination of TASK_AXES values, each an int or `L/k` (the length over k:
+    `--config.num_pairs=L/16` gives Zoology's (64, 4), (128, 8), (256, 16))."""
     for section, names in (("train", ("num_steps", "model", "options")), ("data", ("dataset",))):
         for name in names:
             if name not in field(config, section):
@@ -212,13 +213,18 @@ def _tasks(config: Any, seq_len: int) -> list[dict[str, Any]]:
         datasets.builder_class(config.data.dataset)
     except ValueError as e:
         raise ConfigError("data.dataset", str(e)) from None
-    tasks = [{}]
+    tasks: list[tuple[dict[str, Any], dict[str, str]]] = [({}, {})]
     for axis in (a for a in TASK_AXES if a in config):
         try:
-            values = [_per_length(v, seq_len) for v in csv_field(config, axis)]
+            specs = {spec: _per_length(spec, seq_len) for spec in csv_field(config, axis)}
         except (ValueError, ZeroDivisionError):
             raise ConfigError(axis, f"must be ints or L/k, got {config[axis]!r}") from None
-        tasks = [{**t, axis: v} for t in tasks for v in dict.fromkeys(values)]
+        unique: dict[int, str] = {}
+        for spec, value in specs.items():
+            unique.setdefault(value, spec)  # the first spec of a value names it
+        tasks = [
+            ({**t, axis: v}, {**n, axis: spec}) for t, n in tasks for v, spec in unique.items()
+        ]
     return tasks
 
 
@@ -243,15 +249,23 @@ def _numbers(config: Any, name: str, kind: type, minimum: float) -> list[Any]:
     return values
 
 
-# train.* fields that a cell sets itself or that do not change its result: left out of the
-# `training` setting that every row of a workdir shares.
-PER_CELL_TRAINING = ("dataset", "seed", "learning_rate", "batch_size", "model", "options")
-PER_CELL_TRAINING += ("data_dir", "mesh", "log_every", "checkpoint_every", "keep")
+# train.* fields that a cell sets itself (the config must not: it has its own axes for them),
+# and those that do not change its result: left out of the `training` setting that every row
+# of a workdir shares (train.model is in it: a cell's model is built from it).
+PER_CELL_TRAINING = ("dataset", "seed", "learning_rate", "batch_size")
+IGNORED_TRAINING = ("options", "data_dir", "mesh", "log_every", "checkpoint_every", "keep")
 
 
 def training_fields(train: Any) -> dict[str, Any]:
-    """The train_eval setting's training fields (configs/train.py's, less PER_CELL_TRAINING)."""
-    return {k: v for k, v in train.to_dict().items() if k not in PER_CELL_TRAINING}
+    """The train_eval setting's training fields (configs/train.py's less IGNORED_TRAINING);
+    ConfigError for a PER_CELL_TRAINING field, which the sweep's own axes set."""
+    for name in PER_CELL_TRAINING:
+        if name in train:
+            axis = {"seed": "seeds", "learning_rate": "learning_rates", "batch_size": "batch"}
+            raise ConfigError(
+                f"train.{name}", f"is set per cell (--config.{axis.get(name, 'data')}); remove it"
+            )
+    return {k: v for k, v in train.to_dict().items() if k not in IGNORED_TRAINING}
 
 
 def _fits(config: Any, seq_len: int, task: dict[str, Any]) -> bool:

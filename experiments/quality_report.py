@@ -48,6 +48,11 @@ class Best:
         return self.learning_rate in (self.rates[:1] + self.rates[-1:]) if self.rates else False
 
     @property
+    def cost(self) -> float:
+        """The training step's median time (ms), the median over the cell's rows."""
+        return statistics.median(r["time_ms_median"] for r in self.rows)
+
+    @property
     def converged(self) -> int:
         return sum(bool(r.get("converged")) for r in self.rows)
 
@@ -74,7 +79,8 @@ def best_rates(rows: Sequence[Row], label: Callable[[Row], str]) -> list[Best]:
         means = {lr: statistics.fmean(r["accuracy"] for r in rs) for lr, rs in by_rate.items()}
         best = max(means, key=lambda lr: (means[lr], -(lr or 0.0)))
         chosen = tuple(sorted(by_rate[best], key=lambda r: r.get("seed") or 0))
-        task = " ".join(f"{k}={v}" for k, v in (chosen[0].get("task") or {}).items())
+        spec = chosen[0].get("task_spec") or chosen[0].get("task") or {}
+        task = " ".join(f"{k}={v}" for k, v in spec.items())
         out.append(Best(name, chosen[0]["variant"], task, T, best, rates, chosen))
     return out
 
@@ -113,7 +119,7 @@ def quality_section(
         rate = f"{b.learning_rate:g} ({grid}){'◂' if b.edge else ''}" if b.rates else "-"
         steps = [r["steps_to_threshold"] for r in b.rows if r.get("steps_to_threshold")]
         first = b.rows[0]
-        cost = [f"{first['time_ms_median']:.1f}", f"{(first.get('memory_bytes') or 0) / 2**20:.0f}"]
+        cost = [f"{b.cost:.1f}", f"{(first.get('memory_bytes') or 0) / 2**20:.0f}"]
         train_s = [r.get("train_s") or 0.0 for r in b.rows]
         cells = [b.variant, b.seq_len, b.task, rate, len(b.rows), f"{b.mean:.3f}"]
         cells += [f"{min(b.accuracies):.3f}-{max(b.accuracies):.3f}"]
@@ -121,11 +127,8 @@ def quality_section(
         cells += [f"{statistics.fmean(steps):.0f}" if steps else "-", *cost]
         cells += [f"{statistics.fmean(train_s):.0f}", f"{first.get('params') or 0:,}"]
         for n in beyond:
-            at = [
-                r["extrapolation"][str(n)]
-                for r in b.rows
-                if str(n) in (r.get("extrapolation") or {})
-            ]
+            at = [(r.get("extrapolation") or {}).get(str(n)) for r in b.rows]
+            at = [a for a in at if a is not None]  # None: no test rows at that length
             cells.append(f"{statistics.fmean(at):.3f}" if at else "")
         md.append("| " + " | ".join(map(str, cells)) + " |")
     failed = [r for r in rows if r["mode"] == "train_eval" and r["status"] != "ok"]
@@ -137,10 +140,9 @@ def quality_section(
     if best:
         longest = max(b.seq_len for b in best)
         front = pareto([b for b in best if b.seq_len == longest])
-        names = ", ".join(f"{b.label} ({b.mean:.3f}, {b.rows[0]['time_ms_median']:.1f} ms)"
-                          for b in front)  # fmt: skip
-        md += ["", f"Pareto front at T = {longest} (no cell is both more accurate and cheaper "
-                   f"per step): {names}."]  # fmt: skip
+        names = ", ".join(f"{b.label} ({b.mean:.3f}, {b.cost:.1f} ms)" for b in front)
+        md += ["", f"Pareto front at T = {longest}, per task (no cell of the task is both more "
+                   f"accurate and cheaper per step): {names}."]  # fmt: skip
         if save(central_figure, best, workdir / "central.png"):
             md += ["", "Quality and cost against context length; quality against cost at "
                        f"T = {longest}:", "", "![quality and cost](central.png)"]  # fmt: skip
@@ -148,16 +150,15 @@ def quality_section(
 
 
 def pareto(best: Sequence[Best]) -> list[Best]:
-    """The cells no other cell beats in both accuracy (higher) and step time (lower)."""
-    point = lambda b: (b.mean, -b.rows[0]["time_ms_median"])  # noqa: E731  (both: higher)
+    """Per task, the cells no other cell of the task beats in both accuracy (higher) and step
+    time (lower); by task, then cost."""
+    point = lambda b: (b.mean, -b.cost)  # noqa: E731  (both: higher is better)
 
     def beaten(b: Best) -> bool:
-        return any(
-            point(o) != point(b) and all(x >= y for x, y in zip(point(o), point(b), strict=True))
-            for o in best
-        )
+        rivals = (o for o in best if o.task == b.task and point(o) != point(b))
+        return any(all(x >= y for x, y in zip(point(o), point(b), strict=True)) for o in rivals)
 
-    return sorted((b for b in best if not beaten(b)), key=lambda b: -point(b)[1])
+    return sorted((b for b in best if not beaten(b)), key=lambda b: (b.task, b.cost))
 
 
 def central_figure(best: Sequence[Best]) -> Any:
@@ -179,17 +180,19 @@ def central_figure(best: Sequence[Best]) -> Any:
         high = [max(b.accuracies) - b.mean for b in mine]
         quality.errorbar(T, [b.mean for b in mine], yerr=[low, high], color=colour,
                          linestyle=style, marker="o", capsize=2, label=b_label)  # fmt: skip
-        cost.plot(T, [b.rows[0]["time_ms_median"] for b in mine], color=colour, linestyle=style,
-                  marker="o")  # fmt: skip
+        cost.plot(T, [b.cost for b in mine], color=colour, linestyle=style, marker="o")
     longest = max(b.seq_len for b in best)
     at = [b for b in best if b.seq_len == longest]
     for b in at:
         colour = f"C{variants.index(b.variant) % 10}"
-        trade.scatter(b.rows[0]["time_ms_median"], b.mean, color=colour)
-        trade.annotate(b.label, (b.rows[0]["time_ms_median"], b.mean), fontsize=6)
+        trade.scatter(b.cost, b.mean, color=colour)
+        trade.annotate(b.label, (b.cost, b.mean), fontsize=6)
     front = pareto(at)
-    trade.plot([b.rows[0]["time_ms_median"] for b in front], [b.mean for b in front], "k--",
-               linewidth=0.8, label="Pareto front")  # fmt: skip
+    for i, task in enumerate(dict.fromkeys(b.task for b in front)):
+        mine = [b for b in front if b.task == task]
+        trade.plot([b.cost for b in mine], [b.mean for b in mine], "k",
+                   linestyle=styles[i % len(styles)], linewidth=0.8,
+                   label=f"Pareto front {task}".strip())  # fmt: skip
     quality.set(xlabel="context length T", ylabel="accuracy (best lr)", ylim=(-0.02, 1.02))
     cost.set(xlabel="context length T", ylabel="training step (ms)", yscale="log")
     trade.set(xlabel=f"training step at T = {longest} (ms)", ylabel="accuracy", ylim=(-0.02, 1.02))

@@ -86,7 +86,8 @@ def _label(row: Row) -> str:
 
 
 def _task(row: Row) -> str:
-    return "".join(f" {k}={v}" for k, v in (row.get("task") or {}).items())
+    """The task fields as the config wrote them (`num_pairs=L/16`), else their values."""
+    return "".join(f" {k}={v}" for k, v in (row.get("task_spec") or row.get("task") or {}).items())
 
 
 def _version(row: Row) -> tuple[Any, Any]:
