@@ -2,7 +2,8 @@
 and evaluation share.
 
 A checkpoint is *unreadable* when it cannot be read on its own terms (missing or partial files,
-a checksum or deserialisation error): restoring it without a target fails. Only then does
+a checksum or deserialisation error): restoring it without a target fails with a read error
+(READ_ERRORS). Only then does
 restore fall back to the one before. Any other failure (out of memory, a model that no longer
 matches the saved parameters) is raised as RestoreError naming the step, and nothing is moved.
 When no checkpoint can be read, NoReadableCheckpoint is raised and nothing is moved either:
@@ -41,11 +42,19 @@ def _args(abstract: Any, data: Any) -> ocp.args.Composite:
     return ocp.args.Composite(**items)
 
 
+# What reading a damaged checkpoint raises (missing or partial files, a checksum or
+# deserialisation error): JSONDecodeError and tensorstore's errors are ValueErrors,
+# FileNotFoundError an OSError, a missing item a KeyError. Anything else (MemoryError, a
+# runtime error of the devices) is not the checkpoint's fault and is raised.
+READ_ERRORS = (ValueError, KeyError, OSError, EOFError)
+
+
 def _readable(manager_: ocp.CheckpointManager, step: int, data: Any) -> bool:
-    """Whether checkpoint `step` reads without a target (as saved: host arrays)."""
+    """Whether checkpoint `step` reads without a target (as saved: host arrays); an error
+    that is not a read error is raised."""
     try:
         manager_.restore(step, args=_args(None, data))
-    except Exception:  # noqa: BLE001  (any failure to read it as saved: it is unreadable)
+    except READ_ERRORS:
         return False
     return True
 

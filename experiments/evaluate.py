@@ -25,7 +25,6 @@ length, data and code. Prints a table; with `--depths` (passkey) also the accura
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 from pathlib import Path
@@ -41,7 +40,7 @@ from absl import app, flags, logging
 from experiments import checkpoints, datasets, provenance
 from experiments.datasets import pipeline
 from experiments.report import save_figure
-from experiments.workdir import current_config
+from experiments.workdir import append_jsonl, current_config, read_jsonl
 from transformer import ModelConfig, TransformerLM
 
 LENGTH_SCALED = {"mqar": ("num_pairs",)}  # task fields that grow with the row length
@@ -178,7 +177,7 @@ def evaluate(workdir: Path, args: Args, out: TextIO = sys.stdout) -> list[dict[s
     if saved.get("seq_len"):
         train_length = saved["seq_len"]
     path = workdir / "evaluation.jsonl"
-    done = [json.loads(line) for line in path.open()] if path.exists() else []
+    done = read_jsonl(path)
     versions = provenance.versions()
     rows = []
     for length, depth in [(n, d) for n in args.lengths for d in args.depths or [None]]:
@@ -196,8 +195,7 @@ def evaluate(workdir: Path, args: Args, out: TextIO = sys.stdout) -> list[dict[s
         batch_rows = max(1, args.batch_tokens // length)
         row = {**key, "train_length": train_length, "attention": saved["model"]["attention"]}
         row.update(evaluate_length(model, params, examples, text, length, batch_rows, out))
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(path, row)
         rows.append(row)
         at = f" depth {depth:g}" if depth is not None else ""
         print(f"length {length}{at}: loss {row['loss']:.4f}, accuracy {row['accuracy']:.4f}",

@@ -35,6 +35,7 @@ SIGTERM or Ctrl-C saves a checkpoint, then exits (143 or 130). Exit 2 for an inv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -255,6 +256,12 @@ def summarize(config: Any, evals: dict[int, dict[str, float]], step: int) -> dic
     }
 
 
+def _logged(workdir: Path, tag: str, until: int) -> float:
+    """The last value of `tag` metrics.csv holds up to step `until` (0.0 if none)."""
+    values = [v for step, t, v in read_metrics(workdir) if t == tag and step <= until]
+    return values[-1] if values else 0.0
+
+
 def _logged_evals(workdir: Path, until: int) -> dict[int, dict[str, float]]:
     """The evaluations metrics.csv holds up to step `until`."""
     evals: dict[int, dict[str, float]] = {}
@@ -331,6 +338,7 @@ def train_and_evaluate(
     bar = tqdm.tqdm(total=c.num_steps, initial=start, file=out, disable=None if lead else True,
                     unit="step")  # fmt: skip
     began, window = time.perf_counter(), Window()
+    before = _logged(workdir, "train/elapsed_s", start)  # earlier invocations' training time
     try:
         with jax.set_mesh(mesh):  # `ring` attention finds its `seq` axis here
             for step in range(start + 1, c.num_steps + 1):
@@ -338,21 +346,24 @@ def train_and_evaluate(
                 state, values = train_step(state, distributed.place_batch(mesh, batch))
                 window.add(values, batch["inputs"].size, first=step == start + 1)
                 bar.update(1)
-                if step % c.log_every == 0 or step == c.num_steps:
-                    logged = window.flush()
-                    metrics.write(step, logged)
-                    bar.set_postfix(loss=f"{logged['train/loss']:.4f}", refresh=False)
                 converged = False
                 if step % c.eval_every == 0 or step == c.num_steps:
-                    evals[step] = evaluate(setup_, eval_step, state["params"], mesh)
+                    with window.excluded(state):  # not training time
+                        evals[step] = evaluate(setup_, eval_step, state["params"], mesh)
                     metrics.write(step, evals[step])
                     line = ", ".join(f"{k} {v:.4f}" for k, v in evals[step].items())
                     bar.write(f"step {step}: {line}", file=out)
                     converged = bool(c.threshold) and evals[step][c.threshold_metric] >= c.threshold
                 ends = step == c.num_steps or converged
                 paused = bool(stop) or bool(stop_after and step - start >= stop_after)
+                if step % c.log_every == 0 or ends or paused:
+                    logged = window.flush()
+                    logged["train/elapsed_s"] = before + time.perf_counter() - began
+                    metrics.write(step, logged)
+                    bar.set_postfix(loss=f"{logged['train/loss']:.4f}", refresh=False)
                 if step % c.checkpoint_every == 0 or ends or paused:
-                    checkpoints.save(manager, state, data)
+                    with window.excluded(state):
+                        checkpoints.save(manager, state, data)
                 if ends or paused:
                     break
     finally:
@@ -366,7 +377,7 @@ def train_and_evaluate(
         sys.exit(SIGNAL_EXIT[stop[0]])
     step = int(state["step"])
     result = summarize(c, evals, step)
-    result.update(params=params, train_s=time.perf_counter() - began)
+    result.update(params=params, train_s=before + time.perf_counter() - began)
     if result["steps_to_threshold"] is not None:
         print(f"reached {c.threshold_metric} >= {c.threshold:g} at step {step}", file=out)
     if lead and (step >= c.num_steps or result["steps_to_threshold"] is not None):
@@ -384,22 +395,30 @@ class Window:
         self.tick = time.perf_counter()
 
     def add(self, values: dict[str, Any], tokens: int, first: bool = False) -> None:
-        self.last = values
-        if first:  # compilation: wait for it, time it, start the clock after it
+        """One step's metrics; `first`: the run's first step, whose time is compilation."""
+        self.sums = values if self.sums is None else jax.tree.map(jnp.add, self.sums, values)
+        self.steps, self.last = self.steps + 1, values
+        if first:  # wait for it, time it, and start the clock after it
             jax.block_until_ready(values)
             self.extra["train/first_step_s"] = time.perf_counter() - self.tick
             self.tick = time.perf_counter()
-            return
-        self.sums = values if self.sums is None else jax.tree.map(jnp.add, self.sums, values)
-        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
+        else:
+            self.tokens += tokens
+
+    @contextlib.contextmanager
+    def excluded(self, state: Any):
+        """Time spent inside (evaluating, saving) is left out of the window's rate; the steps
+        dispatched before it are finished first, inside the window."""
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        yield
+        self.tick += time.perf_counter() - t0
 
     def flush(self) -> dict[str, float]:
         """The window's averages; starts the next window."""
-        if self.steps:
-            logged = {f"train/{k}": float(v) / self.steps for k, v in self.sums.items()}
+        logged = {f"train/{k}": float(v) / self.steps for k, v in self.sums.items()}
+        if self.tokens:  # not a window of the first step alone
             logged["train/tokens_per_s"] = self.tokens / (time.perf_counter() - self.tick)
-        else:  # a window of the first step alone
-            logged = {f"train/{k}": float(v) for k, v in self.last.items()}
         logged["train/learning_rate"] = float(self.last["learning_rate"])  # the last step's
         logged.update(self.extra)
         self.__init__()

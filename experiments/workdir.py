@@ -48,12 +48,38 @@ def current_config(workdir: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     config = json.loads(path.read_text())
-    resumes = workdir / "resumes.jsonl"
-    if resumes.exists():
-        lines = [line for line in resumes.read_text().splitlines() if line.strip()]
-        if lines:
-            config = json.loads(lines[-1])["config"]
-    return config
+    rows = read_jsonl(workdir / "resumes.jsonl")
+    return rows[-1]["config"] if rows else config
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    """Appends one JSON row and syncs it; a torn last line (a crash while it was written: no
+    newline yet) is cut first, so the file stays one row per line."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file ([] when missing); a torn last line (a crash while it
+    was written) is left out, any other unreadable line raises."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return rows
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -78,10 +104,10 @@ def check_resume(
     saved = current_config(workdir)
     if saved is None or not any((workdir / "checkpoints").glob("[0-9]*")):
         return {}
-    changed = {
+    changed = {  # a field the saved config lacks was added to the code since: not a change
         k: v
         for k, v in differences(saved, _plain(resolved)).items()
-        if k.split(".")[0] not in FREE_FIELDS
+        if k.split(".")[0] not in FREE_FIELDS and k.split(".")[0] in saved
     }
     fixed = {k: v for k, v in changed.items() if k not in SCHEDULE_FIELDS}
     schedule = {k: v for k, v in changed.items() if k in SCHEDULE_FIELDS}
@@ -116,8 +142,7 @@ def record_start(
         "changed": {k: {"there": a, "here": b} for k, (a, b) in changed.items()},
         "config": entry,
     }
-    with open(workdir / "resumes.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_jsonl(workdir / "resumes.jsonl", row)
 
 
 def read_metrics(workdir: Path) -> list[tuple[int, str, float]]:

@@ -343,11 +343,18 @@ def test_training_stops_at_the_threshold_and_records_its_curve(data_dir, tmp_pat
 
 
 def test_logged_training_metrics_average_the_window_and_time_apart_the_compile(data_dir, tmp_path):
-    config = tiny(data_dir, log_every=4, eval_every=12)
-    run(config, tmp_path)
-    assert [s for s, _ in rows(tmp_path, "train/first_step_s")] == [4]  # once, in the 1st window
-    assert [s for s, _ in rows(tmp_path, "train/tokens_per_s")] == [4, 8, 12]
-    assert all(v > 0 for _, v in rows(tmp_path, "train/tokens_per_s"))
+    run(tiny(data_dir, log_every=1, eval_every=12), tmp_path / "each")
+    run(tiny(data_dir, log_every=4, eval_every=6), tmp_path / "window")  # evals inside windows
+    each = dict(rows(tmp_path / "each", "train/loss"))
+    window = rows(tmp_path / "window", "train/loss")
+    assert [s for s, _ in window] == [4, 8, 12]  # the same steps, averaged over each window
+    for step, value in window:
+        assert value == pytest.approx(np.mean([each[s] for s in range(step - 3, step + 1)]))
+    assert [s for s, _ in rows(tmp_path / "window", "train/first_step_s")] == [4]  # once
+    rates = dict(rows(tmp_path / "window", "train/tokens_per_s"))
+    assert set(rates) == {4, 8, 12} and all(v > 0 for v in rates.values())
+    elapsed = [v for _, v in rows(tmp_path / "window", "train/elapsed_s")]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
 
 
 def test_the_model_is_checked_before_the_dataset_is_built_and_task_rows_keep_their_length(
@@ -375,3 +382,54 @@ def test_sample_falls_back_past_an_unreadable_checkpoint_and_moves_nothing(data_
     sample.sample(tmp_path, "3,7", max_new_tokens=2, temperature=0.0, out=out)
     assert "checkpoint 8 is unreadable" in out.getvalue() and "step 4" in out.getvalue()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
+
+
+def test_a_workdir_of_an_older_version_resumes_and_a_torn_history_line_is_skipped(
+    data_dir, tmp_path
+):
+    from experiments import workdir
+
+    run(tiny(data_dir), tmp_path, stop_after=4)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["dataset_config"]  # written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    _, out = run(tiny(data_dir), tmp_path, stop_after=4)
+    assert "resuming at step 4" in out
+    with open(tmp_path / "resumes.jsonl", "a") as f:
+        f.write('{"torn": ')  # a crash while the row was written
+    _, out = run(tiny(data_dir), tmp_path)
+    assert "resuming at step 8" in out
+    rows = workdir.read_jsonl(tmp_path / "resumes.jsonl")
+    assert [r["step"] for r in rows] == [4, 8]
+
+
+def test_an_error_that_is_not_a_read_error_is_raised_not_taken_for_corruption(
+    data_dir, tmp_path, monkeypatch
+):
+    from experiments import checkpoints
+
+    run(tiny(data_dir), tmp_path, stop_after=8)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("host out of memory")
+
+    manager = checkpoints.manager(tmp_path / "checkpoints")
+    monkeypatch.setattr(manager, "restore", out_of_memory)
+    with pytest.raises(MemoryError):  # sampling and evaluation restore without a target
+        checkpoints.restore(manager, None, out=io.StringIO(), move_unreadable=False)
+    manager.close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
+
+
+def test_a_readable_checkpoint_of_another_shape_stops_the_cli_with_exit_1(data_dir, tmp_path):
+    run(tiny(data_dir), tmp_path, stop_after=4)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["model"]["head_dim"] = 32  # config.json edited: the checkpoint no longer fits
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    command = cli(data_dir, tmp_path, "--config.model.head_dim=32", "--config.num_steps=12",
+                  "--config.warmup_steps=2", "--config.checkpoint_every=4")  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "checkpoint 4" in result.stderr and "is readable but does not restore" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]
+    assert not (tmp_path / "corrupt").exists()
