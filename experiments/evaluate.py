@@ -39,7 +39,7 @@ from absl import app, flags, logging
 
 from experiments import checkpoints, datasets, provenance
 from experiments.datasets import pipeline
-from experiments.report import save_figure
+from experiments.plots import save_figure
 from experiments.workdir import append_jsonl, current_config, read_jsonl
 from transformer import ModelConfig, TransformerLM
 

@@ -31,6 +31,7 @@ from experiments.cells import (
     row_key,
     setting,
 )
+from experiments.plots import save_figure
 from experiments.quality_report import quality_section
 from experiments.runs_report import write_runs_report
 
@@ -406,22 +407,6 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
 def plot(rows: Sequence[Row], path: Path) -> bool:
     """Saves `figure(rows)` to `path`; False when matplotlib is not installed."""
     return save_figure(figure, rows, path)
-
-
-def save_figure(make_figure: Any, rows: Sequence[Row], path: Path) -> bool:
-    """Draws `make_figure(rows)` off-screen into `path`; False (and no file) when matplotlib
-    is not installed (`pip install scalable-attention[plot]`)."""
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = make_figure(rows)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def figure(rows: Sequence[Row]) -> Any:

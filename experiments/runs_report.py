@@ -13,9 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from experiments.workdir import current_config, read_metrics, read_summary
+from experiments.workdir import current_config, read_jsonl, read_metrics, read_summary
 
 QUALITY = ("eval/bits_per_token", "eval/accuracy")  # the first a run logged is its score
+CSV_FIELDS = ("run", "dataset", "attention", "params", "learning_rate", "seed", "step", "score")
+CSV_FIELDS += ("final", "converged", "steps_to_threshold", "by_length")
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -49,14 +51,19 @@ def run_row(workdir: Path, root: Path) -> dict[str, Any]:
         "steps_to_threshold": summary.get("steps_to_threshold"),
         "curve": [[s, e[score]] for s, e in sorted(evals.items()) if score in e],
     }
-    path = workdir / "evaluation.jsonl"
-    if path.exists():
-        lengths = {}
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            lengths[r["length"]] = r.get("bits_per_token", r.get("accuracy"))
-        row["by_length"] = dict(sorted(lengths.items()))
+    evaluated = read_jsonl(workdir / "evaluation.jsonl")  # the newest row per length (depth)
+    if evaluated:
+        by = {_at(r): r.get("bits_per_token", r.get("accuracy")) for r in evaluated}
+        row["by_length"] = dict(
+            sorted(by.items(), key=lambda kv: [float(x) for x in kv[0].split("@")])
+        )
     return row
+
+
+def _at(row: dict[str, Any]) -> str:
+    """An evaluation's place: its length, and `@depth` for a passkey needle depth."""
+    depth = (row.get("data") or {}).get("depth")
+    return f"{row['length']}" + (f"@{depth:g}" if depth is not None else "")
 
 
 def write_runs_report(root: str | Path, save: Callable[..., bool]) -> Path:
@@ -65,7 +72,7 @@ def write_runs_report(root: str | Path, save: Callable[..., bool]) -> Path:
     rows = [run_row(w, root) for w in find_runs(root)]
     if not rows:
         raise ValueError(f"no training workdir (config.json and metrics.csv) under {root}")
-    lengths = sorted({n for r in rows for n in r.get("by_length", {})})
+    lengths = list(dict.fromkeys(n for r in rows for n in r.get("by_length", {})))
     head = ["run", "dataset", "attention", "params", "lr", "seed", "step", "metric", "final"]
     head += ["converged", "steps to threshold", *(f"T={n}" for n in lengths)]
     md = [f"# Training runs under {root}", "", "| " + " | ".join(head) + " |"]
@@ -78,12 +85,14 @@ def write_runs_report(root: str | Path, save: Callable[..., bool]) -> Path:
         by = r.get("by_length", {})
         cells += [f"{by[n]:.4f}" if n in by else "" for n in lengths]
         md.append("| " + " | ".join(map(str, cells)) + " |")
-    md += ["", "T=n: the score evaluated at length n (experiments.evaluate)."]
+    md += [
+        "",
+        "T=n: the score evaluated at length n (experiments.evaluate); n@d: at needle depth d.",
+    ]
     if save(runs_figure, rows, root / "runs.png"):
         md += ["", "![runs](runs.png)"]
     with open(root / "runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "curve"],
-                                extrasaction="ignore")  # fmt: skip
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows({**r, "by_length": json.dumps(r.get("by_length"))} for r in rows)
     path = root / "runs.md"
@@ -101,8 +110,9 @@ def runs_figure(rows: list[dict[str, Any]]) -> Any:
         if r["curve"]:
             curves.plot(*zip(*r["curve"], strict=True), color=colour, label=r["run"])
         if r.get("by_length"):
-            points = sorted(r["by_length"].items())
-            lengths.plot(*zip(*points, strict=True), marker="o", color=colour, label=r["run"])
+            points = [(int(k), v) for k, v in r["by_length"].items() if "@" not in k]
+            if points:
+                lengths.plot(*zip(*points, strict=True), marker="o", color=colour, label=r["run"])
     metric = next((r["score"] for r in rows if r["score"]), "score")
     curves.set(xlabel="step", ylabel=metric, title="evaluation during training")
     lengths.set(xlabel="context length", ylabel=metric, title="at other lengths")

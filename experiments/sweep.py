@@ -351,6 +351,8 @@ def progress_line(i: int, n: int, elapsed: float, eta: float, row: dict[str, Any
     clock = tqdm.tqdm.format_interval
     head = f"[{i:>3}/{n} {clock(elapsed)} eta {clock(eta)}]"
     task = "".join(f" {k}={v}" for k, v in (row.get("task") or {}).items())
+    if row.get("seed") is not None:
+        task += f" lr={row['learning_rate']:g} seed={row['seed']}"
     cell = f"{row['variant']:<14} T={row['seq_len']:<6}{task} {row['mode']:<10} {row['status']:<7}"
     if row["status"] != "ok":
         mem = f" ({row['memory_bytes'] / 2**20:.0f} MiB)" if row.get("memory_bytes") else ""

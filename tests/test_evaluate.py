@@ -82,11 +82,18 @@ def test_the_report_tabulates_the_training_runs_it_finds(data_dir, tmp_path):
         config = tiny(data_dir)
         config.model.attention = name
         train.train(config, tmp_path / "runs" / name, out=io.StringIO())
-    evaluate.evaluate(tmp_path / "runs" / "dense", evaluate.Args([64]), io.StringIO())
+    (row,) = evaluate.evaluate(tmp_path / "runs" / "linear", evaluate.Args([64]), io.StringIO())
     assert report.main([str(tmp_path / "runs")]) == 0
     text = (tmp_path / "runs" / "runs.md").read_text()
-    assert "| dense | mqar/small | dense |" in text and "| linear | mqar/small | linear |" in text
+    final = json.loads((tmp_path / "runs" / "linear" / "summary.json").read_text())["metrics"]
+    assert "| dense | mqar/small | dense |" in text
+    assert (
+        f"| eval/accuracy | {final['eval/accuracy']:.4f} | True | - | {row['accuracy']:.4f} |"
+        in text
+    )
     assert "T=64" in text and (tmp_path / "runs" / "runs.png").exists()
+    header = (tmp_path / "runs" / "runs.csv").read_text().splitlines()[0]
+    assert header.endswith("by_length")  # though the first run was not evaluated
 
 
 def test_passkey_is_evaluated_on_a_length_by_depth_grid(data_dir, tmp_path):

@@ -44,7 +44,7 @@ def project_imports() -> dict[str, set[str]]:
 
 def test_imports_run_one_way():
     """configs -> experiments -> transformer -> attention_variants, no cycle anywhere; configs
-    import only configs and the config helpers."""
+    import only configs and the config helpers; training never imports the sweep."""
     graph = project_imports()
     layer = {"attention_variants": 0, "transformer": 1, "experiments": 2, "configs": 3}
     for module, imported in graph.items():
@@ -52,6 +52,14 @@ def test_imports_run_one_way():
             assert layer[other.split(".")[0]] <= layer[module.split(".")[0]], (module, other)
             if module.startswith("configs"):
                 assert other.startswith("configs") or other == "experiments.configlib", other
+    # Within experiments: the sweep builds on training, never the other way.
+    sweep = ("experiments.sweep", "experiments.plan", "experiments.kinds", "experiments.cells")
+    sweep += ("experiments.report", "experiments.quality_report", "experiments.bench")
+    training = ("experiments.train", "experiments.checkpoints", "experiments.workdir")
+    training += ("experiments.evaluate", "experiments.sample", "experiments.datasets")
+    for module, imported in graph.items():
+        if module.startswith(training):
+            assert not [m for m in imported if m.startswith(sweep)], (module, imported)
     done: set[str] = set()
 
     def visit(module: str, path: list[str]) -> None:
