@@ -75,18 +75,15 @@ def model_at(saved: dict[str, Any], length: int) -> TransformerLM:
     return TransformerLM(ModelConfig(**{**fields, "max_len": max(length, fields["max_len"])}))
 
 
-def source_at(
+def fields_at(
     saved: dict[str, Any], length: int, args: Any, depth: float | None = None
-) -> tuple[list, bool, dict]:
-    """(held-out examples at `length`, whether they are text, the dataset fields used); a
-    `depth` sets the passkey's needle depth."""
+) -> tuple[dict[str, Any], bool]:
+    """(the dataset fields of the held-out rows at `length`, whether they are text); a
+    `depth` sets the passkey's needle depth. Text keeps the run's fields (packed at `length`)."""
     name = saved["dataset"].split("/")[0]
     fields = dict(saved.get("dataset_config") or {})
-    data_dir = saved.get("data_dir") or None
-    if "seq_len" not in fields:  # text: the run's own dataset, rows packed at `length`
-        builder = datasets.prepare(saved["dataset"], data_dir)
-        source = builder.as_data_source()[saved["eval_split"]]
-        return pipeline.eval_subset(source, max_tokens=args.max_tokens), True, fields
+    if "seq_len" not in fields:
+        return fields, True
     train_length = fields["seq_len"]
     fields.update(seq_len=length, num_train=1, num_test=args.max_examples)
     if depth is not None:
@@ -95,13 +92,23 @@ def source_at(
         fields["depth"] = depth
     for key in LENGTH_SCALED.get(name, ()) if args.scale else ():
         fields[key] = max(1, fields[key] * length // train_length)
-    config = datasets.config_for(name, **fields)
     try:
-        config.check()
+        datasets.config_for(name, **fields).check()
     except ValueError as e:
         raise CannotEvaluate(f"{name} at length {length}: {e}") from None
-    builder = datasets.prepare(name, data_dir, config)
-    return list(builder.as_data_source()["test"]), False, fields
+    return fields, False
+
+
+def examples_at(saved: dict[str, Any], fields: dict[str, Any], text: bool, args: Any) -> list:
+    """The held-out examples: a text budget drawn across the run's eval split, or the test
+    split of the task built with `fields` (once; TFDS keeps it)."""
+    data_dir = saved.get("data_dir") or None
+    if text:
+        source = datasets.prepare(saved["dataset"], data_dir).as_data_source()[saved["eval_split"]]
+        return pipeline.eval_subset(source, max_tokens=args.max_tokens)
+    name = saved["dataset"].split("/")[0]
+    builder = datasets.prepare(name, data_dir, datasets.config_for(name, **fields))
+    return list(builder.as_data_source()["test"])
 
 
 def positions_in_document(segment_ids: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
@@ -182,7 +189,7 @@ def evaluate(workdir: Path, args: Args, out: TextIO = sys.stdout) -> list[dict[s
     rows = []
     for length, depth in [(n, d) for n in args.lengths for d in args.depths or [None]]:
         model = model_at(saved, length)
-        examples, text, fields = source_at(saved, length, args, depth)
+        fields, text = fields_at(saved, length, args, depth)
         key = {"step": step, "length": length, "data": fields, **versions}
         key["max_tokens" if text else "max_examples"] = (
             args.max_tokens if text else args.max_examples
@@ -192,6 +199,7 @@ def evaluate(workdir: Path, args: Args, out: TextIO = sys.stdout) -> list[dict[s
             rows.append(old[-1])
             print(f"length {length}: reused the row of step {step}", file=out)
             continue
+        examples = examples_at(saved, fields, text, args)  # built only when measured
         batch_rows = max(1, args.batch_tokens // length)
         row = {**key, "train_length": train_length, "attention": saved["model"]["attention"]}
         row.update(evaluate_length(model, params, examples, text, length, batch_rows, out))

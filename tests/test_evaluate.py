@@ -109,4 +109,4 @@ def test_passkey_is_evaluated_on_a_length_by_depth_grid(data_dir, tmp_path):
     assert "| 128 | 1.0 | 2 |" in out.getvalue()  # the per-length table names the depth
     mqar = {"dataset": "mqar/small", "dataset_config": {"seq_len": 64, "num_pairs": 4}}
     with pytest.raises(evaluate.CannotEvaluate, match="no needle depth"):
-        evaluate.source_at(mqar, 64, args, depth=0.5)
+        evaluate.fields_at(mqar, 64, args, depth=0.5)
