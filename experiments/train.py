@@ -279,13 +279,14 @@ def train_and_evaluate(
     out: TextIO = sys.stdout,
     stop_after: int = 0,
     allow_changes: bool = False,
+    prepared: Setup | None = None,
 ) -> dict[str, Any]:
     """Trains (or resumes) into `workdir`, evaluating every eval_every steps and stopping
     early once `threshold_metric` reaches `threshold` (when > 0); returns `summarize`'s result
     with `params` and `train_s` (written to summary.json too when the run ends). Raises
     ConfigError or WorkdirMismatch before anything is written, RestoreError or
     NoReadableCheckpoint (experiments/checkpoints.py) before anything is trained."""
-    setup_ = setup(config, dataset_config)
+    setup_ = prepared or setup(config, dataset_config)  # prepared: setup(config) already built
     c = config
     mesh = distributed.make_mesh(c.mesh.data, c.mesh.seq)
     row = setup_.seq_len or len(setup_.train_source[0]["inputs"])

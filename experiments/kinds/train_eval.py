@@ -77,7 +77,7 @@ def build_train_eval(cell: Cell, config: Any) -> Built:
 
     def quality(workdir: Path, out: TextIO) -> dict[str, Any]:
         run = workdir / "runs" / run_name(cell)
-        result = train.train_and_evaluate(c, run, dataset_config=data, out=out)
+        result = train.train_and_evaluate(c, run, out=out, prepared=setup)
         metrics = result["metrics"]
         lengths = [cell.seq_len * f for f in (cell.training or {}).get("extrapolate", [])]
         extrapolation: dict[str, float | None] = {}
