@@ -39,7 +39,13 @@ import numpy as np
 from absl import flags
 from jax.sharding import PartitionSpec
 
-from attention_variants.common import batch_axes, contract, offset_of, placed, widened
+from attention_variants.common import (
+    batch_axes,
+    beyond_self_attention,
+    contract,
+    placed,
+    widened,
+)
 from attention_variants.masks import Causal, Mask, Window
 from attention_variants.registry import CONTRACT_KEYWORDS, Implementation
 from attention_variants.tiled import scaled
@@ -66,14 +72,7 @@ def _unplain(q, k, call) -> str | None:
     """What none of the fused kernels serves: their calls are self-attention over whole rows."""
     if call.get("return_lse"):
         return "return_lse"
-    if call.get("kv_segment_ids") is not None:
-        return "kv_segment_ids"
-    static, _ = offset_of(call.get("q_offset", 0), q.shape[0])
-    if static != 0:
-        return "q_offset (decoding)"
-    if q.shape[1] != k.shape[1]:
-        return f"T={q.shape[1]} != S={k.shape[1]} (cross attention)"
-    return None
+    return beyond_self_attention(q, k, call)
 
 
 def _per_device(kernel, *args):
@@ -275,7 +274,7 @@ class SplashRingSteps:
     def from_keys(self, x):
         return x.transpose(0, 2, 1, 3)
 
-    def _block(self, relation: int, q_seg, k_seg):
+    def _block(self, relation, q_seg, k_seg):
         """(rows, cols, kernel, (query ids, key ids)) of a step that is not skipped."""
         rows, cols, mask = self.ring.parts(relation)
         T, S = rows.stop - rows.start, cols.stop - cols.start
@@ -294,7 +293,7 @@ class SplashRingSteps:
         over_heads = jax.vmap(head, in_axes=(0, 0, 0, None, None) + (0,) * len(rest))
         return jax.vmap(over_heads)(q, k, v, *ids, *rest)
 
-    def forward(self, relation: int, q, kv, q_seg):
+    def forward(self, relation, q, kv, q_seg):
         k, v, k_seg = kv
         rows, cols, kernel, ids = self._block(relation, q_seg, k_seg)
         with_lse = splash.splash_attention_kernel.SplashAttentionKernel(
@@ -310,7 +309,7 @@ class SplashRingSteps:
         L = q.shape[-2]
         return widened(o.astype(jnp.float32), rows, L, axis=-2), widened(l, rows, L, -jnp.inf, -1)
 
-    def grads(self, relation: int, q, kv, q_seg, out, lse, d_out, d_lse):
+    def grads(self, relation, q, kv, q_seg, out, lse, d_out, d_lse):
         k, v, k_seg = kv
         rows, cols, kernel, ids = self._block(relation, q_seg, k_seg)
         sizes, kw, backward = kernel.kwargs["block_sizes"], kernel.kwargs, _splash_backward()
@@ -332,6 +331,7 @@ class SplashRingSteps:
             return dq, dk, dv
 
         o, do = out[..., rows, :], d_out[..., rows, :]
+        lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # rows that see no key: p = 0
         di = jnp.einsum("...h,...h->...", o.astype(jnp.float32), do.astype(jnp.float32))
         di = di - d_lse[..., rows]  # d lse / d logits = p: the lse's cotangent joins di
         blocks = q[..., rows, :], k[..., cols, :], v[..., cols, :]

@@ -75,7 +75,6 @@ class BigBird(BlockTable):
     causal: bool = True
     q_blocks: int = 1  # table rows: blocks of positions (set by `sized`)
     k_blocks: int = 1  # key blocks of an unpacked row (set by `sized`)
-    shift_invariant = False
 
     def __post_init__(self):
         check_int("block", self.block)

@@ -117,6 +117,20 @@ def offset_of(q_offset, B: int):
     return None, jnp.broadcast_to(q_offset.astype(jnp.int32), (B,))
 
 
+def beyond_self_attention(q, k, call) -> str | None:
+    """What makes a call more than self-attention over whole rows, which the fused kernels,
+    the ring and the linear family's causal sums serve (None: nothing): kv_segment_ids, a
+    decoding offset, T != S. Raises ValueError for a malformed q_offset."""
+    if call.get("kv_segment_ids") is not None:
+        return "kv_segment_ids"
+    static, _ = offset_of(call.get("q_offset", 0), q.shape[0])
+    if static != 0:
+        return "q_offset (decoding)"
+    if q.shape[1] != k.shape[1]:
+        return f"T={q.shape[1]} != S={k.shape[1]} (cross attention)"
+    return None
+
+
 def check_ids(name: str, ids, shape) -> None:
     if ids.shape != shape or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(f"{name} must be int [B, length] = {shape}, got {ids.dtype} {ids.shape}")

@@ -10,9 +10,9 @@ attention output; the cache carries what later tokens still need:
   at or after `position + t` hold zeros, which the causal mask hides (a mask that shows later
   keys cannot decode: NotImplementedError). O(max_len) memory; writing past it raises
   ValueError when the position is concrete, and gives NaN outputs when it is traced. The
-  position is traced in the model, so the kernel prunes tiles by the mask's `reach` band only:
-  `fixed` and `bigbird` prefill the causal band's tiles (their sparsity is lost there, not
-  their result).
+  position is traced in the model, so the kernel schedules every key tile of the cache and
+  masks what the position hides (a step costs O(max_len), as a dense row does): `fixed` and
+  `bigbird` prefill every tile (their sparsity is lost there, not their result).
 * **Window cache** (masked softmax whose causal mask reaches a bounded distance back and
   depends on k - q only, as `sliding_window`; a mask that declares `shift_invariant` is also
   checked to be so on a grid, else it gets a KV cache): the last `behind` keys, in order. The
@@ -29,6 +29,7 @@ sums stay float32. A cache is a pytree of arrays, so it travels through `jit` an
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -39,6 +40,7 @@ from jax import lax
 
 from attention_variants import chunked, registry
 from attention_variants.common import check_inputs
+from attention_variants.masks import GRID, shifts_alike
 
 
 class KeyValues(NamedTuple):
@@ -78,9 +80,6 @@ def full_message(max_len: int, position: int, t: int) -> str:
     )
 
 
-GRID = 48  # positions on which a mask's decoding properties are checked
-
-
 def check_backward(name: str, mask: Any) -> None:
     """Raises NotImplementedError unless the causal mask hides every later key (a cache of
     earlier tokens could not serve a query that sees ahead)."""
@@ -93,14 +92,20 @@ def check_backward(name: str, mask: Any) -> None:
         )
 
 
-def shifts_alike(mask: Any, behind: int) -> bool:
-    """Whether the mask's pattern is the same wherever it sits (checked on a grid), as a window
-    cache needs: it sees its keys at other positions than the full row does."""
-    q, k = np.arange(GRID)[:, None], np.arange(GRID)[None, :]
-    base = np.asarray(mask.visible(q, k))
-    return all(
-        np.array_equal(base, np.asarray(mask.visible(q + s, k + s))) for s in (1, 7, behind + 3)
-    )
+def serving(name: str, options: dict[str, Any], q, k, v, **call) -> dict[str, Any]:
+    """`options` with an implementation that serves this decoding call: the one asked for, or
+    "auto" where it cannot (the fused kernels take no decoding offsets or kv_segment_ids; a
+    model whose training runs on one of them still decodes)."""
+    implementation = options.get("implementation", "auto")
+    if implementation == "auto":
+        return options
+    rest = {n: x for n, x in options.items() if n != "implementation"}
+    try:
+        registry.spec(name).choose(implementation, q, k, v, **call, **rest)
+    except NotImplementedError as e:
+        logging.info("%s: decoding runs on 'auto' (%s)", name, e)
+        return {**options, "implementation": "auto"}
+    return options
 
 
 def masked_softmax_cache(name: str, mask: Callable[..., Any]) -> Cache:
@@ -111,7 +116,10 @@ def masked_softmax_cache(name: str, mask: Callable[..., Any]) -> Cache:
         m = mask(True, **options)
         check_backward(name, m)
         reach = m.reach[0]
-        return reach if reach is not None and m.shift_invariant and shifts_alike(m, reach) else None
+        if reach is None or not m.shift_invariant:
+            return None
+        # a window cache sees its keys at other positions than the full row does
+        return reach if shifts_alike(m, (1, 7, reach + 3)) else None
 
     def kind(**options) -> str:
         return "kv" if behind(options) is None else "window"
@@ -132,7 +140,9 @@ def masked_softmax_cache(name: str, mask: Callable[..., Any]) -> Cache:
                 raise ValueError(full_message(length, int(position), t))
             keys = lax.dynamic_update_slice_in_dim(cache.k, k, position, axis=1)
             values = lax.dynamic_update_slice_in_dim(cache.v, v, position, axis=1)
-            out = kernel(q, keys, values, causal=True, q_offset=position, scale=scale, **options)
+            call = dict(causal=True, q_offset=position, scale=scale)
+            options = serving(name, options, q, keys, values, **call)
+            out = kernel(q, keys, values, **call, **options)
             # Past max_len the write would land on earlier slots: NaN, never a wrong number.
             out = jnp.where(position + t > length, jnp.nan, out).astype(out.dtype)
             return out, KeyValues(keys, values)
@@ -143,10 +153,9 @@ def masked_softmax_cache(name: str, mask: Callable[..., Any]) -> Cache:
         # Slot j holds position `position - length + j`; those before 0 are empty: id 0.
         filled = jnp.arange(length + t) >= length - position
         kv_ids = jnp.broadcast_to(filled.astype(jnp.int32), (B, length + t))
-        out = kernel(
-            q, keys, values, causal=True, q_offset=length, scale=scale,
-            segment_ids=jnp.ones((B, t), jnp.int32), kv_segment_ids=kv_ids, **options,
-        )  # fmt: skip
+        call = dict(causal=True, q_offset=length, scale=scale,
+                    segment_ids=jnp.ones((B, t), jnp.int32), kv_segment_ids=kv_ids)  # fmt: skip
+        out = kernel(q, keys, values, **call, **serving(name, options, q, keys, values, **call))
         return out, KeyValues(keys[:, t:], values[:, t:])
 
     return Cache(kind, init, extend)

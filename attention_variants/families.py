@@ -22,17 +22,17 @@ from typing import Any
 
 from attention_variants import accelerators, chunked
 from attention_variants.common import (
+    beyond_self_attention,
     check_inputs,
     check_positive,
     contract,
     layout,
-    offset_of,
     softmax_attention,
     softmax_flops,
     visible,
 )
 from attention_variants.decoding import linear_state_cache, masked_softmax_cache
-from attention_variants.masks import Mask
+from attention_variants.masks import Mask, check_shift
 from attention_variants.registry import Implementation
 from attention_variants.tiled import BlockSizes, tiled_attention
 
@@ -75,7 +75,7 @@ class MaskedSoftmax:
             tile_defaults = dict(block_q=None, block_k=None)
 
         def mask(causal: bool = True, **options) -> Mask:
-            return declaration(causal=causal, **_pick(options, mask_defaults))
+            return check_shift(declaration(causal=causal, **_pick(options, mask_defaults)))
 
         def check(**options) -> None:
             mask(True, **options), mask(False, **options)
@@ -142,17 +142,14 @@ class MaskedSoftmax:
 
 
 def _not_served(name: str, q, k, call) -> None:
-    """The linear family's NotImplementedError for what it cannot serve, naming the argument."""
-    T, S = q.shape[1], k.shape[1]
-    static, _ = offset_of(call["q_offset"], q.shape[0])  # ValueError for a malformed offset
+    """The linear family's NotImplementedError for what it cannot serve, naming the argument:
+    its causal sums run over whole rows of self-attention (a full call takes any keys)."""
     if call["return_lse"]:
         raise NotImplementedError(f"{name}: return_lse (linear attention has no log-sum-exp)")
-    if call["kv_segment_ids"] is not None:
-        raise NotImplementedError(f"{name}: kv_segment_ids (segments are self-attention only)")
-    if call["causal"] and static != 0:
-        raise NotImplementedError(f"{name}: q_offset (decode through av.decoder(name) instead)")
-    if call["causal"] and T != S:
-        raise NotImplementedError(f"{name}: causal with T={T} != S={S}")
+    beyond = beyond_self_attention(q, k, call)
+    if beyond == "kv_segment_ids" or (beyond and call["causal"]):
+        hint = "; decode through av.decoder(name)" if beyond.startswith("q_offset") else ""
+        raise NotImplementedError(f"{name}: {beyond}{hint}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,9 @@ A mask answers, on broadcastable position arrays (numpy or jax):
 Both tile answers may be conservative (`tile_visible` True, `tile_full` False when unsure), never
 the other way round. A `shift_invariant` mask depends on k - q only, so its tile answers hold
 within documents too; other masks run, in packed rows, the band of tiles `reach` allows and
-apply `visible` per element. `dense(T, S)` materialises [T, S] for references and tests only.
+apply `visible` per element. A subclass is taken to depend on positions (the safe answer) unless
+it declares `shift_invariant = True`; the registry checks the claim on a grid (`check_shift`).
+`dense(T, S)` materialises [T, S] for references and tests only.
 """
 
 from __future__ import annotations
@@ -54,10 +56,32 @@ def everywhere(a, b):
     return (a - a + b - b) == 0
 
 
-def _band(q_lo, q_hi, k_lo, k_hi, reach):
-    """Whether the tile meets the band q - behind <= k <= q + ahead (exact on a rectangle).
+GRID = 48  # positions on which a mask's claims are checked
 
-    Works on numpy and jax bounds alike (the engine also checks it at run time)."""
+
+def shifts_alike(mask: Mask, shifts=(1, 7, 29)) -> bool:
+    """Whether `mask.visible` is the same pattern when queries and keys shift together by each
+    of `shifts` (checked on a GRID x GRID block of an unpacked row)."""
+    q, k = np.arange(GRID)[:, None], np.arange(GRID)[None, :]
+    base = np.asarray(mask.visible(q, k))
+    return all(np.array_equal(base, np.asarray(mask.visible(q + s, k + s))) for s in shifts)
+
+
+@functools.lru_cache(maxsize=1024)
+def check_shift(mask: Mask) -> Mask:
+    """`mask`, after checking that a declared `shift_invariant` holds (ValueError naming the
+    mask if not: packed rows would lay its tiles on the wrong positions)."""
+    if mask.shift_invariant and not shifts_alike(mask):
+        raise ValueError(
+            f"{type(mask).__name__} declares shift_invariant = True, but its visible() changes "
+            "when query and key positions shift together (checked on a grid): remove the claim "
+            "(the default runs the pattern per document)"
+        )
+    return mask
+
+
+def _band(q_lo, q_hi, k_lo, k_hi, reach):
+    """Whether the tile meets the band q - behind <= k <= q + ahead (exact on a rectangle)."""
     behind, ahead = reach
     vis = everywhere(q_lo, k_lo)
     if ahead is not None:
@@ -71,7 +95,11 @@ def _band(q_lo, q_hi, k_lo, k_hi, reach):
 class Mask:
     """Base class: every key is visible (non-causal, unmasked attention)."""
 
-    shift_invariant = True  # visibility depends on k - q only
+    @property
+    def shift_invariant(self) -> bool:
+        """Whether visibility depends on k - q only. False unless a subclass declares it (a
+        class attribute), so a pattern that forgets to say runs per document, never wrongly."""
+        return type(self) is Mask
 
     @property
     def reach(self) -> tuple[int | None, int | None]:
@@ -108,6 +136,8 @@ class Mask:
 class Causal(Mask):
     """Query at position i sees key j iff j <= i."""
 
+    shift_invariant = True
+
     @property
     def reach(self):
         return None, 0
@@ -132,6 +162,7 @@ class Window(Mask):
 
     left: int
     right: int = 0
+    shift_invariant = True
 
     def __post_init__(self):
         check_int("left", self.left, 0)
@@ -164,7 +195,6 @@ class Fixed(Mask):
     block: int
     summary: int
     causal: bool = True
-    shift_invariant = False
 
     def __post_init__(self):
         check_int("block", self.block)
@@ -274,7 +304,6 @@ class BlockSparse(BlockTable):
     shape: tuple[int, int]
     table_bytes: bytes = dataclasses.field(repr=False)
     causal: bool = True
-    shift_invariant = False
 
     @classmethod
     def of(cls, table: np.ndarray, block: int, causal: bool = True) -> BlockSparse:

@@ -33,6 +33,7 @@ inputs already sharded over the axis never gather; T must be a multiple of the n
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import warnings
 
@@ -45,12 +46,12 @@ from jax.sharding import PartitionSpec
 from attention_variants.accelerators import SplashRingSteps, splash_ring_unserved, table
 from attention_variants.common import (
     batch_axes,
+    beyond_self_attention,
     check_ids,
     check_inputs,
     contract,
     default_scale,
     layout,
-    offset_of,
     placed,
     widened,
 )
@@ -68,6 +69,14 @@ from attention_variants.tiled import (
 )
 
 LAYOUTS = ("zigzag", "contiguous")
+
+
+class Relation(enum.IntEnum):
+    """Where the key/value block a device holds at a step came from."""
+
+    OWN = 0  # the device's own block
+    EARLIER = 1  # a block of an earlier device (earlier positions)
+    LATER = 2  # a block of a later device
 
 
 def axis_size(axis: str) -> int:
@@ -119,25 +128,23 @@ class _Ring:
     heads: tuple[int, int]  # N query heads, K key/value heads
     inner: str = "jax"  # the engine of a step: "jax" (the tiled engine) or "splash"
 
-    def parts(self, relation: int):
-        """What a step computes: (query rows, key rows, mask), or None when it is skipped.
-
-        relation: 0 the device's own block, 1 a block from an earlier device, 2 a later one.
-        """
+    def parts(self, relation: Relation):
+        """What a step computes: (query rows, key rows, mask), or None when it is skipped."""
         everything = slice(0, self.L)
         if not self.causal:
             return everything, everything, Mask()
-        if relation == 0:  # both layouts keep positions increasing within a device
+        if relation == Relation.OWN:  # both layouts keep positions increasing within a device
             return everything, everything, Causal()
         if self.layout == "contiguous":
-            return (everything, everything, Mask()) if relation == 1 else None
+            return (everything, everything, Mask()) if relation == Relation.EARLIER else None
         half = self.L // 2  # zigzag: chunks (i, 2n-1-i) against (j, 2n-1-j)
-        if relation == 1:  # j < i: every query sees the early chunk j, none the late one
+        if relation == Relation.EARLIER:  # j < i: every query sees the early chunk j only
             return everything, slice(0, half), Mask()
         return slice(half, self.L), everything, Mask()  # j > i: only the late chunk sees it
 
-    def relations(self) -> int:
-        return 3 if self.causal else 1
+    def relations(self) -> tuple[Relation, ...]:
+        """The relations a step can have (a full ring treats every block alike)."""
+        return tuple(Relation) if self.causal else (Relation.OWN,)
 
     def steps(self):
         """The engine of each step (`_Tiled` or the splash steps), bound to this ring."""
@@ -168,7 +175,7 @@ class _Tiled:
     def from_keys(self, x):
         return from_tiles(x, self.ring.L, 1)
 
-    def step(self, relation: int, q_seg, k_seg):
+    def step(self, relation: Relation, q_seg, k_seg):
         """(query tiles, key tiles, plan) of a step, or None when it is skipped."""
         parts = self.ring.parts(relation)
         if parts is None:
@@ -188,16 +195,15 @@ class _Tiled:
         heads = self.ring.heads
         return tile_rows, tile_cols, plan(T, heads[0], S, heads[1], mask, lay, self.ring.tiles)
 
-    def forward(self, relation: int, q, kv, q_seg):
+    def forward(self, relation: Relation, q, kv, q_seg):
         """Float32 out and lse tiles (lse -inf on rows that see nothing) of the local query
         tiles over one block of key tiles."""
         k, v, k_seg = kv
         rows, cols, (st, co_q, co_k) = self.step(relation, q_seg, k_seg)
         o, l = attend_tiles(st, q[rows], k[cols], v[cols], co_q, co_k)
-        l = jnp.where(jnp.isposinf(l), -jnp.inf, l)  # the engine's empty rows: +inf
-        return widened(o.astype(jnp.float32), rows, len(q)), widened(l, rows, len(q), -jnp.inf)
+        return widened(o, rows, len(q)), widened(l, rows, len(q), -jnp.inf)
 
-    def grads(self, relation: int, q, kv, q_seg, out, lse, d_out, d_lse):
+    def grads(self, relation: Relation, q, kv, q_seg, out, lse, d_out, d_lse):
         """Float32 (dq, dk, dv) tiles: the share of the gradients that one key block gives."""
         k, v, k_seg = kv
         rows, cols, (st, co_q, co_k) = self.step(relation, q_seg, k_seg)
@@ -207,17 +213,19 @@ class _Tiled:
 
 
 def _relation(step, n: int, axis: str):
-    """0, 1 or 2 for the block that device i holds at `step` (it came from device i - step)."""
+    """The `Relation` (as an int) of the block that device i holds at `step` (it came from
+    device i - step)."""
     i = lax.axis_index(axis)
     j = (i - step) % n
-    return jnp.where(step == 0, 0, jnp.where(j < i, 1, 2))
+    later = jnp.where(j < i, Relation.EARLIER, Relation.LATER)
+    return jnp.where(step == 0, Relation.OWN, later)
 
 
 def _switch(cfg: _Ring, step, fn, skipped, *args):
     """fn(relation, *args) for the relation of the block in hand at `step`; skipped(*args)
     where that relation computes nothing (`_Ring.parts`)."""
     branches = [skipped if cfg.parts(r) is None else functools.partial(fn, r)
-                for r in range(cfg.relations())]  # fmt: skip
+                for r in cfg.relations()]  # fmt: skip
     if len(branches) == 1:
         return branches[0](*args)
     return lax.switch(_relation(step, cfg.n, cfg.axis), branches, *args)
@@ -299,7 +307,6 @@ def _ring_local_fwd(cfg, q, k, v, seg):
     laid = steps.queries(scaled(q, cfg.scale)), steps.keys(k), steps.keys(v)
     out, lse = _forward(cfg, *laid, seg)  # the keys' ids travel with them
     result = steps.from_queries(out).astype(q.dtype), steps.from_queries(lse[..., None])[..., 0]
-    lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # empty rows: p = exp(s - lse) = 0
     return _reordered(cfg, *result, inverse=True), (*laid, seg, out.astype(q.dtype), lse)
 
 
@@ -351,7 +358,8 @@ def _run_ids(ids, n: int, axis: str):
     return earlier[:, None] + local - 1
 
 
-def unserved(q, k, v, *, axis="seq", segment_ids=None, kv_segment_ids=None, q_offset=0, **_):
+def unserved(q, k, v, *, axis="seq", layout="zigzag", causal=True, block_q=512, block_k=512,
+             **call):  # fmt: skip
     """Why the ring cannot serve a call (None: it can): the "auto" fallback to blockwise. A
     current mesh without the axis also warns: the user likely named the axis otherwise."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -362,13 +370,22 @@ def unserved(q, k, v, *, axis="seq", segment_ids=None, kv_segment_ids=None, q_of
         return missing
     if axis_size(axis) == 1:
         return f"a current mesh (jax.set_mesh) with an axis {axis!r} of size > 1"
-    static, _ = offset_of(q_offset, q.shape[0])
-    if static != 0:
-        return "q_offset (decoding runs on one device)"
-    if kv_segment_ids is not None:
-        return "kv_segment_ids"
-    if q.shape[1] != k.shape[1]:
-        return f"T={q.shape[1]} != S={k.shape[1]}"
+    beyond = beyond_self_attention(q, k, call)
+    if beyond is not None:
+        return beyond
+    return _unfit(q.shape[1], axis_size(axis), layout, causal, block_q, block_k)
+
+
+def _unfit(T: int, n: int, layout: str, causal: bool, block_q: int, block_k: int) -> str | None:
+    """Why rows of T positions cannot be cut for a ring of n devices (None: they can)."""
+    order, chunks = chunking(n, layout, causal)
+    if T % chunks:
+        return (f"T={T} (a multiple of {chunks} is needed: {order} layout over {n} devices; pad "
+                "the rows or choose another length)")  # fmt: skip
+    try:
+        tile_sizes(T // n, order, BlockSizes(block_q, block_k))
+    except ValueError as e:
+        return str(e)
     return None
 
 
@@ -377,13 +394,11 @@ def _attend(q, k, v, call, options, inner="jax"):
     check_inputs(q, k, v)
     axis, n = options["axis"], axis_size(options["axis"])
     causal, tiles = call["causal"], BlockSizes(options["block_q"], options["block_k"])
-    order, chunks = chunking(n, options["layout"], causal)
+    order, _ = chunking(n, options["layout"], causal)
     B, T, N, _ = q.shape
-    if T % chunks:
-        raise ValueError(
-            f"ring: T={T} must be a multiple of {chunks} ({order} layout over the {axis!r} axis "
-            f"of {n} devices); pad the rows or choose another length"
-        )
+    unfit = _unfit(T, n, options["layout"], causal, options["block_q"], options["block_k"])
+    if unfit is not None:
+        raise ValueError(f"ring over the {axis!r} axis: {unfit}")
     L = T // n
     heads = (N, k.shape[2])
     tiles = tile_sizes(L, order, tiles)
@@ -421,7 +436,8 @@ def tile_work(T: int, n: int, *, layout: str = "zigzag", causal: bool = True,
     for i in range(n):
         for s in range(n):
             j = (i - s) % n
-            step = _Tiled(cfg).step(0 if s == 0 else 1 if j < i else 2, None, None)
+            relation = Relation.OWN if s == 0 else Relation.EARLIER if j < i else Relation.LATER
+            step = _Tiled(cfg).step(relation, None, None)
             work[i] += 0 if step is None else step[2][0].schedule.tiles
     return work
 
@@ -437,7 +453,7 @@ ring_splash = contract(_attend_on_splash)
 
 def _splash_unserved(q, k, v, *, causal=True, axis="seq", layout="zigzag", **call):
     """Why the ring cannot run its steps on splash for this call (None: it can)."""
-    missing = unserved(q, k, v, axis=axis, **call)
+    missing = unserved(q, k, v, axis=axis, layout=layout, causal=causal, **call)
     if missing is not None:
         return missing
     return splash_ring_unserved(q.shape[1], chunking(axis_size(axis), layout, causal)[1])

@@ -5,11 +5,15 @@ Online softmax over key tiles with float32 running max and sum (Rabe & Staats 20
 its backward recomputes tile scores, so memory is O(T) in the forward and the backward.
 
 Which tiles run is a static *schedule* built from `Mask.tile_visible`: tiles that no query can
-see are never computed, and tiles that every query sees fully skip the mask. Segment ids prune
-further at run time: a tile whose query and key segment ranges do not overlap is skipped. In a
-packed row a mask that is not shift invariant (a block pattern) runs the band of tiles its
-`reach` allows and applies its predicate per element on positions within the document. With a
-traced q_offset (decoding under jit) every tile is scheduled and the band is checked at run time.
+see are never computed, and tiles that every query sees fully skip the mask. The engine walks
+the schedule's (query tile, key tile) pairs in loops of compile-time length with no branches:
+on CPU one pair per step, on accelerators many pairs per step as one batched matmul (no two of
+a step's pairs share a query tile in the forward; the backward adds every pair's dQ, dK, dV
+into its tiles' buffers). Nothing depends on the data at run time: in packed rows every tile of
+the band is masked by segment ids (a tile of two documents is computed, its pairs hidden), and
+a mask that is not shift invariant (a block pattern) runs the band of tiles its `reach` allows
+and applies its predicate per element on positions within the document. With a traced q_offset
+(decoding under jit) every tile is scheduled and masked.
 
 The forward also returns the per-row log-sum-exp; its cotangent flows into the backward
 (dS = P * (dP - delta + dlse)), so partial results can be merged differentiably.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +49,22 @@ class BlockSizes:
         check_positive(block_q=self.block_q, block_k=self.block_k)
 
 
+class QueryCoords(NamedTuple):
+    """Where the queries of each tile sit, as tiles [nq, B|1, bq] (None: not given)."""
+
+    pos: jax.Array  # on the mask's coordinates (absolute, or within the document)
+    abs: jax.Array  # absolute positions (q_offset + i)
+    doc_len: jax.Array | None  # keys in the query's document (within-document masks)
+    seg: jax.Array | None  # document ids
+
+
+class KeyCoords(NamedTuple):
+    """Where the keys of each tile sit, as tiles [nk, B|1, bk] (None: not given)."""
+
+    pos: jax.Array
+    seg: jax.Array | None
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """Static tile schedule: for query tile i, the key tiles kv[i, :count[i]] it visits.
@@ -63,6 +84,40 @@ class Schedule:
     def tiles(self) -> int:
         return int(self.count.sum())
 
+    def pairs(self, masked: bool, by_key: bool = False) -> np.ndarray:
+        """(query tile, key tile) pairs [n, 2] that need the mask (or not), row by row of
+        the query-major lists, or (by_key) of the key-major ones."""
+        lists, count, full = (self.q, self.q_count, self.q_full) if by_key else (
+            self.kv, self.count, self.full)  # fmt: skip
+        rows = [
+            (i, j)
+            for i in range(len(count))
+            for j in (lists[i, full[i] : count[i]] if masked else lists[i, : full[i]])
+        ]
+        pairs = np.array(rows, np.int32).reshape(-1, 2)
+        return pairs[:, ::-1] if by_key else pairs
+
+
+def steps(pairs: np.ndarray, width: int, trash: tuple[int, int], distinct: bool) -> np.ndarray:
+    """`pairs` [n, 2] in steps of `width` pairs [steps, width, 2], the last padded with `trash`
+    (a pair whose results land in a discarded row). With `distinct` no step holds two pairs of
+    one query tile (their online softmax updates would collide): each step takes one pair from
+    each of the `width` query tiles with the most pairs left."""
+    if width == 1 or not distinct:
+        n = -(-len(pairs) // width) * width
+        padded = np.concatenate([pairs, np.tile(np.int32(trash), (n - len(pairs), 1))])
+        return padded.reshape(-1, width, 2)
+    left = {}
+    for qi, ki in pairs:
+        left.setdefault(int(qi), []).append(int(ki))
+    out = []
+    while left:
+        rows = sorted(left, key=lambda r: -len(left[r]))[:width]
+        step = [(r, left[r].pop()) for r in rows]
+        left = {r: ks for r, ks in left.items() if ks}
+        out.append(step + [trash] * (width - len(step)))
+    return np.array(out, np.int32).reshape(-1, width, 2)
+
 
 def _lists(visible: np.ndarray, full: np.ndarray):
     """Per row: indices of visible columns, full ones first, padded; counts of each kind."""
@@ -79,7 +134,7 @@ def make_schedule(
     mask: Mask, T: int, S: int, bq: int, bk: int, segmented: bool, q_offset: int | None = 0
 ) -> Schedule:
     """Builds the tile schedule of `mask` for lengths T, S, tile sizes bq, bk and the static
-    q_offset (None: traced, so every tile is scheduled and pruned at run time)."""
+    q_offset (None: traced, so every tile is scheduled and masked)."""
     nq, nk = -(-T // bq), -(-S // bk)
     if q_offset is None:
         visible, full = np.ones((nq, nk), bool), np.zeros((nq, nk), bool)
@@ -116,6 +171,8 @@ class _Static:
     segmented: bool
     q_offset: int | None  # None: traced
     absolute: bool  # positions are q_offset + i and j: computed per tile, not loaded
+    parallel: bool = False  # several tile pairs per step (accelerators; CPU: one at a time)
+    ones_column: bool = True  # softmax row sums from a column of ones after V (CPU)
 
     @property
     def schedule(self) -> Schedule:
@@ -123,28 +180,55 @@ class _Static:
             self.mask, self.T, self.S, self.bq, self.bk, self.segmented, self.q_offset
         )
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return -(-self.T // self.bq), -(-self.S // self.bk)
+
+    def width(self, pair_bytes: int) -> int:
+        """Tile pairs per step: 1 on CPU; on accelerators as many as the schedule keeps busy
+        (its pairs over its longest row, so few steps are padding), within WORKING_SET."""
+        if not self.parallel:
+            return 1
+        sched = self.schedule
+        busy = sched.tiles // max(int(sched.count.max(initial=0)), 1)
+        return max(1, min(busy, WORKING_SET // max(pair_bytes, 1)))
+
+    def steps(self, masked: bool, backward: bool, width: int) -> np.ndarray:
+        """[steps, width, 2] (query tile, key tile) pairs of one of the engine's loops; padding
+        pairs point at the row after the last (query tile nq; key tile nk in the backward)."""
+        return _steps_of(self, masked, backward, width)
+
+
+@functools.lru_cache(maxsize=256)
+def _steps_of(st: _Static, masked: bool, backward: bool, width: int) -> np.ndarray:
+    nq, nk = st.shape
+    pairs = st.schedule.pairs(masked, by_key=backward)
+    trash = (nq, nk) if backward else (nq, 0)
+    return steps(pairs, width, trash, distinct=not backward)
+
 
 # Inside the engine a query tile is [B, K, G*bq, H]: the G heads that share a key/value head
 # are stacked along rows, so each tile product is one batched matmul with no repeated K/V.
-# Coordinates arrive as tiles too: co = (q_pos, q_abs, doc_len | None, seg_q | None) of shape
-# [nq, B|1, bq] and (k_pos, seg_k | None) of shape [nk, B|1, bk]; absolute positions at a
-# static offset are computed per tile instead (cheaper for the many small tiles of a band).
+# The engine's loops visit the schedule's (query tile, key tile) pairs in steps of `width`
+# pairs: compile-time trip counts, no branches (a pair every query of which is hidden is
+# masked, not skipped). Running results live in per-tile buffers with one spare row that
+# padding pairs write to. Coordinates arrive as tiles (`QueryCoords`, `KeyCoords`); absolute
+# positions at a static offset are computed per tile instead (cheaper for the many small
+# tiles of a band).
 
 
-def _tile_visible(st: _Static, qi, ki, co_q, co_k):
+def _tile_visible(st: _Static, qi, ki, co_q: QueryCoords, co_k: KeyCoords):
     """Boolean [B|1, 1, G*bq, bk] visibility of tile (qi, ki), evaluated from positions."""
-    q_pos, _, doc_len, seg_q = co_q
-    k_pos, seg_k = co_k
     k_index = ki * st.bk + jnp.arange(st.bk)
     if st.absolute:
         q_t = (st.q_offset + qi * st.bq + jnp.arange(st.bq))[None, :, None]  # [1, bq, 1]
         k_t = k_index[None, None, :]
     else:
-        q_t, k_t = q_pos[qi][:, :, None], k_pos[ki][:, None, :]  # [B|1, bq, 1], [B|1, 1, bk]
-    doc_t = None if doc_len is None else doc_len[qi][:, :, None]
+        q_t, k_t = co_q.pos[qi][:, :, None], co_k.pos[ki][:, None, :]  # [B|1, bq, 1], [.., bk]
+    doc_t = None if co_q.doc_len is None else co_q.doc_len[qi][:, :, None]
     vis = st.mask.visible(q_t, k_t, doc_t) & (k_index < st.S)[None, None, :]  # [B|1, bq, bk]
     if st.segmented:
-        vis = vis & (seg_q[qi][:, :, None] == seg_k[ki][:, None, :])
+        vis = vis & (co_q.seg[qi][:, :, None] == co_k.seg[ki][:, None, :])
     vis = jnp.broadcast_to(vis[:, None], (vis.shape[0], st.groups, st.bq, st.bk))
     return vis.reshape(vis.shape[0], 1, st.groups * st.bq, st.bk)
 
@@ -161,120 +245,166 @@ def _masked_scores(st, masked, q_t, k_t, qi, ki, co_q, co_k):
     return s
 
 
-def _pruned(st, body, co_q, co_k, qi, ki, carry):
-    """Runs body(carry) unless the tile is empty at run time: its segment id ranges cannot
-    meet, or (traced q_offset) it lies outside the mask's band of absolute positions."""
-    checks = []
-    if st.segmented:
-        seg_q, seg_k = co_q[3][qi], co_k[1][ki]
-        checks.append((seg_q.min(-1) <= seg_k.max(-1)) & (seg_k.min(-1) <= seg_q.max(-1)))
-    if st.q_offset is None:
-        q_abs = co_q[1][qi]
-        k_lo, k_hi = ki * st.bk, jnp.minimum(ki * st.bk + st.bk, st.S) - 1
-        checks.append(_band(q_abs.min(-1), q_abs.max(-1), k_lo, k_hi, st.mask.reach))
-    if not checks:
-        return body(carry)
-    run = functools.reduce(lambda a, b: a & b, checks)
-    return lax.cond(jnp.any(run), body, lambda c: c, carry)
+def _take(x, index):
+    """Rows x[index] of a tile buffer (index [width] int32)."""
+    if index.shape[0] == 1:  # a dynamic slice, not a gather
+        return lax.dynamic_slice_in_dim(x, index[0], 1)
+    return x[index]
 
 
-def _two_loops(lo_full, hi, step, carry):
-    """Visits positions [0, lo_full) without masks, then [lo_full, hi) with them."""
-    carry = lax.fori_loop(0, lo_full, step(False), carry)
-    return lax.fori_loop(lo_full, hi, step(True), carry)
+def _put(x, index, rows, add: bool = False):
+    """x with rows `rows` written to (or, with `add`, added to) x[index]."""
+    if index.shape[0] == 1:
+        if add:
+            rows = rows + lax.dynamic_slice_in_dim(x, index[0], 1)
+        return lax.dynamic_update_slice_in_dim(x, rows, index[0], 0)
+    return x.at[index].add(rows) if add else x.at[index].set(rows)
 
 
-def _forward(st: _Static, q, k, v, co_q, co_k):
+WORKING_SET = 1 << 28  # bytes of score tiles one step of an accelerator's loop may hold
+
+
+def _pair_bytes(q, k) -> int:
+    """Bytes of float32 scores and probabilities of one (query tile, key tile) pair."""
+    return 2 * 4 * int(np.prod(q.shape[1:-1])) * k.shape[-2]
+
+
+def _each(fn, *args):
+    """fn over the leading axis of args (one tile pair per row): vmap, or for a single pair a
+    plain call (dynamic slices, not gathers)."""
+    if args[0].shape[0] > 1:
+        return jax.vmap(fn)(*args)
+    return jax.tree.map(lambda y: y[None], fn(*(x[0] for x in args)))
+
+
+def _loop(st: _Static, backward: bool, update, carried, added=(), pair_bytes: int = 0):
+    """Walks the schedule's unmasked pairs, then its masked ones, in loops of compile-time
+    length: update(masked, qi, ki, *rows) -> (new rows, contributions).
+
+    `carried` are per-tile buffers [n + 1, ...] of the walk's own side (query tiles in the
+    forward, key tiles in the backward; the spare last row holds their starting value): rows
+    are their slices at the pair, replaced by the new rows. `added` are buffers of the other
+    side, to which the contributions are added. On CPU (width 1) the pairs of one tile follow
+    each other and its rows ride in the loop's carry (written back every step); on
+    accelerators each step runs `width` pairs at once (vmapped), the backward's pairs adding
+    what each gives to its tile."""
+    width = st.width(pair_bytes)
+    side = 1 if backward else 0  # the column of a pair that indexes `carried`
+    for masked in (False, True):
+        pairs = st.steps(masked, backward, width)
+        if not len(pairs):
+            continue
+        fn = functools.partial(update, masked)
+        if width > 1:
+
+            def body(state, pair, fn=fn):
+                carried, added = state
+                own, other = pair[:, side], pair[:, 1 - side]
+                rows = tuple(
+                    jnp.zeros((width, *x.shape[1:]), x.dtype) if backward else _take(x, own)
+                    for x in carried
+                )
+                new, more = _each(fn, pair[:, 0], pair[:, 1], *rows)
+                carried = tuple(
+                    _put(x, own, y, add=backward) for x, y in zip(carried, new, strict=True)
+                )
+                added = tuple(_put(x, other, y, add=True) for x, y in zip(added, more, strict=True))
+                return (carried, added), None
+
+            (carried, added), _ = lax.scan(body, (carried, added), pairs)
+            continue
+        pairs = pairs[:, 0]
+        first = np.r_[True, pairs[1:, side] != pairs[:-1, side]]  # a tile's first pair
+        fresh = tuple(x[-1] for x in carried)
+
+        def body(state, xs, fn=fn, masked=masked, fresh=fresh):
+            carried, added, current = state
+            pair, is_first = xs
+            own, other = pair[side], pair[1 - side]
+            start = tuple(x[own] for x in carried) if masked else fresh  # after the unmasked
+            current = tuple(jnp.where(is_first, a, b) for a, b in zip(start, current, strict=True))
+            new, more = fn(pair[0], pair[1], *current)
+            carried = tuple(lax.dynamic_update_index_in_dim(x, y, own, 0)
+                            for x, y in zip(carried, new, strict=True))  # fmt: skip
+            added = tuple(lax.dynamic_update_index_in_dim(x, x[other] + y, other, 0)
+                          for x, y in zip(added, more, strict=True))  # fmt: skip
+            return (carried, added, new), None
+
+        (carried, added, _), _ = lax.scan(body, (carried, added, fresh), (pairs, first))
+    return carried, added
+
+
+def _forward(st: _Static, q, k, v, co_q, co_k, f32: bool = False):
     """q [nq, B, K, G*bq, H] (pre-scaled); k, v [nk, B, K, bk, H] -> out like q, lse.
 
-    lse [nq, B, K, G*bq] is +inf on rows that see no key, so that exp(s - lse) = 0 there.
+    out has q's dtype, or float32 with `f32` (a partial result that a caller merges); lse
+    [nq, B, K, G*bq] float32 is -inf on rows that see no key (their out is 0).
     """
-    sched = st.schedule
-    kv, count, n_full = (jnp.asarray(a) for a in (sched.kv, sched.count, sched.full))
-    # A column of ones after V makes the PV matmul also return the softmax row sums.
-    ones = jnp.ones((*v.shape[:-1], 1), v.dtype)
-    v1 = jnp.concatenate([v, ones], axis=-1)  # [nk, B, K, bk, H + 1]
-    rows = q.shape[1:-1]  # [B, K, G*bq]
+    nq, rows, H = q.shape[0], q.shape[1:-1], q.shape[-1]
+    if st.ones_column:  # the PV matmul also returns the softmax row sums (CPU: one matmul)
+        v = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
 
-    def one_query_tile(args):
-        qi, q_t = args
+    def update(masked, qi, ki, m, *sums):
+        """One tile: running max m [B,K,Q] and sums: (sum of p [v, 1]) [B,K,Q,H+1] with the
+        column of ones, else (sum of p v [B,K,Q,H], sum of p [B,K,Q])."""
+        s = _masked_scores(st, masked, q[qi], k[ki], qi, ki, co_q, co_k)
+        m_new = jnp.maximum(m, s.max(-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        alpha = jnp.exp(m - m_safe)
+        pv = _matmul("BKQS,BKSH->BKQH", p.astype(v.dtype), v[ki])
+        if st.ones_column:
+            return m_new, alpha[..., None] * sums[0] + pv
+        acc, l = sums
+        return m_new, alpha[..., None] * acc + pv, alpha * l + p.sum(-1)
 
-        def step(masked):
-            def body(j, carry):
-                ki = kv[qi, j]
-
-                def update(carry):
-                    m, acc = carry  # running max [B,K,Q]; [B,K,Q,H+1] = (sum p v, sum p)
-                    s = _masked_scores(st, masked, q_t, k[ki], qi, ki, co_q, co_k)
-                    m_new = jnp.maximum(m, s.max(-1))
-                    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-                    p = jnp.exp(s - m_safe[..., None])
-                    alpha = jnp.exp(m - m_safe)[..., None]
-                    return m_new, alpha * acc + _matmul(
-                        "BKQS,BKSH->BKQH", p.astype(v.dtype), v1[ki]
-                    )
-
-                return _pruned(st, update, co_q, co_k, qi, ki, carry)
-
-            return body
-
-        init = (
-            jnp.full(rows, -jnp.inf, jnp.float32),
-            jnp.zeros((*rows, v1.shape[-1]), jnp.float32),
-        )
-        m, acc = _two_loops(n_full[qi], count[qi], step, init)
-        l = acc[..., -1]
-        empty = l == 0.0  # rows that see no key: output zeros, and lse = +inf gives p = 0
-        l = jnp.where(empty, 1.0, l)
-        lse = jnp.where(empty, jnp.inf, m + jnp.log(l))
-        return (acc[..., :-1] / l[..., None]).astype(q.dtype), lse
-
-    return lax.map(one_query_tile, (jnp.arange(q.shape[0]), q))
+    m = jnp.full((nq + 1, *rows), -jnp.inf, jnp.float32)
+    if st.ones_column:
+        state = m, jnp.zeros((nq + 1, *rows, H + 1), jnp.float32)
+    else:
+        state = m, jnp.zeros((nq + 1, *rows, H), jnp.float32), jnp.zeros((nq + 1, *rows))
+    step = lambda masked, qi, ki, *rows: (update(masked, qi, ki, *rows), ())  # noqa: E731
+    state, _ = _loop(st, False, step, state, pair_bytes=_pair_bytes(q, k))
+    m, *sums = (x[:nq] for x in state)
+    acc, l = (sums[0][..., :H], sums[0][..., H]) if st.ones_column else sums
+    empty = l == 0.0  # rows that see no key: output zeros, lse -inf
+    l = jnp.where(empty, 1.0, l)
+    lse = jnp.where(empty, -jnp.inf, m + jnp.log(l))
+    out = acc / l[..., None]
+    return out if f32 else out.astype(q.dtype), lse
 
 
 def _backward(st: _Static, res, cotangents, f32: bool = False):
-    """Recomputes tile probabilities from lse; key tiles outside, their query tiles inside.
+    """Recomputes tile probabilities from lse, pair by pair of the key-major schedule.
 
     dq is float32; dk, dv have k's and v's dtypes, or float32 with `f32` (partial sums that a
     caller adds up). `out` and `lse` may be those of a larger key set than k, v (a ring step):
     then dq, dk, dv are this key block's exact share of the full gradients."""
     q, k, v, co_q, co_k, out, lse = res
     d_out, d_lse = cotangents
-    sched = st.schedule
-    qs, q_count, q_full = (jnp.asarray(a) for a in (sched.q, sched.q_count, sched.q_full))
+    nq, nk = q.shape[0], k.shape[0]
     # dS = P * (dP - delta + dlse): delta from the output, dlse from a used log-sum-exp.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [nq, B, K, Q]
     delta = delta - jnp.where(jnp.isfinite(lse), d_lse, 0.0)
+    lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # rows that see no key: p = 0
 
-    def one_key_tile(dq, args):
-        ki, k_t, v_t = args
+    def grads(masked, qi, ki, dk, dv):
+        """One tile: dk, dv [B, K, bk, H] of key tile ki with this pair's shares added, and
+        the pair's share of dq [B, K, G*bq, H]."""
+        q_t, k_t, v_t, do_t = q[qi], k[ki], v[ki], d_out[qi]
+        s = _masked_scores(st, masked, q_t, k_t, qi, ki, co_q, co_k)
+        p = jnp.exp(s - lse[qi][..., None])  # [B, K, G*bq, bk]
+        dv = dv + _matmul("BKQS,BKQH->BKSH", p.astype(v.dtype), do_t)
+        dp = _matmul("BKQH,BKSH->BKQS", do_t, v_t)
+        ds = (p * (dp - delta[qi][..., None])).astype(q.dtype)
+        dk = dk + _matmul("BKQS,BKQH->BKSH", ds, q_t)
+        return (dk, dv), (_matmul("BKQS,BKSH->BKQH", ds, k_t),)
 
-        def step(masked):
-            def body(j, carry):
-                qi = qs[ki, j]
-
-                def update(carry):
-                    dq, dk, dv = carry
-                    q_t, do_t = q[qi], d_out[qi]
-                    s = _masked_scores(st, masked, q_t, k_t, qi, ki, co_q, co_k)
-                    p = jnp.exp(s - lse[qi][..., None])  # [B, K, G*bq, bk]
-                    dv = dv + _matmul("BKQS,BKQH->BKSH", p.astype(v.dtype), do_t)
-                    dp = _matmul("BKQH,BKSH->BKQS", do_t, v_t)
-                    ds = (p * (dp - delta[qi][..., None])).astype(q.dtype)
-                    dk = dk + _matmul("BKQS,BKQH->BKSH", ds, q_t)
-                    return dq.at[qi].add(_matmul("BKQS,BKSH->BKQH", ds, k_t)), dk, dv
-
-                return _pruned(st, update, co_q, co_k, qi, ki, carry)
-
-            return body
-
-        zeros = jnp.zeros(k_t.shape, jnp.float32)
-        dq, dk, dv = _two_loops(q_full[ki], q_count[ki], step, (dq, zeros, zeros))
-        return dq, (dk, dv) if f32 else (dk.astype(k.dtype), dv.astype(v.dtype))
-
-    dq0 = jnp.zeros(q.shape, jnp.float32)
-    dq, (dk, dv) = lax.scan(one_key_tile, dq0, (jnp.arange(k.shape[0]), k, v))
-    return dq, dk, dv
+    zeros = lambda x, n: jnp.zeros((n + 1, *x.shape[1:]), jnp.float32)  # noqa: E731
+    carried, added = (zeros(k, nk), zeros(v, nk)), (zeros(q, nq),)
+    (dk, dv), (dq,) = _loop(st, True, grads, carried, added, 2 * _pair_bytes(q, k))
+    dq, dk, dv = dq[:nq], dk[:nk], dv[:nk]
+    return (dq, dk, dv) if f32 else (dq, dk.astype(k.dtype), dv.astype(v.dtype))
 
 
 def _tiled_bwd(st, res, cotangents):
@@ -328,9 +458,12 @@ def plan(T: int, N: int, S: int, K: int, mask: Mask, lay: Layout, block_sizes: B
     coordinate tiles: (st, co_q, co_k) for `attend_tiles` / `attend_tiles_grads`."""
     bq, bk = min(block_sizes.block_q, T), min(block_sizes.block_k, S)
     absolute = lay.q_offset is not None and not lay.within_document
-    st = _Static(mask, T, S, bq, bk, N // K, lay.segmented, lay.q_offset, absolute)
-    co_q = tuple(_coordinate_tiles(x, bq) for x in (lay.q_pos, lay.q_abs, lay.doc_len, lay.q_seg))
-    co_k = tuple(_coordinate_tiles(x, bk) for x in (lay.k_pos, lay.k_seg))
+    cpu = jax.default_backend() == "cpu"
+    st = _Static(mask, T, S, bq, bk, N // K, lay.segmented, lay.q_offset, absolute,
+                 parallel=not cpu, ones_column=cpu)  # fmt: skip
+    co_q = QueryCoords(*(_coordinate_tiles(x, bq) for x in (lay.q_pos, lay.q_abs, lay.doc_len,
+                                                             lay.q_seg)))  # fmt: skip
+    co_k = KeyCoords(*(_coordinate_tiles(x, bk) for x in (lay.k_pos, lay.k_seg)))
     return st, co_q, co_k
 
 
@@ -361,11 +494,11 @@ def tiled_attention(
     out = from_tiles(out, T, G)
     if not return_lse:
         return out
-    lse = from_tiles(lse[..., None], T, G)[..., 0]
-    return out, jnp.where(jnp.isinf(lse), -jnp.inf, lse)
+    return out, from_tiles(lse[..., None], T, G)[..., 0]
 
 
 # The engine on tiles, for callers that keep their operands tiled across calls (`ring.py`):
-# q tiles pre-scaled, lse +inf on rows that see no key, gradients float32 (of the scaled q).
-attend_tiles = _forward
+# q tiles pre-scaled, out and gradients float32 (of the scaled q), lse -inf on rows that see
+# no key.
+attend_tiles = functools.partial(_forward, f32=True)
 attend_tiles_grads = functools.partial(_backward, f32=True)

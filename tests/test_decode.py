@@ -135,8 +135,8 @@ def test_unknown_variant_and_options_are_named():
 
 @dataclasses.dataclass(frozen=True)
 class ChunkLocal(Mask):
-    """Causal within fixed chunks of `size` positions: depends on where the chunk starts, yet
-    (a user's oversight) keeps the base class's shift_invariant = True."""
+    """Causal within fixed chunks of `size` positions: depends on where the chunk starts, and
+    (as a user may) says nothing about shift invariance."""
 
     size: int = 4
 
@@ -146,6 +146,24 @@ class ChunkLocal(Mask):
 
     def visible(self, q_pos, k_pos, doc_len=None):
         return (q_pos // self.size == k_pos // self.size) & (k_pos <= q_pos)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimedChunkLocal(ChunkLocal):
+    shift_invariant = True  # wrong: the chunks sit at fixed positions
+
+
+@dataclasses.dataclass(frozen=True)
+class SinksAndWindow(Mask):
+    """StreamingLLM's pattern written as a user would: the first 2 keys plus a window of 3,
+    with no word on shift invariance (it is not: the sinks sit at positions 0 and 1)."""
+
+    @property
+    def reach(self):
+        return None, 0
+
+    def visible(self, q_pos, k_pos, doc_len=None):
+        return (k_pos <= q_pos) & ((k_pos < 2) | (k_pos > q_pos - 3))
 
 
 @pytest.fixture
@@ -162,12 +180,43 @@ def registered():
         registry._REGISTRY.pop(name, None)
 
 
-def test_a_mask_that_only_claims_shift_invariance_gets_a_kv_cache(registered):
+def test_a_position_dependent_mask_gets_a_kv_cache(registered):
     registered("toy_chunks", lambda *, causal: ChunkLocal() if causal else Mask())
     assert av.decoder("toy_chunks").kind == "kv"  # a window cache would see other chunks
     q, k, v = random_qkv(6, B=1, T=11, N=2, K=1, H=8)
     out, _ = decode("toy_chunks", {}, q, k, v, [1] * 11)
     np.testing.assert_allclose(out, full_forward("toy_chunks", {}, q, k, v), **F32)
+
+
+def test_a_false_claim_of_shift_invariance_is_refused(registered):
+    registered("toy_claimed", lambda *, causal: ClaimedChunkLocal() if causal else Mask())
+    q, k, v = random_qkv(6, B=1, T=11, N=2, K=1, H=8)
+    with pytest.raises(ValueError, match="ClaimedChunkLocal declares shift_invariant = True"):
+        av.get("toy_claimed")(q, k, v)
+    with pytest.raises(ValueError, match="remove the claim"):
+        av.decoder("toy_claimed")
+
+
+def test_a_mask_silent_on_shift_invariance_is_per_document_in_packed_rows(registered):
+    """The safe default: packed documents each see the pattern they would see alone (with the
+    old default, True, the sinks of the second document were the row's first keys)."""
+    registered("toy_sinks", lambda *, causal: SinksAndWindow() if causal else Mask())
+    q, k, v = random_qkv(9, B=1, T=24, N=2, K=1, H=8)
+    ids = jnp.asarray([[0] * 10 + [1] * 14])
+    fn = av.get("toy_sinks", block_q=8, block_k=8)
+    packed = fn(q, k, v, segment_ids=ids)
+    alone = fn(q[:, 10:], k[:, 10:], v[:, 10:])
+    np.testing.assert_allclose(packed[:, 10:], alone, **F32)
+
+
+@pytest.mark.parametrize("name", ["blockwise", "sliding_window"])
+def test_an_explicit_implementation_that_cannot_decode_falls_back(name):
+    """A model trained on splash (or cuDNN) decodes: neither takes decoding offsets (KV cache)
+    or kv_segment_ids (window cache), so decoding runs on what serves the call."""
+    q, k, v = random_qkv(8, B=1, T=6, N=2, K=1, H=8)
+    mask = dict(window=3) if name == "sliding_window" else {}
+    out, _ = decode(name, dict(implementation="splash", **mask), q, k, v, [3, 1, 1, 1])
+    np.testing.assert_allclose(out, full_forward(name, mask, q, k, v), **F32)
 
 
 def test_a_mask_that_sees_later_keys_cannot_decode(registered):
