@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 CONTRACT_DEFAULTS = dict(
     causal=True, segment_ids=None, kv_segment_ids=None, q_offset=0, scale=None, return_lse=False
@@ -139,6 +140,31 @@ class Spec:
 
 _FASTEST: dict[tuple, str] = {}
 
+# What a library's refusal of a call looks like: Python errors of argument checking, and the
+# compiler's statuses for what it does not implement. Anything else (out of memory, INTERNAL,
+# a bug) propagates from "auto"'s timing rather than quietly dropping a rival.
+REFUSALS = (NotImplementedError, ValueError, TypeError)
+REFUSED_STATUSES = ("UNIMPLEMENTED", "INVALID_ARGUMENT", "FAILED_PRECONDITION")
+
+
+def cannot_serve(error: Exception) -> bool:
+    """Whether an error of a rival's trial run means that it cannot serve the call."""
+    if isinstance(error, REFUSALS):
+        return True
+    return isinstance(error, jax.errors.JaxRuntimeError) and str(error).startswith(REFUSED_STATUSES)
+
+
+def agreed(choice: str | None, rivals) -> str | None:
+    """Process 0's choice in a job of several processes (each process timed its own; one
+    differing choice would compile different programs on different hosts), else `choice`."""
+    if jax.process_count() == 1:
+        return choice
+    from jax.experimental import multihost_utils
+
+    names = [None, *sorted(rivals)]
+    index = multihost_utils.broadcast_one_to_all(np.int32(names.index(choice)))
+    return names[int(index)]
+
 
 def _signature(x: Any) -> Any:
     """What a timing depends on: arrays by shape and dtype, everything else by value."""
@@ -151,8 +177,11 @@ def fastest(variant: str, rivals: Mapping[str, Implementation], q, k, v, call) -
     """The rival whose forward and backward run fastest on the current device for a call of
     this signature: timed once (median of 5 calls after a compiling one) on random stand-ins
     of the call's arrays (global shapes; under a current mesh the rivals shard them as in the
-    call), then remembered for the process. Runs eagerly even under jit. A rival that raises
-    (a library refusing the shapes, say) is left out, with a warning; None if all do."""
+    call), then remembered for the process; every process of a multi-process job takes
+    process 0's choice. Runs eagerly even under jit. A rival whose library refuses the call
+    (`cannot_serve`) is left out, with a warning; None if all are. Any other error (out of
+    memory, say) propagates. To skip the timing, pin the implementation (the variant's
+    `implementation=` option, e.g. `--config.options.blockwise.implementation=cudnn`)."""
     key = (variant, tuple(rivals), *(_signature(x) for x in (q, k, v)))
     key += tuple((n, _signature(x)) for n, x in sorted({**CONTRACT_DEFAULTS, **call}.items()))
     if key in _FASTEST:
@@ -181,8 +210,10 @@ def fastest(variant: str, rivals: Mapping[str, Implementation], q, k, v, call) -
             step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
             try:
                 jax.block_until_ready(step(*args, arrays))  # compiles
-            except Exception as e:  # noqa: BLE001  (any library error: this rival cannot run)
-                logging.warning("%s: %s failed, left out of auto's choice: %s", variant, name, e)
+            except Exception as e:
+                if not cannot_serve(e):
+                    raise
+                logging.warning("%s: %s refused, left out of auto's choice: %s", variant, name, e)
                 continue
             times = []
             for _ in range(5):
@@ -190,7 +221,7 @@ def fastest(variant: str, rivals: Mapping[str, Implementation], q, k, v, call) -
                 jax.block_until_ready(step(*args, arrays))
                 times.append(time.perf_counter() - start)
             seconds[name] = statistics.median(times)
-    _FASTEST[key] = min(seconds, key=seconds.get) if seconds else None
+    _FASTEST[key] = agreed(min(seconds, key=seconds.get) if seconds else None, rivals)
     logging.info("%s: auto measured %s, picked %s", variant, seconds, _FASTEST[key])
     return _FASTEST[key]
 

@@ -291,7 +291,7 @@ def test_auto_leaves_out_a_measured_row_that_fails_and_falls_back(monkeypatch):
     monkeypatch.setattr(registry, "_FASTEST", {})
 
     def refuses(q, k, v, **call):
-        raise RuntimeError("the library refuses these shapes")
+        raise ValueError("the library refuses these shapes")
 
     jax_row = av.spec("blockwise").implementations["jax"]
     rows = {"a": registry.Implementation(refuses, measured=True), "jax": jax_row}
@@ -303,6 +303,45 @@ def test_auto_leaves_out_a_measured_row_that_fails_and_falls_back(monkeypatch):
     registry._FASTEST.clear()  # the same rivals' names: forget the first choice
     assert dataclasses.replace(av.spec("blockwise"), implementations=rows).choose(
         "auto", q, k, v)[0] == "jax"  # fmt: skip
+
+
+def test_auto_lets_an_error_that_is_not_a_refusal_propagate(monkeypatch):
+    """Out of memory in a rival's trial run is not "cannot serve": it is raised, not hidden by
+    quietly running another implementation."""
+    monkeypatch.setattr(registry, "_FASTEST", {})
+
+    def out_of_memory(q, k, v, **call):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB")
+
+    jax_row = av.spec("blockwise").implementations["jax"]
+    rows = {"a": registry.Implementation(out_of_memory, measured=True),
+            "b": registry.Implementation(jax_row.fn, measured=True), "jax": jax_row}  # fmt: skip
+    q, k, v = random_qkv(46, B=1, T=32)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        dataclasses.replace(av.spec("blockwise"), implementations=rows).choose("auto", q, k, v)
+    assert registry.cannot_serve(jax.errors.JaxRuntimeError("UNIMPLEMENTED: no such kernel"))
+
+
+def test_every_process_of_a_job_takes_process_0s_choice(monkeypatch):
+    """Each process times the rivals itself; a job of several runs process 0's choice on all
+    (here the broadcast is faked: process 0 picked "b", this process timed "a" faster)."""
+    from jax.experimental import multihost_utils
+
+    monkeypatch.setattr(registry, "_FASTEST", {})
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    names = [None, "a", "b"]  # registry.agreed: None, then the measured rivals sorted
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: names.index("b"))
+    jax_row = av.spec("blockwise").implementations["jax"]
+
+    def slow(q, k, v, **call):
+        out = jax_row.fn(q, k, v, **call)
+        return jax.lax.fori_loop(0, 20, lambda i, o: av.get("dense")(o, k, v, **call), out)
+
+    rows = {"a": registry.Implementation(jax_row.fn, measured=True),
+            "b": registry.Implementation(slow, measured=True), "jax": jax_row}  # fmt: skip
+    q, k, v = random_qkv(47, B=1, T=64)
+    spec = dataclasses.replace(av.spec("blockwise"), implementations=rows)
+    assert spec.choose("auto", q, k, v)[0] == "b"
 
 
 @pytest.mark.parametrize(
