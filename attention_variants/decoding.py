@@ -10,9 +10,10 @@ attention output; the cache carries what later tokens still need:
   at or after `position + t` hold zeros, which the causal mask hides (a mask that shows later
   keys cannot decode: NotImplementedError). O(max_len) memory; writing past it raises
   ValueError when the position is concrete, and gives NaN outputs when it is traced. The
-  position is traced in the model, so the kernel schedules every key tile of the cache and
-  masks what the position hides (a step costs O(max_len), as a dense row does): `fixed` and
-  `bigbird` prefill every tile (their sparsity is lost there, not their result).
+  position is traced in the model, so the kernel schedules every key tile of the cache: on CPU
+  it skips the tiles outside the mask's band at run time, on accelerators it masks them (a step
+  costs O(max_len) there, as a dense row does); `fixed` and `bigbird` prefill the causal band's
+  tiles (their sparsity is lost there, not their result).
 * **Window cache** (masked softmax whose causal mask reaches a bounded distance back and
   depends on k - q only, as `sliding_window`; a mask that declares `shift_invariant` is also
   checked to be so on a grid, else it gets a KV cache): the last `behind` keys, in order. The

@@ -6,14 +6,15 @@ its backward recomputes tile scores, so memory is O(T) in the forward and the ba
 
 Which tiles run is a static *schedule* built from `Mask.tile_visible`: tiles that no query can
 see are never computed, and tiles that every query sees fully skip the mask. The engine walks
-the schedule's (query tile, key tile) pairs in loops of compile-time length with no branches:
-on CPU one pair per step, on accelerators many pairs per step as one batched matmul (no two of
-a step's pairs share a query tile in the forward; the backward adds every pair's dQ, dK, dV
-into its tiles' buffers). Nothing depends on the data at run time: in packed rows every tile of
-the band is masked by segment ids (a tile of two documents is computed, its pairs hidden), and
-a mask that is not shift invariant (a block pattern) runs the band of tiles its `reach` allows
-and applies its predicate per element on positions within the document. With a traced q_offset
-(decoding under jit) every tile is scheduled and masked.
+the schedule's (query tile, key tile) pairs in loops of compile-time length: on accelerators
+many pairs per step as one batched matmul (no two of a step's pairs share a query tile in the
+forward; the backward adds every pair's dQ, dK, dV into its tiles' buffers) and no branch on
+the data, since each would cost a GPU a round trip to the host: in packed rows a tile of two
+documents is computed with its pairs masked, and with a traced q_offset (decoding under jit)
+every key tile is. On CPU, where a branch is free, pairs run one at a time and such tiles are
+skipped at run time (their document ids cannot meet, or they lie outside the mask's band). A
+mask that is not shift invariant (a block pattern) runs, in packed rows, the band of tiles its
+`reach` allows and applies its predicate per element on positions within the document.
 
 The forward also returns the per-row log-sum-exp; its cotangent flows into the backward
 (dS = P * (dP - delta + dlse)), so partial results can be merged differentiably.
@@ -277,7 +278,23 @@ def _each(fn, *args):
     return jax.tree.map(lambda y: y[None], fn(*(x[0] for x in args)))
 
 
-def _loop(st: _Static, backward: bool, update, carried, added=(), pair_bytes: int = 0):
+def _may_meet(st: _Static, co_q: QueryCoords, co_k: KeyCoords, qi, ki):
+    """Whether tile (qi, ki) can hold a visible pair, known only at run time: its query and key
+    document ids overlap, and (traced offset) it meets the mask's band. None where the static
+    schedule already says all (unpacked rows at a static offset)."""
+    checks = []
+    if st.segmented:
+        seg_q, seg_k = co_q.seg[qi], co_k.seg[ki]
+        checks.append((seg_q.min(-1) <= seg_k.max(-1)) & (seg_k.min(-1) <= seg_q.max(-1)))
+    if st.q_offset is None:
+        q_abs = co_q.abs[qi]
+        k_lo, k_hi = ki * st.bk, jnp.minimum(ki * st.bk + st.bk, st.S) - 1
+        checks.append(_band(q_abs.min(-1), q_abs.max(-1), k_lo, k_hi, st.mask.reach))
+    return jnp.any(functools.reduce(jnp.logical_and, checks)) if checks else None
+
+
+def _loop(st: _Static, backward: bool, update, carried, added=(), pair_bytes: int = 0,
+          meets=None):  # fmt: skip
     """Walks the schedule's unmasked pairs, then its masked ones, in loops of compile-time
     length: update(masked, qi, ki, *rows) -> (new rows, contributions).
 
@@ -287,7 +304,9 @@ def _loop(st: _Static, backward: bool, update, carried, added=(), pair_bytes: in
     side, to which the contributions are added. On CPU (width 1) the pairs of one tile follow
     each other and its rows ride in the loop's carry (written back every step); on
     accelerators each step runs `width` pairs at once (vmapped), the backward's pairs adding
-    what each gives to its tile."""
+    what each gives to its tile. `meets(qi, ki)` (`_may_meet`) is checked on CPU only, where a
+    branch costs nothing: a tile that cannot hold a visible pair is skipped; accelerators
+    never branch (each branch would cost a round trip to the host), they mask."""
     width = st.width(pair_bytes)
     side = 1 if backward else 0  # the column of a pair that indexes `carried`
     for masked in (False, True):
@@ -323,12 +342,21 @@ def _loop(st: _Static, backward: bool, update, carried, added=(), pair_bytes: in
             own, other = pair[side], pair[1 - side]
             start = tuple(x[own] for x in carried) if masked else fresh  # after the unmasked
             current = tuple(jnp.where(is_first, a, b) for a, b in zip(start, current, strict=True))
-            new, more = fn(pair[0], pair[1], *current)
-            carried = tuple(lax.dynamic_update_index_in_dim(x, y, own, 0)
-                            for x, y in zip(carried, new, strict=True))  # fmt: skip
-            added = tuple(lax.dynamic_update_index_in_dim(x, x[other] + y, other, 0)
-                          for x, y in zip(added, more, strict=True))  # fmt: skip
-            return (carried, added, new), None
+
+            def compute(state):
+                carried, added, current = state
+                new, more = fn(pair[0], pair[1], *current)
+                carried = tuple(lax.dynamic_update_index_in_dim(x, y, own, 0)
+                                for x, y in zip(carried, new, strict=True))  # fmt: skip
+                added = tuple(lax.dynamic_update_index_in_dim(x, x[other] + y, other, 0)
+                              for x, y in zip(added, more, strict=True))  # fmt: skip
+                return carried, added, new
+
+            state = carried, added, current
+            run = None if meets is None or st.parallel else meets(pair[0], pair[1])
+            if run is None:
+                return compute(state), None
+            return lax.cond(run, compute, lambda state: state, state), None
 
         (carried, added, _), _ = lax.scan(body, (carried, added, fresh), (pairs, first))
     return carried, added
@@ -364,7 +392,8 @@ def _forward(st: _Static, q, k, v, co_q, co_k, f32: bool = False):
     else:
         state = m, jnp.zeros((nq + 1, *rows, H), jnp.float32), jnp.zeros((nq + 1, *rows))
     step = lambda masked, qi, ki, *rows: (update(masked, qi, ki, *rows), ())  # noqa: E731
-    state, _ = _loop(st, False, step, state, pair_bytes=_pair_bytes(q, k))
+    meets = functools.partial(_may_meet, st, co_q, co_k)
+    state, _ = _loop(st, False, step, state, pair_bytes=_pair_bytes(q, k), meets=meets)
     m, *sums = (x[:nq] for x in state)
     acc, l = (sums[0][..., :H], sums[0][..., H]) if st.ones_column else sums
     empty = l == 0.0  # rows that see no key: output zeros, lse -inf
@@ -402,7 +431,8 @@ def _backward(st: _Static, res, cotangents, f32: bool = False):
 
     zeros = lambda x, n: jnp.zeros((n + 1, *x.shape[1:]), jnp.float32)  # noqa: E731
     carried, added = (zeros(k, nk), zeros(v, nk)), (zeros(q, nq),)
-    (dk, dv), (dq,) = _loop(st, True, grads, carried, added, 2 * _pair_bytes(q, k))
+    meets = functools.partial(_may_meet, st, co_q, co_k)
+    (dk, dv), (dq,) = _loop(st, True, grads, carried, added, 2 * _pair_bytes(q, k), meets)
     dq, dk, dv = dq[:nq], dk[:nk], dv[:nk]
     return (dq, dk, dv) if f32 else (dq, dk.astype(k.dtype), dv.astype(v.dtype))
 

@@ -121,9 +121,11 @@ def branches_and_open_loops(fn, *args) -> list[str]:
 
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
 @pytest.mark.parametrize("name", [n for n in av.names() if n != "xla"])
-def test_compiled_forward_and_backward_have_no_branches_or_open_loops(name, packed):
-    """Every variant's engine (tiles or chunks as its first test options), forward and
-    backward: loops of compile-time length and no branches, packed rows included."""
+def test_compiled_forward_and_backward_have_no_branches_or_open_loops(monkeypatch, name, packed):
+    """What a GPU or TPU runs of every variant's engine (tiles or chunks as its first test
+    options; compiled here with the accelerators' choices), forward and backward: loops of
+    compile-time length and no branches, packed rows included."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     q, k, v = random_qkv(11, B=1, T=48, N=2, K=1, H=8)
     fn = av.get(name, **(av.spec(name).test_options or ({},))[0])
     ids = packed_segments(11, 1, 48) if packed else None
@@ -131,12 +133,24 @@ def test_compiled_forward_and_backward_have_no_branches_or_open_loops(name, pack
     assert branches_and_open_loops(jax.grad(loss, argnums=(0, 1, 2)), q, k, v) == []
 
 
-def test_decoding_under_jit_has_no_branches_or_open_loops():
-    """A traced offset (the model's decoding step): every tile is scheduled and masked."""
+def test_decoding_under_jit_has_no_branches_or_open_loops_on_accelerators(monkeypatch):
+    """A traced offset (the model's decoding step): every key tile is scheduled and masked;
+    on CPU the tiles outside the band are skipped by a branch (free there)."""
     q, k, v = random_qkv(12, B=1, T=1, S=64, N=2, K=1, H=8)
     fn = av.get("blockwise", block_q=16, block_k=16)
-    step = lambda q, k, v, position: fn(q, k, v, q_offset=position)  # noqa: E731
-    assert branches_and_open_loops(step, q, k, v, jnp.int32(40)) == []
+    def step(q, k, v, position):  # a new function per backend: jit caches by function
+        return fn(q, k, v, q_offset=position)
+
+    assert branches_and_open_loops(step, q, k, v, jnp.int32(40))  # CPU: skips by a branch
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert branches_and_open_loops(lambda *a: step(*a), q, k, v, jnp.int32(40)) == []
+
+
+def test_unpacked_rows_compile_without_branches_on_cpu_too():
+    q, k, v = random_qkv(15, B=1, T=48, N=2, K=1, H=8)
+    fn = av.get("sliding_window", window=9, block_q=8, block_k=8)
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v))  # noqa: E731
+    assert branches_and_open_loops(jax.grad(loss, argnums=(0, 1, 2)), q, k, v) == []
 
 
 def test_the_step_engine_hands_float32_partial_results_to_the_merge():
