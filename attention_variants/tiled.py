@@ -273,9 +273,9 @@ def _pair_bytes(q, k) -> int:
 def _each(fn, *args):
     """fn over the leading axis of args (one tile pair per row): vmap, or for a single pair a
     plain call (dynamic slices, not gathers)."""
-    if args[0].shape[0] > 1:
+    if jax.tree.leaves(args)[0].shape[0] > 1:
         return jax.vmap(fn)(*args)
-    return jax.tree.map(lambda y: y[None], fn(*(x[0] for x in args)))
+    return jax.tree.map(lambda y: y[None], fn(*jax.tree.map(lambda x: x[0], args)))
 
 
 def _may_meet(st: _Static, co_q: QueryCoords, co_k: KeyCoords, qi, ki):
@@ -293,16 +293,18 @@ def _may_meet(st: _Static, co_q: QueryCoords, co_k: KeyCoords, qi, ki):
     return jnp.any(functools.reduce(jnp.logical_and, checks)) if checks else None
 
 
-def _loop(st: _Static, backward: bool, update, carried, added=(), pair_bytes: int = 0,
+def _loop(st: _Static, backward: bool, update, own, carried, added=(), pair_bytes: int = 0,
           meets=None):  # fmt: skip
     """Walks the schedule's unmasked pairs, then its masked ones, in loops of compile-time
-    length: update(masked, qi, ki, *rows) -> (new rows, contributions).
+    length: update(masked, qi, ki, tiles, rows) -> (new rows, contributions).
 
+    `own` are operands tiled on the walk's own side (the query tiles in the forward; keys and
+    values in the backward): `tiles` are their tiles at the pair.
     `carried` are per-tile buffers [n + 1, ...] of the walk's own side (query tiles in the
     forward, key tiles in the backward; the spare last row holds their starting value): rows
     are their slices at the pair, replaced by the new rows. `added` are buffers of the other
     side, to which the contributions are added. On CPU (width 1) the pairs of one tile follow
-    each other and its rows ride in the loop's carry (written back every step); on
+    each other and its rows ride in the loop's carry (read and written once per tile); on
     accelerators each step runs `width` pairs at once (vmapped), the backward's pairs adding
     what each gives to its tile. `meets(qi, ki)` (`_may_meet`) is checked on CPU only, where a
     branch costs nothing: a tile that cannot hold a visible pair is skipped; accelerators
@@ -314,18 +316,19 @@ def _loop(st: _Static, backward: bool, update, carried, added=(), pair_bytes: in
         if not len(pairs):
             continue
         fn = functools.partial(update, masked)
-        if width > 1:
+        if st.parallel:  # accelerators: `width` pairs a step, no branch
 
             def body(state, pair, fn=fn):
                 carried, added = state
-                own, other = pair[:, side], pair[:, 1 - side]
+                mine, other = pair[:, side], pair[:, 1 - side]
                 rows = tuple(
-                    jnp.zeros((width, *x.shape[1:]), x.dtype) if backward else _take(x, own)
+                    jnp.zeros((width, *x.shape[1:]), x.dtype) if backward else _take(x, mine)
                     for x in carried
                 )
-                new, more = _each(fn, pair[:, 0], pair[:, 1], *rows)
+                tiles = tuple(_take(x, mine) for x in own)
+                new, more = _each(fn, pair[:, 0], pair[:, 1], tiles, rows)
                 carried = tuple(
-                    _put(x, own, y, add=backward) for x, y in zip(carried, new, strict=True)
+                    _put(x, mine, y, add=backward) for x, y in zip(carried, new, strict=True)
                 )
                 added = tuple(_put(x, other, y, add=True) for x, y in zip(added, more, strict=True))
                 return (carried, added), None
@@ -334,31 +337,44 @@ def _loop(st: _Static, backward: bool, update, carried, added=(), pair_bytes: in
             continue
         pairs = pairs[:, 0]
         first = np.r_[True, pairs[1:, side] != pairs[:-1, side]]  # a tile's first pair
-        fresh = tuple(x[-1] for x in carried)
+        spare = carried[0].shape[0] - 1
+        fresh = tuple(x[spare] for x in carried), tuple(x[0] for x in own)
+
+        def write(carried, at, rows):
+            return tuple(lax.dynamic_update_index_in_dim(x, y, at, 0)
+                         for x, y in zip(carried, rows, strict=True))  # fmt: skip
 
         def body(state, xs, fn=fn, masked=masked, fresh=fresh):
-            carried, added, current = state
+            carried, added, (rows, tiles), previous = state
             pair, is_first = xs
-            own, other = pair[side], pair[1 - side]
-            start = tuple(x[own] for x in carried) if masked else fresh  # after the unmasked
-            current = tuple(jnp.where(is_first, a, b) for a, b in zip(start, current, strict=True))
+            mine, other = pair[side], pair[1 - side]
 
-            def compute(state):
-                carried, added, current = state
-                new, more = fn(pair[0], pair[1], *current)
-                carried = tuple(lax.dynamic_update_index_in_dim(x, y, own, 0)
-                                for x, y in zip(carried, new, strict=True))  # fmt: skip
+            # CPU branches are free: at a tile's first pair the previous tile's rows are
+            # written and this one's read (after the unmasked loop, from the buffers), with
+            # its operand tiles; in between they ride in the carry.
+            def switch():
+                done = write(carried, previous, rows)
+                loaded = tuple(x[mine] for x in done) if masked else fresh[0]
+                return done, (loaded, tuple(x[mine] for x in own))
+
+            carried, (rows, tiles) = lax.cond(is_first, switch, lambda: (carried, (rows, tiles)))
+
+            def compute(added, rows):
+                new, more = fn(pair[0], pair[1], tiles, rows)
                 added = tuple(lax.dynamic_update_index_in_dim(x, x[other] + y, other, 0)
                               for x, y in zip(added, more, strict=True))  # fmt: skip
-                return carried, added, new
+                return added, new
 
-            state = carried, added, current
-            run = None if meets is None or st.parallel else meets(pair[0], pair[1])
+            run = None if meets is None else meets(pair[0], pair[1])
             if run is None:
-                return compute(state), None
-            return lax.cond(run, compute, lambda state: state, state), None
+                added, rows = compute(added, rows)
+            else:
+                added, rows = lax.cond(run, compute, lambda *state: state, added, rows)
+            return (carried, added, (rows, tiles), mine), None
 
-        (carried, added, _), _ = lax.scan(body, (carried, added, fresh), (pairs, first))
+        state = carried, added, fresh, jnp.int32(spare)
+        (carried, added, (rows, _), last), _ = lax.scan(body, state, (pairs, first))
+        carried = write(carried, last, rows)
     return carried, added
 
 
@@ -372,10 +388,11 @@ def _forward(st: _Static, q, k, v, co_q, co_k, f32: bool = False):
     if st.ones_column:  # the PV matmul also returns the softmax row sums (CPU: one matmul)
         v = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
 
-    def update(masked, qi, ki, m, *sums):
+    def update(masked, qi, ki, tiles, rows):
         """One tile: running max m [B,K,Q] and sums: (sum of p [v, 1]) [B,K,Q,H+1] with the
         column of ones, else (sum of p v [B,K,Q,H], sum of p [B,K,Q])."""
-        s = _masked_scores(st, masked, q[qi], k[ki], qi, ki, co_q, co_k)
+        (q_t,), (m, *sums) = tiles, rows
+        s = _masked_scores(st, masked, q_t, k[ki], qi, ki, co_q, co_k)
         m_new = jnp.maximum(m, s.max(-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(s - m_safe[..., None])
@@ -391,9 +408,9 @@ def _forward(st: _Static, q, k, v, co_q, co_k, f32: bool = False):
         state = m, jnp.zeros((nq + 1, *rows, H + 1), jnp.float32)
     else:
         state = m, jnp.zeros((nq + 1, *rows, H), jnp.float32), jnp.zeros((nq + 1, *rows))
-    step = lambda masked, qi, ki, *rows: (update(masked, qi, ki, *rows), ())  # noqa: E731
+    step = lambda *args: (update(*args), ())  # noqa: E731
     meets = functools.partial(_may_meet, st, co_q, co_k)
-    state, _ = _loop(st, False, step, state, pair_bytes=_pair_bytes(q, k), meets=meets)
+    state, _ = _loop(st, False, step, (q,), state, pair_bytes=_pair_bytes(q, k), meets=meets)
     m, *sums = (x[:nq] for x in state)
     acc, l = (sums[0][..., :H], sums[0][..., H]) if st.ones_column else sums
     empty = l == 0.0  # rows that see no key: output zeros, lse -inf
@@ -417,10 +434,11 @@ def _backward(st: _Static, res, cotangents, f32: bool = False):
     delta = delta - jnp.where(jnp.isfinite(lse), d_lse, 0.0)
     lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # rows that see no key: p = 0
 
-    def grads(masked, qi, ki, dk, dv):
+    def grads(masked, qi, ki, tiles, rows):
         """One tile: dk, dv [B, K, bk, H] of key tile ki with this pair's shares added, and
         the pair's share of dq [B, K, G*bq, H]."""
-        q_t, k_t, v_t, do_t = q[qi], k[ki], v[ki], d_out[qi]
+        (k_t, v_t), (dk, dv) = tiles, rows
+        q_t, do_t = q[qi], d_out[qi]
         s = _masked_scores(st, masked, q_t, k_t, qi, ki, co_q, co_k)
         p = jnp.exp(s - lse[qi][..., None])  # [B, K, G*bq, bk]
         dv = dv + _matmul("BKQS,BKQH->BKSH", p.astype(v.dtype), do_t)
@@ -432,7 +450,7 @@ def _backward(st: _Static, res, cotangents, f32: bool = False):
     zeros = lambda x, n: jnp.zeros((n + 1, *x.shape[1:]), jnp.float32)  # noqa: E731
     carried, added = (zeros(k, nk), zeros(v, nk)), (zeros(q, nq),)
     meets = functools.partial(_may_meet, st, co_q, co_k)
-    (dk, dv), (dq,) = _loop(st, True, grads, carried, added, 2 * _pair_bytes(q, k), meets)
+    (dk, dv), (dq,) = _loop(st, True, grads, (k, v), carried, added, 2 * _pair_bytes(q, k), meets)
     dq, dk, dv = dq[:nq], dk[:nk], dv[:nk]
     return (dq, dk, dv) if f32 else (dq, dk.astype(k.dtype), dv.astype(v.dtype))
 

@@ -146,13 +146,6 @@ def test_decoding_under_jit_has_no_branches_or_open_loops_on_accelerators(monkey
     assert branches_and_open_loops(lambda *a: step(*a), q, k, v, jnp.int32(40)) == []
 
 
-def test_unpacked_rows_compile_without_branches_on_cpu_too():
-    q, k, v = random_qkv(15, B=1, T=48, N=2, K=1, H=8)
-    fn = av.get("sliding_window", window=9, block_q=8, block_k=8)
-    loss = lambda q, k, v: jnp.sum(fn(q, k, v))  # noqa: E731
-    assert branches_and_open_loops(jax.grad(loss, argnums=(0, 1, 2)), q, k, v) == []
-
-
 def test_the_step_engine_hands_float32_partial_results_to_the_merge():
     """A ring step's output joins the others in float32: rounding it to bfloat16 first (as the
     engine's public output is) would add a rounding error per step."""
