@@ -138,6 +138,7 @@ def test_decoding_under_jit_has_no_branches_or_open_loops_on_accelerators(monkey
     on CPU the tiles outside the band are skipped by a branch (free there)."""
     q, k, v = random_qkv(12, B=1, T=1, S=64, N=2, K=1, H=8)
     fn = av.get("blockwise", block_q=16, block_k=16)
+
     def step(q, k, v, position):  # a new function per backend: jit caches by function
         return fn(q, k, v, q_offset=position)
 
