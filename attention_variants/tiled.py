@@ -293,13 +293,15 @@ def _may_meet(st: _Static, co_q: QueryCoords, co_k: KeyCoords, qi, ki):
     return jnp.any(functools.reduce(jnp.logical_and, checks)) if checks else None
 
 
-def _loop(st: _Static, backward: bool, update, own, carried, added=(), pair_bytes: int = 0,
+def _loop(st: _Static, backward: bool, update, operands, carried, added=(), pair_bytes=0,
           meets=None):  # fmt: skip
     """Walks the schedule's unmasked pairs, then its masked ones, in loops of compile-time
     length: update(masked, qi, ki, tiles, rows) -> (new rows, contributions).
 
-    `own` are operands tiled on the walk's own side (the query tiles in the forward; keys and
-    values in the backward): `tiles` are their tiles at the pair.
+    `operands` = (own, other): arrays tiled on the walk's own side (queries in the forward;
+    keys and values in the backward) and on the other side: `tiles` = (own tiles, other tiles)
+    at the pair, loaded outside any branch (a branch that captured whole arrays would cost a
+    copy of them per step).
     `carried` are per-tile buffers [n + 1, ...] of the walk's own side (query tiles in the
     forward, key tiles in the backward; the spare last row holds their starting value): rows
     are their slices at the pair, replaced by the new rows. `added` are buffers of the other
@@ -311,6 +313,7 @@ def _loop(st: _Static, backward: bool, update, own, carried, added=(), pair_byte
     never branch (each branch would cost a round trip to the host), they mask."""
     width = st.width(pair_bytes)
     side = 1 if backward else 0  # the column of a pair that indexes `carried`
+    own, theirs = operands
     for masked in (False, True):
         pairs = st.steps(masked, backward, width)
         if not len(pairs):
@@ -325,7 +328,7 @@ def _loop(st: _Static, backward: bool, update, own, carried, added=(), pair_byte
                     jnp.zeros((width, *x.shape[1:]), x.dtype) if backward else _take(x, mine)
                     for x in carried
                 )
-                tiles = tuple(_take(x, mine) for x in own)
+                tiles = tuple(_take(x, mine) for x in own), tuple(_take(x, other) for x in theirs)
                 new, more = _each(fn, pair[:, 0], pair[:, 1], tiles, rows)
                 carried = tuple(
                     _put(x, mine, y, add=backward) for x, y in zip(carried, new, strict=True)
@@ -359,17 +362,16 @@ def _loop(st: _Static, backward: bool, update, own, carried, added=(), pair_byte
 
             carried, (rows, tiles) = lax.cond(is_first, switch, lambda: (carried, (rows, tiles)))
 
-            def compute(added, rows):
-                new, more = fn(pair[0], pair[1], tiles, rows)
-                added = tuple(lax.dynamic_update_index_in_dim(x, x[other] + y, other, 0)
-                              for x, y in zip(added, more, strict=True))  # fmt: skip
-                return added, new
-
             run = None if meets is None else meets(pair[0], pair[1])
+            loaded = tiles, tuple(x[other] for x in theirs)
+            compute = functools.partial(fn, pair[0], pair[1], loaded)
             if run is None:
-                added, rows = compute(added, rows)
-            else:
-                added, rows = lax.cond(run, compute, lambda *state: state, added, rows)
+                rows, more = compute(rows)
+            else:  # only this pair's tiles pass through the branch, never a whole buffer
+                nothing = tuple(jnp.zeros(x.shape[1:], x.dtype) for x in added)
+                rows, more = lax.cond(run, compute, lambda rows: (rows, nothing), rows)
+            added = tuple(lax.dynamic_update_index_in_dim(x, x[other] + y, other, 0)
+                          for x, y in zip(added, more, strict=True))  # fmt: skip
             return (carried, added, (rows, tiles), mine), None
 
         state = carried, added, fresh, jnp.int32(spare)
@@ -391,13 +393,13 @@ def _forward(st: _Static, q, k, v, co_q, co_k, f32: bool = False):
     def update(masked, qi, ki, tiles, rows):
         """One tile: running max m [B,K,Q] and sums: (sum of p [v, 1]) [B,K,Q,H+1] with the
         column of ones, else (sum of p v [B,K,Q,H], sum of p [B,K,Q])."""
-        (q_t,), (m, *sums) = tiles, rows
-        s = _masked_scores(st, masked, q_t, k[ki], qi, ki, co_q, co_k)
+        ((q_t,), (k_t, v_t)), (m, *sums) = tiles, rows
+        s = _masked_scores(st, masked, q_t, k_t, qi, ki, co_q, co_k)
         m_new = jnp.maximum(m, s.max(-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(s - m_safe[..., None])
         alpha = jnp.exp(m - m_safe)
-        pv = _matmul("BKQS,BKSH->BKQH", p.astype(v.dtype), v[ki])
+        pv = _matmul("BKQS,BKSH->BKQH", p.astype(v.dtype), v_t)
         if st.ones_column:
             return m_new, alpha[..., None] * sums[0] + pv
         acc, l = sums
@@ -410,7 +412,8 @@ def _forward(st: _Static, q, k, v, co_q, co_k, f32: bool = False):
         state = m, jnp.zeros((nq + 1, *rows, H), jnp.float32), jnp.zeros((nq + 1, *rows))
     step = lambda *args: (update(*args), ())  # noqa: E731
     meets = functools.partial(_may_meet, st, co_q, co_k)
-    state, _ = _loop(st, False, step, (q,), state, pair_bytes=_pair_bytes(q, k), meets=meets)
+    operands = (q,), (k, v)
+    state, _ = _loop(st, False, step, operands, state, pair_bytes=_pair_bytes(q, k), meets=meets)
     m, *sums = (x[:nq] for x in state)
     acc, l = (sums[0][..., :H], sums[0][..., H]) if st.ones_column else sums
     empty = l == 0.0  # rows that see no key: output zeros, lse -inf
@@ -437,20 +440,20 @@ def _backward(st: _Static, res, cotangents, f32: bool = False):
     def grads(masked, qi, ki, tiles, rows):
         """One tile: dk, dv [B, K, bk, H] of key tile ki with this pair's shares added, and
         the pair's share of dq [B, K, G*bq, H]."""
-        (k_t, v_t), (dk, dv) = tiles, rows
-        q_t, do_t = q[qi], d_out[qi]
+        ((k_t, v_t), (q_t, do_t, lse_t, delta_t)), (dk, dv) = tiles, rows
         s = _masked_scores(st, masked, q_t, k_t, qi, ki, co_q, co_k)
-        p = jnp.exp(s - lse[qi][..., None])  # [B, K, G*bq, bk]
+        p = jnp.exp(s - lse_t[..., None])  # [B, K, G*bq, bk]
         dv = dv + _matmul("BKQS,BKQH->BKSH", p.astype(v.dtype), do_t)
         dp = _matmul("BKQH,BKSH->BKQS", do_t, v_t)
-        ds = (p * (dp - delta[qi][..., None])).astype(q.dtype)
+        ds = (p * (dp - delta_t[..., None])).astype(q.dtype)
         dk = dk + _matmul("BKQS,BKQH->BKSH", ds, q_t)
         return (dk, dv), (_matmul("BKQS,BKSH->BKQH", ds, k_t),)
 
     zeros = lambda x, n: jnp.zeros((n + 1, *x.shape[1:]), jnp.float32)  # noqa: E731
     carried, added = (zeros(k, nk), zeros(v, nk)), (zeros(q, nq),)
     meets = functools.partial(_may_meet, st, co_q, co_k)
-    (dk, dv), (dq,) = _loop(st, True, grads, (k, v), carried, added, 2 * _pair_bytes(q, k), meets)
+    operands = (k, v), (q, d_out, lse, delta)
+    (dk, dv), (dq,) = _loop(st, True, grads, operands, carried, added, 2 * _pair_bytes(q, k), meets)
     dq, dk, dv = dq[:nq], dk[:nk], dv[:nk]
     return (dq, dk, dv) if f32 else (dq, dk.astype(k.dtype), dv.astype(v.dtype))
 
