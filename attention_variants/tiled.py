@@ -211,11 +211,11 @@ def _steps_of(st: _Static, masked: bool, backward: bool, width: int) -> np.ndarr
 # Inside the engine a query tile is [B, K, G*bq, H]: the G heads that share a key/value head
 # are stacked along rows, so each tile product is one batched matmul with no repeated K/V.
 # The engine's loops visit the schedule's (query tile, key tile) pairs in steps of `width`
-# pairs: compile-time trip counts, no branches (a pair every query of which is hidden is
-# masked, not skipped). Running results live in per-tile buffers with one spare row that
-# padding pairs write to. Coordinates arrive as tiles (`QueryCoords`, `KeyCoords`); absolute
-# positions at a static offset are computed per tile instead (cheaper for the many small
-# tiles of a band).
+# pairs with compile-time trip counts (`_loop`): on accelerators no branch (a pair every query
+# of which is hidden is masked), on CPU free branches skip such pairs. Running results live in
+# per-tile buffers with one spare row that padding pairs write to. Coordinates arrive as tiles
+# (`QueryCoords`, `KeyCoords`); absolute positions at a static offset are computed per tile
+# instead (cheaper for the many small tiles of a band).
 
 
 def _tile_visible(st: _Static, qi, ki, co_q: QueryCoords, co_k: KeyCoords):
