@@ -207,11 +207,17 @@ class Decoder:
         caches take any number."""
         return self.kind == "kv"
 
-    def init(self, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype=jnp.float32):
-        return self.cache.init(batch, max_len, kv_heads, head_dim, dtype, **self.options)
+    def init(self, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype=jnp.float32,
+             num_heads: int | None = None):  # fmt: skip
+        """An empty cache; `num_heads` (query heads N, default kv_heads) sizes a state kept
+        per query head (the recurrent family's)."""
+        kw = {} if num_heads is None else dict(num_heads=num_heads)
+        return self.cache.init(batch, max_len, kv_heads, head_dim, dtype, **kw, **self.options)
 
-    def extend(self, cache, q, k, v, position, *, scale=None):
-        return self.cache.extend(cache, q, k, v, position, scale=scale, **self.options)
+    def extend(self, cache, q, k, v, position, *, scale=None, **gates):
+        """Appends q, k, v [B, t, ., H] at `position`; `gates` are the variant's call
+        arguments (`Spec.arguments`: log_decay, beta), per new token."""
+        return self.cache.extend(cache, q, k, v, position, scale=scale, **gates, **self.options)
 
 
 def decoder(name: str, **options: Any) -> Decoder:

@@ -20,18 +20,28 @@ from dataclasses import astuple
 from types import SimpleNamespace
 from typing import Any
 
-from attention_variants import accelerators, chunked
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attention_variants import accelerators, chunked, recurrent
 from attention_variants.common import (
     beyond_self_attention,
     check_inputs,
     check_positive,
     contract,
+    default_scale,
     layout,
     softmax_attention,
     softmax_flops,
     visible,
 )
-from attention_variants.decoding import linear_state_cache, masked_softmax_cache
+from attention_variants.decoding import (
+    Cache,
+    _check_step,
+    linear_state_cache,
+    masked_softmax_cache,
+)
 from attention_variants.masks import Mask, check_shift
 from attention_variants.registry import Implementation
 from attention_variants.tiled import BlockSizes, tiled_attention
@@ -219,4 +229,106 @@ class LinearState:
             check=check,
             implementations={"jax": Implementation(kernel)},
             decode=linear_state_cache(features, count),
+        )
+
+
+GATE_SHAPES = {"log_decay": "[B, T, N]", "beta": "[B, T, N]"}
+
+
+def check_gates(name: str, q, gates: Mapping[str, Any], per_feature: bool) -> None:
+    """ValueError naming a gate of the wrong shape or, when concrete, out of its range
+    (log_decay <= 0, beta in [0, 1])."""
+    B, T, N, H = q.shape
+    for gate, x in gates.items():
+        if x is None:
+            continue
+        shape = (B, T, N, H) if gate == "log_decay" and per_feature else (B, T, N)
+        if getattr(x, "shape", None) != shape:
+            raise ValueError(f"{name}: {gate} must have shape {shape} ([B, T, N"
+                             f"{', H' if len(shape) == 4 else ''}]), got {getattr(x, 'shape', x)}")  # fmt: skip
+        if isinstance(x, jax.core.Tracer):
+            continue
+        x = np.asarray(x, np.float32)
+        low, high = (-np.inf, 0.0) if gate == "log_decay" else (0.0, 1.0)
+        if not np.all((x >= low) & (x <= high)):
+            bad = x[~((x >= low) & (x <= high))].flat[0]
+            raise ValueError(f"{name}: {gate} must lie in [{low}, {high}], got {bad}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentState:
+    """Linear attention with a decaying or delta-rule state (`recurrent.py`), causal only.
+
+    The declaration is `prepare(q, k, *, <gates>, **options) -> (q, k, log_decay, beta)`: the
+    variant's query and key vectors (normalised, say) and its gates, from the call's gates
+    (`gates`, a subset of ("log_decay", "beta"); None when not given) or its own (fixed
+    decays). `per_feature`: log_decay is [B, T, N, H] (a decay per key feature), else [B, T, N].
+    `delta`: the delta rule writes (beta None means 1). The kernel applies `scale` to q and
+    repeats K/V heads to the query heads (each query head carries its own state).
+    """
+
+    gates: tuple[str, ...] = ()
+    per_feature: bool = False
+    delta: bool = False
+    chunking: chunked.Chunking = chunked.Chunking()
+
+    def build(self, name: str, declaration: Callable) -> dict[str, Any]:
+        own_defaults = keyword_defaults(declaration, skip=self.gates)
+
+        def inputs(q, k, v, scale, gates, options):
+            """The engine's inputs: q (scaled), k, v per query head, log_decay, beta."""
+            check_gates(name, q, gates, self.per_feature)
+            q, k, log_decay, beta = declaration(q, k, **gates, **_pick(options, own_defaults))
+            G = q.shape[2] // k.shape[2]
+            k, v = (jnp.repeat(x, G, axis=2) for x in (k, v))
+            return q * default_scale(scale, q.shape[-1]), k, v, log_decay, beta
+
+        def state(explicit: bool):
+            """The chunked kernel, or (explicit) the token-by-token recurrence."""
+
+            @contract
+            def fn(q, k, v, call, options):
+                check_inputs(q, k, v)
+                dtype = q.dtype
+                gates = {g: options.pop(g, None) for g in self.gates}
+                _not_served(name, q, k, call)
+                if not call["causal"]:
+                    raise NotImplementedError(f"{name}: causal=False (its state runs forward)")
+                runs = layout(q, k, segment_ids=call["segment_ids"]).q_seg  # documents: run ids
+                q, k, v, log_decay, beta = inputs(q, k, v, call["scale"], gates, options)
+                kw = dict(log_decay=log_decay, beta=beta, delta=self.delta, segment_ids=runs)
+                if explicit:
+                    out, _ = recurrent.recurrence(q, k, v, **kw)
+                else:
+                    out, _ = recurrent.chunked(q, k, v, chunk=options["chunk"], **kw)
+                return out.astype(dtype)
+
+            return fn
+
+        def flops(B, T, S, N, H, *, causal=True, **options) -> float:
+            chunk = options.get("chunk", self.chunking.chunk)
+            return recurrent.chunked_flops(B, T, N, H, H, chunk=chunk, delta=self.delta)
+
+        def extend(S, q, k, v, position, *, scale=None, **options):
+            _check_step(q, k, v)
+            gates = {g: options.pop(g, None) for g in self.gates}
+            q_in, k, v, log_decay, beta = inputs(q, k, v, scale, gates, options)
+            out, S = recurrent.chunked(q_in, k, v, log_decay=log_decay, beta=beta,
+                                       delta=self.delta, chunk=options["chunk"], state=S)  # fmt: skip
+            return out.astype(q.dtype), S
+
+        def init(batch, max_len, kv_heads, head_dim, dtype=jnp.float32, num_heads=None, **_):
+            return recurrent.init_state(batch, num_heads or kv_heads, head_dim, head_dim)
+
+        return dict(
+            family="recurrent_state",
+            reference=state(True),
+            exact=False,
+            flops=flops,
+            defaults={**own_defaults, "chunk": self.chunking.chunk},
+            check=lambda **options: chunked.Chunking(options["chunk"]),
+            implementations={"jax": Implementation(state(False))},
+            decode=Cache(lambda **options: "recurrent", init, extend),
+            arguments=self.gates,
+            causal_only=True,
         )

@@ -75,6 +75,8 @@ class Spec:
     mask: Callable[..., Any] | None = None  # masked softmax: mask(causal=..., **options)
     decode: Any = None  # the decoding cache (`decoding.Cache`), or None: cannot decode
     long_context: bool = False  # benchmark metadata: O(T) memory, joins the long sweeps
+    arguments: tuple[str, ...] = ()  # call arguments beyond the contract's (per-call gates)
+    causal_only: bool = False  # a causal=False call raises NotImplementedError
     test_options: tuple[Mapping[str, Any], ...] = ()  # option sets the test suite also runs
 
     def options(self, **options: Any) -> dict[str, Any]:
@@ -234,7 +236,7 @@ def _dispatcher(name: str) -> Kernel:
 
     def kernel(q, k, v, **kwargs):
         s = spec(name)
-        call = {kw: kwargs.pop(kw) for kw in CONTRACT_KEYWORDS if kw in kwargs}
+        call = {kw: kwargs.pop(kw) for kw in (*CONTRACT_KEYWORDS, *s.arguments) if kw in kwargs}
         options = s.options(**kwargs)
         _, impl = s.choose(options.pop("implementation"), q, k, v, **call, **options)
         return impl.fn(q, k, v, **call, **options)
