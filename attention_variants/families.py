@@ -232,27 +232,24 @@ class LinearState:
         )
 
 
-GATE_SHAPES = {"log_decay": "[B, T, N]", "beta": "[B, T, N]"}
-
-
-def check_gates(name: str, q, gates: Mapping[str, Any], per_feature: bool) -> None:
-    """ValueError naming a gate of the wrong shape or, when concrete, out of its range
-    (log_decay <= 0, beta in [0, 1])."""
-    B, T, N, H = q.shape
+def check_gates(name: str, q, gates: Mapping[str, Any], axes: Mapping[str, str]) -> None:
+    """ValueError naming a gate whose shape is not its `axes` (letters of q's B, T, N, H) or,
+    when concrete, whose values leave its range (log_decay <= 0, beta in [0, 1])."""
+    sizes = dict(zip("BTNH", q.shape, strict=True))
     for gate, x in gates.items():
         if x is None:
             continue
-        shape = (B, T, N, H) if gate == "log_decay" and per_feature else (B, T, N)
+        shape = tuple(sizes[a] for a in axes[gate])
         if getattr(x, "shape", None) != shape:
-            raise ValueError(f"{name}: {gate} must have shape {shape} ([B, T, N"
-                             f"{', H' if len(shape) == 4 else ''}]), got {getattr(x, 'shape', x)}")  # fmt: skip
+            raise ValueError(f"{name}: {gate} must be [{', '.join(axes[gate])}] = {shape}, "
+                             f"got {getattr(x, 'shape', type(x).__name__)}")  # fmt: skip
         if isinstance(x, jax.core.Tracer):
             continue
         x = np.asarray(x, np.float32)
         low, high = (-np.inf, 0.0) if gate == "log_decay" else (0.0, 1.0)
-        if not np.all((x >= low) & (x <= high)):
-            bad = x[~((x >= low) & (x <= high))].flat[0]
-            raise ValueError(f"{name}: {gate} must lie in [{low}, {high}], got {bad}")
+        outside = ~((x >= low) & (x <= high))  # NaN too
+        if outside.any():
+            raise ValueError(f"{name}: {gate} must lie in [{low}, {high}], got {x[outside][0]}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,12 +269,23 @@ class RecurrentState:
     delta: bool = False
     chunking: chunked.Chunking = chunked.Chunking()
 
+    def __post_init__(self):
+        unknown = set(self.gates) - {"log_decay", "beta"}
+        if unknown or (self.per_feature and self.delta) or ("beta" in self.gates) != self.delta:
+            raise ValueError(f"RecurrentState: gates {self.gates} (per_feature="
+                             f"{self.per_feature}, delta={self.delta}) is not a served form")  # fmt: skip
+
+    @property
+    def axes(self) -> dict[str, str]:
+        """Each gate's axes: log_decay per head (BTN) or per key feature (BTNH), beta BTN."""
+        return {g: "BTNH" if g == "log_decay" and self.per_feature else "BTN" for g in self.gates}
+
     def build(self, name: str, declaration: Callable) -> dict[str, Any]:
         own_defaults = keyword_defaults(declaration, skip=self.gates)
 
         def inputs(q, k, v, scale, gates, options):
             """The engine's inputs: q (scaled), k, v per query head, log_decay, beta."""
-            check_gates(name, q, gates, self.per_feature)
+            check_gates(name, q, gates, self.axes)
             q, k, log_decay, beta = declaration(q, k, **gates, **_pick(options, own_defaults))
             G = q.shape[2] // k.shape[2]
             k, v = (jnp.repeat(x, G, axis=2) for x in (k, v))
@@ -329,6 +337,6 @@ class RecurrentState:
             check=lambda **options: chunked.Chunking(options["chunk"]),
             implementations={"jax": Implementation(state(False))},
             decode=Cache(lambda **options: "recurrent", init, extend),
-            arguments=self.gates,
+            arguments=self.axes,
             causal_only=True,
         )

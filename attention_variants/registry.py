@@ -75,7 +75,8 @@ class Spec:
     mask: Callable[..., Any] | None = None  # masked softmax: mask(causal=..., **options)
     decode: Any = None  # the decoding cache (`decoding.Cache`), or None: cannot decode
     long_context: bool = False  # benchmark metadata: O(T) memory, joins the long sweeps
-    arguments: tuple[str, ...] = ()  # call arguments beyond the contract's (per-call gates)
+    # call arguments beyond the contract's (per-call gates) and their axes, e.g. {"beta": "BTN"}
+    arguments: Mapping[str, str] = dataclasses.field(default_factory=dict)
     causal_only: bool = False  # a causal=False call raises NotImplementedError
     test_options: tuple[Mapping[str, Any], ...] = ()  # option sets the test suite also runs
 

@@ -39,7 +39,7 @@ def decode(name, opts, q, k, v, chunks, max_len=None):
     """Feeds q, k, v through the cache in chunks of the given lengths; the outputs joined."""
     B, T, N, H = q.shape
     decoder, extend = jitted(name, tuple(sorted(opts.items())))
-    cache = decoder.init(B, max_len or T, k.shape[2], H, q.dtype)
+    cache = decoder.init(B, max_len or T, k.shape[2], H, q.dtype, num_heads=q.shape[2])
     outs, start = [], 0
     for size in chunks:
         part = slice(start, start + size)

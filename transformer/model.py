@@ -102,7 +102,9 @@ class Attention(nn.Module):
                 "mutable=['cache']"
             )
         K, H = cfg.num_kv_heads, cfg.head_dim
-        cache = self.variable("cache", "attention", decoder.init, B, T, K, H, cfg.dtype)
+        cache = self.variable(
+            "cache", "attention", decoder.init, B, T, K, H, cfg.dtype, cfg.num_heads
+        )
         if self.is_initializing():  # only the cache's shape matters at init
             return jnp.zeros_like(q)
         out, cache.value = decoder.extend(cache.value, q, k, v, position)
