@@ -272,8 +272,10 @@ class RecurrentState:
     def __post_init__(self):
         unknown = set(self.gates) - {"log_decay", "beta"}
         if unknown or (self.per_feature and self.delta) or ("beta" in self.gates) != self.delta:
-            raise ValueError(f"RecurrentState: gates {self.gates} (per_feature="
-                             f"{self.per_feature}, delta={self.delta}) is not a served form")  # fmt: skip
+            raise ValueError(
+                f"RecurrentState: gates {self.gates} (per_feature={self.per_feature}, "
+                f"delta={self.delta}) is not a served form"
+            )
 
     @property
     def axes(self) -> dict[str, str]:
@@ -321,8 +323,8 @@ class RecurrentState:
             _check_step(q, k, v)
             gates = {g: options.pop(g, None) for g in self.gates}
             q_in, k, v, log_decay, beta = inputs(q, k, v, scale, gates, options)
-            out, S = recurrent.chunked(q_in, k, v, log_decay=log_decay, beta=beta,
-                                       delta=self.delta, chunk=options["chunk"], state=S)  # fmt: skip
+            kw = dict(log_decay=log_decay, beta=beta, delta=self.delta, chunk=options["chunk"])
+            out, S = recurrent.chunked(q_in, k, v, state=S, **kw)
             return out.astype(q.dtype), S
 
         def init(batch, max_len, kv_heads, head_dim, dtype=jnp.float32, num_heads=None, **_):

@@ -35,7 +35,6 @@ state holds, and the state after a chunk keeps the keys of its last document onl
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
@@ -140,8 +139,12 @@ def recurrence(q, k, v, *, log_decay=None, beta=None, delta=False, segment_ids=N
     a = jnp.zeros((B, T, N), jnp.float32) if log_decay is None else f32(log_decay)
     a = a[..., None] if a.ndim == 3 else a  # [B, T, N, 1 | F]
     beta = jnp.ones((B, T, N), jnp.float32) if beta is None else f32(beta)
-    starts = jnp.zeros((B, T), bool) if segment_ids is None else jnp.concatenate(
-        [jnp.zeros((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    starts = (
+        jnp.zeros((B, T), bool)
+        if segment_ids is None
+        else jnp.concatenate(
+            [jnp.zeros((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+        )
     )
 
     def step(S, token):  # S [B, N, F, H]

@@ -165,11 +165,18 @@ def test_the_references_follow_the_papers_equations():
         "retnet": recurrence64(q64, k64, v64, retnet_decay, None, False, 0.5),
         "gla": recurrence64(q64, k64, v64, g64["gla"]["log_decay"], None, False, 0.5),
         "mamba2": recurrence64(q64, k64, v64, g64["mamba2"]["log_decay"], None, False, 0.5),
-        "deltanet": recurrence64(unit(q64), unit(k64), v64, None, g64["deltanet"]["beta"],
-                                 True, 0.5),  # fmt: skip
-        "gated_deltanet": recurrence64(unit(q64), unit(k64), v64,
-                                       g64["gated_deltanet"]["log_decay"],
-                                       g64["gated_deltanet"]["beta"], True, 0.5),  # fmt: skip
+        "deltanet": recurrence64(
+            unit(q64), unit(k64), v64, None, g64["deltanet"]["beta"], True, 0.5
+        ),  # fmt: skip
+        "gated_deltanet": recurrence64(
+            unit(q64),
+            unit(k64),
+            v64,
+            g64["gated_deltanet"]["log_decay"],
+            g64["gated_deltanet"]["beta"],
+            True,
+            0.5,
+        ),  # fmt: skip
     }
     assert set(want) <= set(FAMILY)
     for name, expected in want.items():
