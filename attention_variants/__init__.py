@@ -13,10 +13,10 @@ import importlib
 import pkgutil
 
 from attention_variants.decoding import cache_bytes, decoder
-from attention_variants.registry import Spec, get, names, register, spec
+from attention_variants.registry import Layer, Spec, get, names, register, spec
 
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Spec", "cache_bytes", "decoder", "get", "names", "register", "spec"]
+__all__ = ["Layer", "Spec", "cache_bytes", "decoder", "get", "names", "register", "spec"]

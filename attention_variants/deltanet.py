@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from attention_variants.families import RecurrentState
-from attention_variants.registry import register, spec
+from attention_variants.registry import Layer, register, spec
 
 EPS = 1e-6  # as the papers' implementations: x / sqrt(sum x^2 + eps)
 
@@ -28,11 +28,15 @@ def l2_normalised(x):
     return x * jnp.reciprocal(jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + EPS))
 
 
+LAYER = Layer(conv=4, norm="rms", output_gate=True)  # short conv + SiLU, gated RMSNorm
+
+
 @register(
     "deltanet",
     family=RecurrentState(gates=("beta",), delta=True),
     long_context=True,
     test_options=({"chunk": 8},),
+    layer=LAYER,
 )
 def deltanet(q, k, *, beta=None):
     """q, k L2-normalised; the call's write strengths."""
@@ -44,6 +48,7 @@ def deltanet(q, k, *, beta=None):
     family=RecurrentState(gates=("log_decay", "beta"), delta=True),
     long_context=True,
     test_options=({"chunk": 8},),
+    layer=LAYER,
 )
 def gated_deltanet(q, k, *, log_decay=None, beta=None):
     """q, k L2-normalised; the call's decays and write strengths."""

@@ -9,7 +9,9 @@ Without it, no decay: causal linear attention without a feature map or normalise
 from __future__ import annotations
 
 from attention_variants.families import RecurrentState
-from attention_variants.registry import register, spec
+from attention_variants.registry import Layer, register, spec
+
+LAYER = Layer(norm="rms", output_gate=True)  # the output norm and SiLU gate
 
 
 @register(
@@ -17,6 +19,7 @@ from attention_variants.registry import register, spec
     family=RecurrentState(gates=("log_decay",), per_feature=True),
     long_context=True,
     test_options=({"chunk": 8},),
+    layer=LAYER,
 )
 def gla(q, k, *, log_decay=None):
     """q, k as given; the call's decays per key feature."""

@@ -8,7 +8,9 @@ x = v (the layer scales x by dt and adds the D skip).
 from __future__ import annotations
 
 from attention_variants.families import RecurrentState
-from attention_variants.registry import register, spec
+from attention_variants.registry import Layer, register, spec
+
+LAYER = Layer(conv=4, norm="rms", output_gate=True, skip=True)  # conv, D skip, gated norm
 
 
 @register(
@@ -16,6 +18,7 @@ from attention_variants.registry import register, spec
     family=RecurrentState(gates=("log_decay",)),
     long_context=True,
     test_options=({"chunk": 8},),
+    layer=LAYER,
 )
 def mamba2(q, k, *, log_decay=None):
     """q, k as given; the call's decay per head and token."""

@@ -60,6 +60,24 @@ class Implementation:
 
 
 @dataclasses.dataclass(frozen=True)
+class Layer:
+    """What a variant's paper puts around its kernel in the attention layer (data only: the
+    model builds it, `transformer/mixers.py`). The gates the kernel declares (`Spec.arguments`)
+    are computed from the layer's input too.
+
+    conv: width of a short causal depthwise convolution, then SiLU, on q, k and v (0: none).
+    norm: a per-head norm of the kernel's output, "rms" or "layer" (None: none).
+    output_gate: the normed output times SiLU(x W_g), per head, before the output projection.
+    skip: plus D * v per head (Mamba-2's D skip).
+    """
+
+    conv: int = 0
+    norm: str | None = None
+    output_gate: bool = False
+    skip: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Spec:
     """Metadata of one registered variant."""
 
@@ -78,6 +96,7 @@ class Spec:
     # call arguments beyond the contract's (per-call gates) and their axes, e.g. {"beta": "BTN"}
     arguments: Mapping[str, str] = dataclasses.field(default_factory=dict)
     causal_only: bool = False  # a causal=False call raises NotImplementedError
+    layer: Layer = Layer()  # what the model puts around the kernel (default: nothing)
     test_options: tuple[Mapping[str, Any], ...] = ()  # option sets the test suite also runs
 
     def options(self, **options: Any) -> dict[str, Any]:
@@ -252,6 +271,7 @@ def register(
     family: Any,
     long_context: bool = False,
     test_options: tuple[Mapping[str, Any], ...] = (),
+    layer: Layer = Layer(),
 ) -> Callable[[Callable], Callable]:
     """Registers the variant `name` from its family's declaration (see `families.py`).
 
@@ -260,6 +280,7 @@ def register(
     long_context: benchmark metadata, O(T) memory: the variant joins the long-context sweeps.
     test_options: small option sets (tile or chunk sizes, say) under which the test suite runs
       the kernel too, so that tiling and chunking are exercised at test sizes.
+    layer: what the paper puts around the kernel in the model's attention layer (`Layer`).
     """
 
     def decorator(declaration: Callable) -> Callable:
@@ -273,6 +294,7 @@ def register(
             defaults=defaults,
             long_context=long_context,
             test_options=tuple(test_options),
+            layer=layer,
             **parts,
         )
         return declaration

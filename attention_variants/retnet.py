@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from attention_variants.families import RecurrentState
-from attention_variants.registry import register, spec
+from attention_variants.registry import Layer, register, spec
 
 
 def log_decays(num_heads: int):
@@ -20,7 +20,16 @@ def log_decays(num_heads: int):
     return jnp.log1p(-(2.0 ** (-5.0 - jnp.arange(num_heads, dtype=jnp.float32))))
 
 
-@register("retnet", family=RecurrentState(), long_context=True, test_options=({"chunk": 8},))
+LAYER = Layer(norm="layer", output_gate=True)  # group norm (per head), SiLU gate
+
+
+@register(
+    "retnet",
+    family=RecurrentState(),
+    long_context=True,
+    test_options=({"chunk": 8},),
+    layer=LAYER,
+)
 def retnet(q, k):
     """q, k as given; the fixed decays of the query heads, no write gate."""
     B, T, N, _ = q.shape

@@ -35,6 +35,10 @@ class ModelConfig:
     remat: bool = False  # rematerialise each block in the backward pass (saves memory)
     tie_embeddings: bool = True  # output logits use the input embedding matrix
     rope_base: float = 10_000.0  # RoPE wavelength base
+    # The variant's own layer around its kernel (`attention_variants.Layer`: short convolution,
+    # gates, output norm and gate, as its paper); False: the plain projections for every variant
+    # (gated kernels then run without gates: no decay, beta = 1).
+    variant_layer: bool = True
 
     def __post_init__(self):
         options = self.attention_options

@@ -20,6 +20,7 @@ import optax
 
 import attention_variants as av
 from attention_variants.common import run_starts
+from transformer import mixers
 from transformer.config import ModelConfig
 
 
@@ -74,13 +75,30 @@ class Attention(nn.Module):
         q = dense(cfg.num_heads, "query")(x)  # [B, T, N, H]
         k = dense(cfg.num_kv_heads, "key")(x)  # [B, T, K, H]
         v = dense(cfg.num_kv_heads, "value")(x)  # [B, T, K, H]
+        spec = av.spec(cfg.attention)
+        layer = spec.layer if cfg.variant_layer else av.Layer()
+        if layer.conv:
+            q, k, v = (
+                mixers.ShortConv(layer.conv, cfg.dtype, cfg.param_dtype, name=f"{name}_conv")(
+                    t, segment_ids, decode
+                )
+                for t, name in ((q, "query"), (k, "key"), (v, "value"))
+            )
         if cfg.positions == "rope":
             q, k = (apply_rope(t, positions, cfg.rope_base) for t in (q, k))
+        gates = {}
+        if cfg.variant_layer and spec.arguments:
+            axes = tuple(sorted(spec.arguments.items()))
+            heads = (cfg.num_heads, cfg.head_dim)
+            gates = mixers.Gates(axes, *heads, cfg.param_dtype, name="gates")(x)
         if decode:
-            out = self.cached(q, k, v, position)
+            out = self.cached(q, k, v, position, gates)
         else:
             kernel = av.get(cfg.attention, **cfg.kernel_options)
-            out = kernel(q, k, v, causal=True, segment_ids=segment_ids)  # [B, T, N, H]
+            out = kernel(q, k, v, causal=True, segment_ids=segment_ids, **gates)  # [B, T, N, H]
+        if layer.norm or layer.output_gate or layer.skip:
+            out = mixers.OutputGate(layer.norm, layer.output_gate, layer.skip, cfg.dtype,
+                                    cfg.param_dtype, name="output")(out, x, v)  # fmt: skip
         return nn.DenseGeneral(
             cfg.width,
             axis=(-2, -1),
@@ -90,7 +108,7 @@ class Attention(nn.Module):
             name="out",
         )(out)
 
-    def cached(self, q, k, v, position):
+    def cached(self, q, k, v, position, gates):
         """Attention of the new tokens through the cache (created, empty, at init)."""
         cfg = self.config
         decoder = av.decoder(cfg.attention, **cfg.kernel_options)
@@ -107,7 +125,7 @@ class Attention(nn.Module):
         )
         if self.is_initializing():  # only the cache's shape matters at init
             return jnp.zeros_like(q)
-        out, cache.value = decoder.extend(cache.value, q, k, v, position)
+        out, cache.value = decoder.extend(cache.value, q, k, v, position, **gates)
         return out
 
 
