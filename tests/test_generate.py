@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import small_cases
 
+import attention_variants as av
 from transformer import ModelConfig, TransformerLM, generate, sample_logits
 
 SMALL = small_cases()
@@ -20,7 +21,14 @@ F32 = dict(rtol=1e-5, atol=1e-5)
 def tiny(attention="dense", options=(), **changes):
     model = tiny_model(attention, options, **changes)
     tokens = jax.random.randint(jax.random.key(1), (2, 19), 0, 37)
-    return model, init_params(**changes), tokens
+    return model, init_params(own_layer(attention), **changes), tokens
+
+
+def own_layer(attention: str) -> str:
+    """The variant whose parameters the model needs: itself when its paper's layer adds some
+    (convolutions, gates, output norm), else dense (the kernel then holds none)."""
+    spec = av.spec(attention)
+    return attention if spec.layer != av.Layer() or spec.arguments else "dense"
 
 
 def tiny_model(attention="dense", options=(), **changes):
@@ -39,12 +47,11 @@ def init_decode(model, B, max_len):
 
 
 @functools.cache
-def init_params(**changes):
+def init_params(attention="dense", **changes):
     """Random (never zero) parameters, made once per kind of model: attention kernels hold no
-    parameters (a variant that did would fail `apply` for the missing ones), and the init does
-    not depend on the tokens, so the dense model's serves every variant (the same values as
-    each variant's own init on `tokens`)."""
-    return init_decode(tiny_model(**changes), 2, 24)["params"]
+    parameters, and the init does not depend on the tokens, so the dense model's serve every
+    variant that adds no layer of its own (`own_layer`: the same values as its own init)."""
+    return init_decode(tiny_model(attention, **changes), 2, 24)["params"]
 
 
 @functools.cache

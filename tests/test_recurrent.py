@@ -211,3 +211,24 @@ def test_packed_gates_under_jit_reset_at_each_start():
     fn = jax.jit(lambda q, k, v, s, g: av.get(name, chunk=8)(q, k, v, segment_ids=s, **g))
     ref = av.spec(name).bound_reference()(q, k, v, segment_ids=seg, **gates)
     np.testing.assert_allclose(fn(q, k, v, seg, gates), ref, **F32)
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_the_variants_layer_keeps_packed_documents_apart(name):
+    """Through the model with the paper's layer (short convolution, gates, output norm): a
+    packed row's second document equals that document alone, so neither the convolution's taps
+    nor the state cross a document start; variant_layer=False adds no parameters to dense's."""
+    from transformer import ModelConfig, TransformerLM
+
+    sizes = dict(vocab_size=31, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=16)
+    model = TransformerLM(ModelConfig(attention=name, attention_options={"chunk": 4}, **sizes))
+    tokens = jax.random.randint(jax.random.key(18), (2, 15), 0, 31)
+    params = model.init(jax.random.key(19), tokens)["params"]
+    seg = jnp.array([[0] * 6 + [1] * 9] * 2, jnp.int32)
+    packed = model.apply({"params": params}, tokens, segment_ids=seg)
+    alone = model.apply({"params": params}, tokens[:, 6:])
+    np.testing.assert_allclose(packed[:, 6:], alone, **F32)
+    plain = TransformerLM(ModelConfig(attention=name, variant_layer=False, **sizes))
+    dense = TransformerLM(ModelConfig(attention="dense", **sizes))
+    count = lambda m: sum(x.size for x in jax.tree.leaves(m.init(jax.random.key(0), tokens)))  # noqa: E731
+    assert count(plain) == count(dense) < count(model)
