@@ -16,6 +16,7 @@ import pytest
 from conftest import packed_segments, random_qkv
 
 import attention_variants as av
+from attention_variants import recurrent
 from attention_variants.retnet import log_decays
 
 FAMILY = [n for n in av.names() if av.spec(n).family == "recurrent_state"]
@@ -232,3 +233,21 @@ def test_the_variants_layer_keeps_packed_documents_apart(name):
     dense = TransformerLM(ModelConfig(attention="dense", **sizes))
     count = lambda m: sum(x.size for x in jax.tree.leaves(m.init(jax.random.key(0), tokens)))  # noqa: E731
     assert count(plain) == count(dense) < count(model)
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_groups_of_chunks_change_nothing_but_rounding(delta):
+    """The engine's chunks run in groups (CPU) or all at once (accelerators): every grouping,
+    with the padding to whole groups, gives the recurrence's output and final state."""
+    q, k, v = random_qkv(20, T=45, N=2, K=2)
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    gates = dict(log_decay=-jax.random.uniform(jax.random.key(21), (2, 45, 2)))
+    if delta:
+        gates["beta"] = jax.random.uniform(jax.random.key(22), (2, 45, 2))
+    seg = packed_segments(23, 2, 45)
+    want, final = recurrent.recurrence(q, k, v, delta=delta, segment_ids=seg, **gates)
+    for group in (1, 2, 3, 100):
+        out, state = recurrent.chunked(q, k, v, delta=delta, segment_ids=seg, chunk=4,
+                                       group=group, **gates)  # fmt: skip
+        np.testing.assert_allclose(out, want, **F32, err_msg=f"group={group}")
+        np.testing.assert_allclose(state, final, **F32, err_msg=f"group={group}")
