@@ -43,18 +43,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-
-def _einsum(spec, *xs):
-    return jnp.einsum(spec, *xs, preferred_element_type=jnp.float32)
+from attention_variants.chunked import _chunks as _row_chunks
+from attention_variants.chunked import _einsum
 
 
 def _chunks(x, C: int, fill=0.0):
     """[B, T, N, ...] -> [B, N, n, C, ...], T padded with `fill` (None: the last row) to n C."""
-    B, T = x.shape[:2]
-    n = -(-T // C)
-    pad = [(0, 0), (0, n * C - T)] + [(0, 0)] * (x.ndim - 2)
-    x = jnp.pad(x, pad, mode="edge") if fill is None else jnp.pad(x, pad, constant_values=fill)
-    x = x.reshape(B, n, C, *x.shape[2:])
+    x = _row_chunks(x, C, fill)  # [B, n, C, ...]
     return jnp.moveaxis(x, 3, 1) if x.ndim > 3 else x  # ids [B, T] stay [B, n, C]
 
 
