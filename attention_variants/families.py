@@ -7,6 +7,10 @@
 * `LinearState`: the declaration is the feature map phi (q, k -> features). Derived: the chunked
   causal kernel (`chunked.py`), the plain sums over an explicit mask, the recurrent decoding
   step, and the FLOP count of the algorithm.
+* `RecurrentState`: the declaration returns the vectors and gates of a decaying or delta-rule
+  recurrence (RetNet, GLA, Mamba-2, DeltaNet, Gated DeltaNet). Derived: the chunked kernel
+  (`recurrent.py`), the token-by-token reference, the FLOP count, the recurrent decoding state,
+  and the checks of the gates, which are call arguments (`Spec.arguments`).
 
 Each family also fills the variant's implementation table ("jax": the portable engine).
 """
@@ -321,6 +325,11 @@ class RecurrentState:
 
         def extend(S, q, k, v, position, *, scale=None, **options):
             _check_step(q, k, v)
+            if S.shape[1] != q.shape[2]:
+                raise ValueError(
+                    f"{name}: the state holds {S.shape[1]} heads, the call has N={q.shape[2]} "
+                    f"query heads (one state per query head: init(..., num_heads={q.shape[2]}))"
+                )
             gates = {g: options.pop(g, None) for g in self.gates}
             q_in, k, v, log_decay, beta = inputs(q, k, v, scale, gates, options)
             kw = dict(log_decay=log_decay, beta=beta, delta=self.delta, chunk=options["chunk"])

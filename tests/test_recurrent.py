@@ -129,6 +129,8 @@ def test_decoding_with_gates_equals_the_full_forward(name):
     want = av.spec(name).bound_reference()(q, k, v, **gates)
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), want, **F32)
     assert av.cache_bytes(state) == av.cache_bytes(decoder.init(2, 10**6, 2, 16, num_heads=4))
+    with pytest.raises(ValueError, match=f"{name}: the state holds 2 heads.*num_heads=4"):
+        decoder.extend(decoder.init(2, 22, 2, 16), q[:, :1], k[:, :1], v[:, :1], 0)
 
 
 def recurrence64(q, k, v, log_decay, beta, delta, scale):
