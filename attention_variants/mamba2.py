@@ -2,7 +2,8 @@
 
 S_t = exp(a_t) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t: the SSD recurrence with a scalar
 decay per head and token, `log_decay` a [B, T, N] <= 0 (the layer's dt * A), C = q, B = k,
-x = v (the layer scales x by dt and adds the D skip).
+x = v (the layer adds the D skip; Mamba-2's scaling of x by dt is left out there, see
+transformer/mixers.py).
 """
 
 from __future__ import annotations

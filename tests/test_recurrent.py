@@ -227,10 +227,12 @@ def test_the_variants_layer_keeps_packed_documents_apart(name):
     model = TransformerLM(ModelConfig(attention=name, attention_options={"chunk": 4}, **sizes))
     tokens = jax.random.randint(jax.random.key(18), (2, 15), 0, 31)
     params = model.init(jax.random.key(19), tokens)["params"]
-    seg = jnp.array([[0] * 6 + [1] * 9] * 2, jnp.int32)
+    seg = jnp.array([[0] * 6 + [1] * 9, [0] * 5 + [1] * 2 + [0] * 8], jnp.int32)
     packed = model.apply({"params": params}, tokens, segment_ids=seg)
-    alone = model.apply({"params": params}, tokens[:, 6:])
-    np.testing.assert_allclose(packed[:, 6:], alone, **F32)
+    # Row 1's last document repeats the first one's id: a new document all the same (a run).
+    for row, start in ((0, 6), (1, 7)):
+        alone = model.apply({"params": params}, tokens[row : row + 1, start:])
+        np.testing.assert_allclose(packed[row : row + 1, start:], alone, **F32)
     plain = TransformerLM(ModelConfig(attention=name, variant_layer=False, **sizes))
     dense = TransformerLM(ModelConfig(attention="dense", **sizes))
     count = lambda m: sum(x.size for x in jax.tree.leaves(m.init(jax.random.key(0), tokens)))  # noqa: E731

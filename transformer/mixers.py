@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attention_variants.common import run_ids
+
 LOW_RANK = 16  # GLA's gate rank
 GLA_NORMALISER = 16.0  # GLA divides the log-sigmoid gate by 16 (slow forgetting at init)
 
@@ -54,12 +56,13 @@ class ShortConv(nn.Module):
             full = jnp.pad(flat, ((0, 0), (W - 1, 0), (0, 0)))
         seg = None
         if segment_ids is not None and not decode:
-            seg = jnp.pad(segment_ids, ((0, 0), (W - 1, 0)), constant_values=-1)
+            runs = run_ids(segment_ids)  # documents are runs: [0 0 1 0] is three
+            seg = jnp.pad(runs, ((0, 0), (W - 1, 0)), constant_values=-1)
         out = 0.0
         for j in range(W):  # tap j reads the input W - 1 - j tokens back
             tap = full[:, j : j + T]
             if seg is not None:
-                tap = jnp.where((seg[:, j : j + T] == segment_ids)[..., None], tap, 0.0)
+                tap = jnp.where((seg[:, j : j + T] == runs)[..., None], tap, 0.0)
             out = out + tap * kernel[j].astype(self.dtype)
         return nn.silu(out).astype(self.dtype).reshape(x.shape)
 
