@@ -65,8 +65,8 @@ def check_batch(mesh: Mesh, batch_size: int, row: int, model: Any = None) -> Non
     if batch_size % data:
         raise ConfigError("batch_size", f"{batch_size} rows do not split over mesh.data={data}")
     chunks, why = seq, ""
-    if model is not None and model.attention == "ring" and seq > 1:
-        if dict(model.attention_options).get("layout", "zigzag") == "zigzag":
+    if model is not None and "ring" in model.pattern and seq > 1:
+        if model.options_of("ring").get("layout", "zigzag") == "zigzag":
             chunks, why = 2 * seq, " (ring attention's zigzag layout: 2 chunks per device)"
     if row % chunks:
         raise ConfigError(

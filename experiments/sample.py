@@ -110,7 +110,7 @@ def sample(
     seconds = time.perf_counter() - start
     samples = [decode(row, text) for row in result]
     for i, s in enumerate(samples):
-        print(f"--- sample {i} ({model.config.attention}, step {step}) ---\n{s}", file=out)
+        print(f"--- sample {i} ({model.config.attention_name}, step {step}) ---\n{s}", file=out)
     rate = num_samples * max_new_tokens / seconds
     print(
         f"--- {num_samples} x {max_new_tokens} tokens in {seconds:.2f} s ({rate:.0f} tokens/s); "

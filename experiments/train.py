@@ -67,6 +67,7 @@ from experiments.workdir import (
     write_summary,
 )
 from transformer import ModelConfig, TransformerLM
+from transformer.config import layer_pattern
 from transformer.model import weighted_token_stats
 
 SIGNAL_EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130}
@@ -125,8 +126,10 @@ def _model_config(config: Any, vocab_size: int, max_len: int) -> ModelConfig:
     fields = config.model.to_dict()
     fields["vocab_size"] = fields["vocab_size"] or vocab_size
     fields["max_len"] = fields["max_len"] or max_len
-    fields["attention_options"] = dict(config.options.get(fields["attention"]) or {})
     try:
+        pattern = layer_pattern(fields["attention"])
+        options = {name: dict(config.options.get(name) or {}) for name in pattern}
+        fields["attention_options"] = options if len(pattern) > 1 else options[pattern[0]]
         return ModelConfig(**fields)
     except (TypeError, ValueError) as e:
         raise ConfigError("model", str(e)) from None
@@ -322,7 +325,7 @@ def train_and_evaluate(
         print(f"resuming with {name} {there!r} -> {here!r}: the new schedule from step "
               f"{start} on (recorded in resumes.jsonl)", file=out)  # fmt: skip
     print(
-        f"{c.dataset}: {setup_.model_config.attention}, {params:,} parameters, mesh data="
+        f"{c.dataset}: {setup_.model_config.attention_name}, {params:,} parameters, mesh data="
         f"{mesh.shape['data']} x seq={mesh.shape['seq']}; "
         + (f"resuming at step {start}" if start else "from scratch"),
         file=out,

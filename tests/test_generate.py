@@ -95,6 +95,23 @@ def test_token_by_token_logits_equal_the_full_forward(name, opts):
     assert int(cache["position"]) == 19
 
 
+def test_a_hybrids_layers_decode_each_through_its_own_cache():
+    """Window, recurrent and KV caches in one model: token by token equals the full forward."""
+    pattern = "sliding_window,gated_deltanet,dense"
+    options = {"sliding_window": {"window": 4}, "gated_deltanet": {"chunk": 4}}
+    model = tiny_model(pattern, options, num_layers=3)
+    params = init_decode(model, 2, 24)["params"]
+    layers = [params[f"block_{i}"]["attention"] for i in range(3)]
+    assert ["gates" in layer for layer in layers] == [False, True, False]
+    tokens = jax.random.randint(jax.random.key(1), (2, 19), 0, 37)
+    full = forward(model, params, tokens)
+    logits, cache = decode_logits(model, params, tokens, [1] * 12 + [7], max_len=24)
+    np.testing.assert_allclose(logits, full, **F32)
+    window, state, kv = (cache[f"block_{i}"]["attention"]["attention"] for i in range(3))
+    assert window.k.shape[1] < 19 <= kv.k.shape[1]  # the last keys only; every position
+    assert state.shape == (2, 4, 8, 8)  # a state per query head, H x H
+
+
 @pytest.mark.parametrize("positions", ["learned", "sinusoidal", "none"])
 def test_chunked_prefill_with_each_kind_of_positions(positions):
     model, params, tokens = tiny("sliding_window", {"window": 6}, positions=positions)

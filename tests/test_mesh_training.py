@@ -4,8 +4,6 @@ on one mesh restores on another and training continues as if uninterrupted."""
 
 from __future__ import annotations
 
-import types
-
 import jax
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from test_train import run, saved_params, tiny
 from experiments import distributed, train
 from experiments.configlib import ConfigError
 from experiments.datasets import pipeline
+from transformer import ModelConfig
 
 pytestmark = pytest.mark.mesh
 
@@ -63,10 +62,10 @@ def test_a_mesh_that_does_not_fit_names_the_field(data_dir, tmp_path):
         train.train(ring_config(data_dir, mesh=dict(data=3, seq=2)), tmp_path)
     with pytest.raises(ConfigError, match=r"config.batch_size: 12 rows do not split"):
         train.train(ring_config(data_dir, batch_size=12), tmp_path)
-    ring = types.SimpleNamespace(attention="ring", attention_options={})
     mesh = distributed.make_mesh(data=2, seq=4)
-    distributed.check_batch(mesh, 8, 40, types.SimpleNamespace(attention="dense"))
+    distributed.check_batch(mesh, 8, 40, ModelConfig(attention="dense"))
+    ring = ModelConfig(attention="ring,dense")  # a hybrid with ring blocks rings too
     with pytest.raises(ConfigError, match=r"rows of 36 positions do not split into 8 chunks"):
         distributed.check_batch(mesh, 8, 36, ring)
-    ring.attention_options = {"layout": "contiguous"}
-    distributed.check_batch(mesh, 8, 36, ring)
+    contiguous = ring.replace(attention_options={"ring": {"layout": "contiguous"}})
+    distributed.check_batch(mesh, 8, 36, contiguous)

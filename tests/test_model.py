@@ -121,6 +121,42 @@ def test_model_config_errors_name_the_field():
         ModelConfig(**{**TINY, "mlp_dim": -1})
 
 
+def test_a_hybrid_pattern_repeats_over_the_layers_with_each_variants_options():
+    window = {"window": 4, "block_q": 8, "block_k": 8}
+    forms = ["sliding_window*2+linear", "sliding_window, sliding_window, linear",
+             ("sliding_window", "sliding_window", "linear")]  # fmt: skip
+    cfgs = [ModelConfig(**{**TINY, "num_layers": 6}, attention=a,
+                        attention_options={"sliding_window": window}) for a in forms]  # fmt: skip
+    assert cfgs[0] == cfgs[1] == cfgs[2]
+    cfg = cfgs[0]
+    assert [cfg.layer_attention(i) for i in range(6)] == ["sliding_window"] * 2 + ["linear"] + [
+        "sliding_window"] * 2 + ["linear"]  # fmt: skip
+    assert cfg.variants == ("sliding_window", "linear")
+    assert cfg.attention_name == "sliding_window*2+linear"
+    assert cfg.options_of("sliding_window") == window and cfg.options_of("linear") == {}
+    # Layer by layer: the hybrid's logits are those of a model built from the same layers.
+    tokens, params = init(cfg, T=24)
+    logits = TransformerLM(cfg).apply({"params": params}, tokens)
+    linear = cfg.replace(attention="linear*3", attention_options={})
+    swapped = TransformerLM(linear).apply({"params": params}, tokens)
+    assert not np.allclose(logits, swapped, atol=1e-3)  # the local layers change the result
+    single = ModelConfig(**TINY, attention="sliding_window", attention_options=window)
+    assert single.attention == "sliding_window" and single.options_of("sliding_window") == window
+
+
+@pytest.mark.parametrize(
+    "attention,options,needle",
+    [("dense,", {}, "names no variant"), ("dense*0", {}, "positive int"),
+     ("dense,nope", {}, "unknown attention variant 'nope'"),
+     ("dense,linear", {"window": 4}, r"map its variants.*\['window'\] is not among them"),
+     ("dense,linear,dense", {}, "longer than num_layers=2"),
+     ("dense,sliding_window", {"sliding_window": {"bogus": 1}}, "unknown option.*bogus")],
+)  # fmt: skip
+def test_hybrid_pattern_errors_name_the_problem(attention, options, needle):
+    with pytest.raises((ValueError, TypeError), match=needle):
+        ModelConfig(**TINY, attention=attention, attention_options=options)
+
+
 def test_remat_gives_the_same_gradients():
     cfg = ModelConfig(**TINY, tie_embeddings=False, attention="blockwise")
     tokens, params = init(cfg)

@@ -203,7 +203,8 @@ def test_sample_generates_from_the_newest_checkpoint(data_dir, tmp_path):
     from experiments import sample
 
     text = tiny(data_dir, dataset="pystdlib/small", eval_split="validation", seq_len=32)
-    text.model.attention = "sliding_window"
+    text.model.attention = "sliding_window,dense"  # a hybrid: each block its own kernel
+    text.model.num_layers = 2
     text.options.sliding_window.update(dict(window=8, block_q=8, block_k=8))
     run(text, tmp_path / "lm")
     out = io.StringIO()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import itertools
 from typing import Any
 
 import attention_variants as av
@@ -13,9 +13,40 @@ NORMS = ("rms", "layer")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def as_dict(options) -> dict[str, Any]:
+    """A mapping, a ConfigDict or (name, value) pairs, as a dict."""
+    if hasattr(options, "to_dict"):
+        return options.to_dict()
+    return dict(options)
+
+
+def layer_pattern(attention) -> tuple[str, ...]:
+    """`ModelConfig.attention` as a tuple of registry names, one per layer of the pattern."""
+    parts = attention.replace("+", ",").split(",") if isinstance(attention, str) else attention
+    if isinstance(parts, str) or not all(isinstance(p, str) for p in parts):
+        raise ValueError(f"attention must be a registry name or a sequence of them, got "
+                         f"{attention!r}")  # fmt: skip
+    names = []
+    for part in parts:
+        name, _, times = part.strip().partition("*")
+        if times and not (times.isdigit() and int(times) > 0):
+            raise ValueError(f"attention: {part!r} must be name*n with n a positive int")
+        names += [name.strip()] * (int(times) if times else 1)
+    if not names or "" in names:
+        raise ValueError(f"attention names no variant in {attention!r}")
+    return tuple(names)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only language model. `attention` is a registry name; nothing else varies."""
+    """A decoder-only language model. `attention` names the kernel; nothing else varies.
+
+    `attention` is a registry name, or a hybrid's layer pattern repeated over the layers: a
+    sequence of names, or one string of names joined by "," or "+", where "name*n" repeats a
+    name n times ("sliding_window*3+dense": three local layers, then a global one).
+    `attention_options` are the kernel's options; for a hybrid, a mapping from each name to its
+    options (names left out take their defaults).
+    """
 
     vocab_size: int = 256  # token ids are in [0, vocab_size)
     num_layers: int = 2  # pre-norm Transformer blocks
@@ -24,7 +55,7 @@ class ModelConfig:
     head_dim: int = 32  # H
     mlp_dim: int = 256  # hidden width of the gated MLP; 0: attention-only blocks (no MLP)
     max_len: int = 2048  # longest sequence (learned positions; RoPE needs no table)
-    attention: str = "dense"  # registry name of the attention kernel
+    attention: Any = "dense"  # registry name of the kernel, or a hybrid's pattern (docstring)
     attention_options: Any = ()  # options bound to the kernel (a mapping; stored sorted)
     positions: str = "rope"  # "rope" | "learned" | "sinusoidal" (Vaswani et al. 2017) | "none"
     norm: str = "rms"  # "rms" (RMSNorm) | "layer" (LayerNorm, the original Transformer's)
@@ -41,13 +72,20 @@ class ModelConfig:
     variant_layer: bool = True
 
     def __post_init__(self):
-        options = self.attention_options
-        if isinstance(options, Mapping) or hasattr(options, "to_dict"):
-            options = dict(options.to_dict() if hasattr(options, "to_dict") else options)
-        else:
-            options = dict(options)
+        pattern = layer_pattern(self.attention)
+        object.__setattr__(self, "attention", pattern[0] if len(pattern) == 1 else pattern)
+        options = as_dict(self.attention_options)
+        if len(pattern) > 1:  # one mapping of options per name
+            unknown = sorted(set(options) - set(pattern))
+            if unknown:
+                raise ValueError(
+                    f"attention_options of a hybrid map its variants {sorted(set(pattern))} to "
+                    f"their options; {unknown} is not among them"
+                )
+            options = {name: tuple(sorted(as_dict(o).items())) for name, o in options.items()}
         object.__setattr__(self, "attention_options", tuple(sorted(options.items())))
-        av.spec(self.attention).options(**options)  # unknown name or option: clear error now
+        for name in self.variants:  # unknown name or option: clear error now
+            av.spec(name).options(**self.options_of(name))
         for name in (
             "vocab_size",
             "num_layers",
@@ -59,6 +97,11 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if len(self.pattern) > self.num_layers:
+            raise ValueError(
+                f"attention's pattern of {len(self.pattern)} layers {self.pattern} is longer "
+                f"than num_layers={self.num_layers}"
+            )
         if not isinstance(self.mlp_dim, int) or isinstance(self.mlp_dim, bool) or self.mlp_dim < 0:
             raise ValueError(f"ModelConfig.mlp_dim must be an int >= 0, got {self.mlp_dim!r}")
         if self.norm not in NORMS:
@@ -91,8 +134,30 @@ class ModelConfig:
         return self.embed_dim or self.num_heads * self.head_dim
 
     @property
-    def kernel_options(self) -> dict[str, Any]:
-        return dict(self.attention_options)
+    def pattern(self) -> tuple[str, ...]:
+        """The variant names of the layer pattern (one for a model of one kernel)."""
+        return (self.attention,) if isinstance(self.attention, str) else self.attention
+
+    @property
+    def attention_name(self) -> str:
+        """The pattern as written on the command line ("sliding_window*3+dense")."""
+        runs = [(name, len(list(run))) for name, run in itertools.groupby(self.pattern)]
+        return "+".join(name if n == 1 else f"{name}*{n}" for name, n in runs)
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The distinct variants of the pattern, in order of first use."""
+        return tuple(dict.fromkeys(self.pattern))
+
+    def layer_attention(self, layer: int) -> str:
+        """The variant of block `layer` (the pattern repeated over the layers)."""
+        return self.pattern[layer % len(self.pattern)]
+
+    def options_of(self, name: str) -> dict[str, Any]:
+        """The options bound to variant `name`'s kernel."""
+        if isinstance(self.attention, str):
+            return dict(self.attention_options) if name == self.attention else {}
+        return dict(dict(self.attention_options).get(name, ()))
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

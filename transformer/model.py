@@ -3,7 +3,9 @@
 Pre-norm blocks (RMSNorm, or LayerNorm), grouped-query attention with RoPE (or learned,
 sinusoidal or no positions), gated (SwiGLU) MLP (or none: attention-only blocks). The layer
 owns projections and positions; the kernel only sees q [B,T,N,H], k, v [B,S,K,H], so swapping
-`config.attention` changes nothing else (same parameters, same shapes).
+`config.attention` changes nothing else (same parameters, same shapes, unless a variant brings
+its own layer: `attention_variants.Layer`). A hybrid names a pattern of variants that repeats
+over the blocks (`ModelConfig.attention`), each block with its own kernel and cache.
 
 Decoding follows flax's convention: `init(rng, zeros [B, max_len], decode=True)["cache"]` is an
 empty cache (the variant's own, `attention_variants.decoding`: KV, window or recurrent), and
@@ -61,6 +63,7 @@ class Attention(nn.Module):
     """Multi-head attention with GQA; the kernel comes from the registry by name."""
 
     config: ModelConfig
+    variant: str  # the registry name of this layer's kernel
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, decode: bool = False, position=None):
@@ -75,7 +78,7 @@ class Attention(nn.Module):
         q = dense(cfg.num_heads, "query")(x)  # [B, T, N, H]
         k = dense(cfg.num_kv_heads, "key")(x)  # [B, T, K, H]
         v = dense(cfg.num_kv_heads, "value")(x)  # [B, T, K, H]
-        spec = av.spec(cfg.attention)
+        spec = av.spec(self.variant)
         layer = spec.layer if cfg.variant_layer else av.Layer()
         if layer.conv:
             q, k, v = (
@@ -94,7 +97,7 @@ class Attention(nn.Module):
         if decode:
             out = self.cached(q, k, v, position, gates)
         else:
-            kernel = av.get(cfg.attention, **cfg.kernel_options)
+            kernel = av.get(self.variant, **cfg.options_of(self.variant))
             out = kernel(q, k, v, causal=True, segment_ids=segment_ids, **gates)  # [B, T, N, H]
         if layer.norm or layer.output_gate or layer.skip:
             out = mixers.OutputGate(layer.norm, layer.output_gate, layer.skip, cfg.dtype,
@@ -111,7 +114,7 @@ class Attention(nn.Module):
     def cached(self, q, k, v, position, gates):
         """Attention of the new tokens through the cache (created, empty, at init)."""
         cfg = self.config
-        decoder = av.decoder(cfg.attention, **cfg.kernel_options)
+        decoder = av.decoder(self.variant, **cfg.options_of(self.variant))
         B, T = q.shape[:2]
         if not self.is_initializing() and not self.has_variable("cache", "attention"):
             raise ValueError(
@@ -148,12 +151,13 @@ class Block(nn.Module):
     """x + Attention(Norm(x)), then x + MLP(Norm(x)) (no MLP when mlp_dim is 0)."""
 
     config: ModelConfig
+    variant: str  # the registry name of the block's attention kernel
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, deterministic: bool, decode=False, position=None):
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
-        attention = Attention(cfg, name="attention")
+        attention = Attention(cfg, self.variant, name="attention")
         h = make_norm(cfg, "attention_norm")(x)
         x = x + drop(attention(h, positions, segment_ids, decode, position))
         if not cfg.mlp_dim:
@@ -203,7 +207,7 @@ class TransformerLM(nn.Module):
             x = x + sinusoidal(positions, cfg.width).astype(x.dtype)
         block = nn.remat(Block, static_argnums=(4, 5)) if cfg.remat else Block
         for i in range(cfg.num_layers):
-            x = block(cfg, name=f"block_{i}")(
+            x = block(cfg, cfg.layer_attention(i), name=f"block_{i}")(
                 x, positions, segment_ids, deterministic, decode, position
             )
         if decode and not self.is_initializing():

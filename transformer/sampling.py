@@ -63,8 +63,8 @@ def check_request(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     total = prompt_len + max_new_tokens
     max_len = total if max_len is None else max_len
-    decoder = av.decoder(cfg.attention, **cfg.kernel_options)  # NotImplementedError: no cache
-    if decoder.needs_max_len and total > max_len:
+    decoders = [av.decoder(name, **cfg.options_of(name)) for name in cfg.variants]  # or raise
+    if any(d.needs_max_len for d in decoders) and total > max_len:
         raise ValueError(
             f"prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} is {total}, "
             f"more than the KV cache's max_len={max_len}"
