@@ -10,11 +10,12 @@ from __future__ import annotations
 from attention_variants.families import MaskedSoftmax
 from attention_variants.masks import Mask, causal_or_full
 from attention_variants.registry import register, spec
+from attention_variants.tiled import BlockSizes
 
 
 @register(
     "blockwise",
-    family=MaskedSoftmax(),
+    family=MaskedSoftmax(tiles=BlockSizes()),
     long_context=True,
     test_options=({"block_q": 16, "block_k": 8}, {"block_q": 8, "block_k": 32}),
 )

@@ -14,12 +14,13 @@ attention output; the cache carries what later tokens still need:
   it skips the tiles outside the mask's band at run time, on accelerators it masks them (a step
   costs O(max_len) there, as a dense row does); `fixed` and `bigbird` prefill the causal band's
   tiles (their sparsity is lost there, not their result).
-* **Window cache** (masked softmax whose causal mask reaches a bounded distance back and
-  depends on k - q only, as `sliding_window`; a mask that declares `shift_invariant` is also
-  checked to be so on a grid, else it gets a KV cache): the last `behind` keys, in order. The
-  new queries attend through the kernel to [cache, new keys] (the slots before position 0 are
-  masked as another document), then the cache keeps the last `behind` of them. O(W) memory,
-  however long the generation.
+* **Window cache** (masked softmax whose causal mask shows, beyond a document's first
+  `Mask.sinks` keys, only keys a bounded distance back: `Mask.band`, as `sliding_window`, with
+  or without sinks): the first `sinks` keys and the last `behind`, in order. The new queries
+  attend to [sinks, window, new keys] through the tiled engine with each slot's true position,
+  so the mask's own predicate decides (empty slots, and sink slots still in the window, are
+  masked as another document); then the window keeps its last `behind` keys and the sink slots
+  take the new keys of the first positions. O(W + sinks) memory, however long the generation.
 * **Recurrent state** (linear state): the running sums of the chunked engine (`chunked.State`),
   extended by its causal sums from that state. O(1) memory and time per token.
 
@@ -40,8 +41,9 @@ import numpy as np
 from jax import lax
 
 from attention_variants import chunked, registry
-from attention_variants.common import check_inputs
-from attention_variants.masks import GRID, shifts_alike
+from attention_variants.common import Layout, check_inputs
+from attention_variants.masks import GRID
+from attention_variants.tiled import block_sizes, tiled_attention
 
 
 class KeyValues(NamedTuple):
@@ -112,22 +114,19 @@ def serving(name: str, options: dict[str, Any], q, k, v, **call) -> dict[str, An
 def masked_softmax_cache(name: str, mask: Callable[..., Any]) -> Cache:
     """The KV or window cache of a masked-softmax variant (`mask(causal, **options)`)."""
 
-    def behind(options) -> int | None:
-        """How far back the causal mask reaches when that bounds the cache, else None."""
+    def kept(options) -> tuple[int, int] | None:
+        """(sinks, behind): the first keys and the last ones that the causal mask can still
+        show when that bounds the cache, else None."""
         m = mask(True, **options)
         check_backward(name, m)
-        reach = m.reach[0]
-        if reach is None or not m.shift_invariant:
-            return None
-        # a window cache sees its keys at other positions than the full row does
-        return reach if shifts_alike(m, (1, 7, reach + 3)) else None
+        return None if m.band[0] is None else (m.sinks, m.band[0])
 
     def kind(**options) -> str:
-        return "kv" if behind(options) is None else "window"
+        return "kv" if kept(options) is None else "window"
 
     def init(batch, max_len, kv_heads, head_dim, dtype=jnp.float32, **options) -> KeyValues:
-        length = behind(options)
-        length = max_len if length is None else length
+        length = kept(options)
+        length = max_len if length is None else sum(length)
         zeros = jnp.zeros((batch, length, kv_heads, head_dim), dtype)
         return KeyValues(zeros, zeros)
 
@@ -147,19 +146,37 @@ def masked_softmax_cache(name: str, mask: Callable[..., Any]) -> Cache:
             # Past max_len the write would land on earlier slots: NaN, never a wrong number.
             out = jnp.where(position + t > length, jnp.nan, out).astype(out.dtype)
             return out, KeyValues(keys, values)
-        B, t = q.shape[:2]
-        length = cache.k.shape[1]
-        keys = jnp.concatenate([cache.k, k], axis=1)  # [B, length + t]: positions in order
-        values = jnp.concatenate([cache.v, v], axis=1)
-        # Slot j holds position `position - length + j`; those before 0 are empty: id 0.
-        filled = jnp.arange(length + t) >= length - position
-        kv_ids = jnp.broadcast_to(filled.astype(jnp.int32), (B, length + t))
-        call = dict(causal=True, q_offset=length, scale=scale,
-                    segment_ids=jnp.ones((B, t), jnp.int32), kv_segment_ids=kv_ids)  # fmt: skip
-        out = kernel(q, keys, values, **call, **serving(name, options, q, keys, values, **call))
-        return out, KeyValues(keys[:, t:], values[:, t:])
+        return window_step(mask(True, **options), kept(options), cache, q, k, v, position,
+                           scale, options)  # fmt: skip
 
     return Cache(kind, init, extend)
+
+
+def window_step(m, kept: tuple[int, int], cache: KeyValues, q, k, v, position, scale, options):
+    """The window cache's step (`masked_softmax_cache`): cache slots [sinks | window] hold
+    positions [0, n) and [position - length, position); the t new keys follow."""
+    (n, length), (B, t) = kept, q.shape[:2]
+    i, j, w = (jnp.arange(x, dtype=jnp.int32) for x in (t, n, length))
+    start = position - length  # the window's first position (empty slots before 0)
+    k_pos = jnp.concatenate([j, start + w, position + i])
+    filled = jnp.concatenate([j < start, start + w >= 0, i >= 0])  # a sink in the window: empty
+    keys, values = (jnp.concatenate([c, x], axis=1) for c, x in ((cache.k, k), (cache.v, v)))
+    lay = Layout(
+        q_pos=(position + i)[None], k_pos=k_pos[None], q_abs=(n + length + i)[None],
+        q_seg=jnp.ones((B, t), jnp.int32),
+        k_seg=jnp.broadcast_to(filled.astype(jnp.int32), (B, n + length + t)),
+        doc_len=None, q_offset=None, within_document=True,
+    )  # fmt: skip
+    tiles = block_sizes(m, True, options.get("block_q"), options.get("block_k"))
+    out = tiled_attention(q, keys, values, m, lay, scale=scale, block_sizes=tiles)
+    new = j - position  # the new token at sink slot j, if any
+    take = ((new >= 0) & (new < t))[None, :, None, None]
+
+    def kept_slots(cached, x):
+        sinks = jnp.where(take, jnp.take(x, jnp.clip(new, 0, t - 1), axis=1), cached[:, :n])
+        return jnp.concatenate([sinks, jnp.concatenate([cached[:, n:], x], axis=1)[:, t:]], 1)
+
+    return out, KeyValues(kept_slots(cache.k, k), kept_slots(cache.v, v))
 
 
 def linear_state_cache(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import astuple
 from types import SimpleNamespace
 from typing import Any
 
@@ -48,7 +47,7 @@ from attention_variants.decoding import (
 )
 from attention_variants.masks import Mask, check_shift
 from attention_variants.registry import Implementation
-from attention_variants.tiled import BlockSizes, tiled_attention
+from attention_variants.tiled import BlockSizes, block_sizes, tiled_attention
 
 
 def keyword_defaults(fn: Callable, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -67,21 +66,25 @@ def _pick(options: Mapping[str, Any], names) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class MaskedSoftmax:
-    """Exact softmax attention under a declared mask: `declaration(*, causal, **options)`.
+    """Exact softmax attention under a declared mask: `declaration(*, causal, **options)`, or
+    `declaration(**options)` without `causal` for a mask that serves causal calls only (a call
+    with causal=False then raises NotImplementedError naming the variant).
 
-    tiles: the tile sizes of the "jax" engine (options block_q, block_k); "auto" lets the mask
-      pick (`Mask.preferred_tiles`); None: the variant is not tiled (no tile options).
+    tiles: the tile sizes of the "jax" engine (options block_q, block_k); "auto" (default) lets
+      the mask pick (`Mask.preferred_tiles`: small tiles for a narrow band, else 512 x 512);
+      None: the variant is not tiled (no tile options).
     implementations: optional `fn(kernels) -> {name: Implementation}` replacing the table
       (default: `accelerators.table`, then "jax": the tiled engine); `kernels.tiled` and
       `kernels.reference` are the derived contract functions, `kernels.mask` the mask and
       `kernels.prepare` the call's sized mask and `Layout`.
     """
 
-    tiles: BlockSizes | str | None = BlockSizes()
+    tiles: BlockSizes | str | None = "auto"
     implementations: Callable[[Any], Mapping[str, Implementation]] | None = None
 
     def build(self, name: str, declaration: Callable[..., Mask]) -> dict[str, Any]:
         mask_defaults = keyword_defaults(declaration, skip=("causal",))
+        causal_only = "causal" not in inspect.signature(declaration).parameters
         tile_defaults = {}
         if isinstance(self.tiles, BlockSizes):
             tile_defaults = dict(block_q=self.tiles.block_q, block_k=self.tiles.block_k)
@@ -89,10 +92,19 @@ class MaskedSoftmax:
             tile_defaults = dict(block_q=None, block_k=None)
 
         def mask(causal: bool = True, **options) -> Mask:
-            return check_shift(declaration(causal=causal, **_pick(options, mask_defaults)))
+            own = _pick(options, mask_defaults)
+            if causal_only and not causal:
+                raise NotImplementedError(
+                    f"attention variant {name!r} serves causal calls only (its mask declaration "
+                    "takes no `causal`): causal=False"
+                )
+            return check_shift(declaration(**own) if causal_only else
+                               declaration(causal=causal, **own))  # fmt: skip
 
         def check(**options) -> None:
-            mask(True, **options), mask(False, **options)
+            mask(True, **options)
+            if not causal_only:
+                mask(False, **options)
             for tile in tile_defaults:  # None: the mask's preferred tiles
                 if options.get(tile) is not None:
                     check_positive(**{tile: options[tile]})
@@ -124,11 +136,7 @@ class MaskedSoftmax:
         def tiled(q, k, v, call, options):
             """Tile by tile: only the tiles the mask shows run (`tiled.py`)."""
             m, lay = prepare(q, k, v, call, options)
-            tiles = [options.get(t) for t in tile_defaults]
-            if None in tiles:  # the mask's preferred sizes fill what was not given
-                preferred = m.preferred_tiles(lay.segmented) or astuple(BlockSizes())
-                tiles = [p if t is None else t for t, p in zip(tiles, preferred, strict=True)]
-            tiles = BlockSizes(*tiles)
+            tiles = block_sizes(m, lay.segmented, *(options.get(t) for t in tile_defaults))
             return tiled_attention(
                 q, k, v, m, lay, scale=call["scale"], block_sizes=tiles,
                 return_lse=call["return_lse"],
@@ -152,6 +160,7 @@ class MaskedSoftmax:
             implementations=table,
             mask=mask,
             decode=masked_softmax_cache(name, mask),
+            causal_only=causal_only,
         )
 
 

@@ -472,7 +472,7 @@ def _implementations(kernels):
 
 @register(
     "ring",
-    family=MaskedSoftmax(implementations=_implementations),
+    family=MaskedSoftmax(tiles=BlockSizes(), implementations=_implementations),
     long_context=True,
     # one device runs blockwise's engine (its test options tile it); tests/test_mesh.py rings
 )

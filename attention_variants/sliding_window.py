@@ -6,12 +6,17 @@ j <= i when causal, which clips the right side to 0). `window` is that pair, or 
 (W - 1, 0): the last W keys, the query itself included, whether causal or not. The shared tile
 engine (`tiled.py`) computes only the band of tiles around the diagonal, so time and memory are
 O(T * (left + right)); the window depends on k - i only, so packed rows keep the band.
+
+`sinks=n` also shows every query the first n keys of its document (StreamingLLM's attention
+sinks, Xiao et al. 2023): the mask `Window | Sinks`. Its tiles are the band plus the first key
+tiles; packed rows run the pattern per document (positions within it). Decoding keeps the n
+sinks and the last W - 1 keys: O(W + n) memory however long the generation.
 """
 
 from __future__ import annotations
 
 from attention_variants.families import MaskedSoftmax
-from attention_variants.masks import Window, window_extent
+from attention_variants.masks import Mask, Sinks, Window, window_extent
 from attention_variants.registry import register, spec
 from attention_variants.tiled import BlockSizes
 
@@ -29,12 +34,15 @@ WINDOW = 512
         {"window": (19, 4), "block_q": 16, "block_k": 8},
         {"window": 8, "block_q": 8, "block_k": 8},
         {"window": (4, 0), "block_q": 4, "block_k": 16},
+        {"window": 5, "sinks": 3, "block_q": 8, "block_k": 4},
     ),
 )
-def sliding_window(*, causal: bool, window=WINDOW) -> Window:
-    """The window (left, right) of `window`; causal clips its right side to 0."""
+def sliding_window(*, causal: bool, window=WINDOW, sinks: int = 0) -> Mask:
+    """The window (left, right) of `window` (causal clips its right side to 0), or with `sinks`
+    the window or the first `sinks` keys of the document."""
     left, right = window_extent("window", window)
-    return Window(left, 0 if causal else right)
+    band = Window(left, 0 if causal else right)
+    return band | Sinks(sinks, causal) if sinks != 0 else band
 
 
 # The reference beside the kernel, derived from the declaration above and compared with

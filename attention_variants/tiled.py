@@ -50,6 +50,13 @@ class BlockSizes:
         check_positive(block_q=self.block_q, block_k=self.block_k)
 
 
+def block_sizes(mask: Mask, segmented: bool, block_q=None, block_k=None) -> BlockSizes:
+    """The tile sizes given, the mask's preferred ones (`Mask.preferred_tiles`) where None."""
+    preferred = mask.preferred_tiles(segmented) or dataclasses.astuple(BlockSizes())
+    return BlockSizes(*(p if t is None else t for t, p in zip((block_q, block_k), preferred,
+                                                                strict=True)))  # fmt: skip
+
+
 class QueryCoords(NamedTuple):
     """Where the queries of each tile sit, as tiles [nq, B|1, bq] (None: not given)."""
 

@@ -15,7 +15,7 @@ from conftest import random_qkv, small_cases, variant_cases
 import attention_variants as av
 from attention_variants import registry
 from attention_variants.families import MaskedSoftmax
-from attention_variants.masks import Mask, causal_or_full
+from attention_variants.masks import Mask, Sinks, Window, causal_or_full
 
 CASES = variant_cases()
 SMALL = small_cases()
@@ -91,6 +91,30 @@ def test_window_cache_stays_window_long():
     out, cache = decode("sliding_window", opts, q, k, v, [1] * (3 * W), max_len=10_000)
     assert cache.k.shape == cache.v.shape == (2, W - 1, 2, 16)  # the keys the window still sees
     np.testing.assert_allclose(out, full_forward("sliding_window", opts, q, k, v), **F32)
+
+
+def test_window_with_sinks_keeps_the_sinks_past_three_windows():
+    W, n = 5, 3
+    q, k, v = random_qkv(8, B=2, T=4 * W, N=4, K=2, H=16)
+    opts = {"window": W, "sinks": n, "block_q": 4, "block_k": 4}
+    full = full_forward("sliding_window", opts, q, k, v)
+    for chunks in ([1] * (4 * W), [2, 7, 1, 10]):  # sinks written within a chunk, or across
+        out, cache = decode("sliding_window", opts, q, k, v, chunks, max_len=10_000)
+        assert cache.k.shape == (2, n + W - 1, 2, 16)  # the sinks and the keys the window sees
+        np.testing.assert_allclose(out, full, **F32, err_msg=str(chunks))
+        np.testing.assert_array_equal(cache.k[:, :n], k[:, :n])  # the first keys stay
+    window = av.decoder("sliding_window", window=64, sinks=4)
+    sizes = {av.cache_bytes(window.init(2, length, 2, 16)) for length in (1024, 32768)}
+    assert sizes == {2 * 2 * (64 - 1 + 4) * 2 * 16 * 4}  # keys and values, float32
+
+
+def test_sinks_of_a_packed_document_are_its_own_first_keys():
+    q, k, v = random_qkv(9, B=1, T=24, N=2, K=1, H=8)
+    fn = av.get("sliding_window", window=4, sinks=2, block_q=8, block_k=8)
+    packed = fn(q, k, v, segment_ids=jnp.asarray([[0] * 10 + [1] * 14]))
+    alone = fn(q[:, 10:], k[:, 10:], v[:, 10:])
+    np.testing.assert_allclose(packed[:, 10:], alone, **F32)
+    np.testing.assert_allclose(packed[:, :10], fn(q[:, :10], k[:, :10], v[:, :10]), **F32)
 
 
 def test_cache_memory_by_kind():
@@ -180,11 +204,14 @@ def registered():
         registry._REGISTRY.pop(name, None)
 
 
-def test_a_position_dependent_mask_gets_a_kv_cache(registered):
+def test_a_position_dependent_mask_decodes_through_a_window_at_true_positions(registered):
+    """The window cache applies the mask at each slot's true position, so a bounded pattern
+    that depends on where it sits (chunks at fixed positions) decodes as its full forward."""
     registered("toy_chunks", lambda *, causal: ChunkLocal() if causal else Mask())
-    assert av.decoder("toy_chunks").kind == "kv"  # a window cache would see other chunks
+    assert av.decoder("toy_chunks").kind == "window"
     q, k, v = random_qkv(6, B=1, T=11, N=2, K=1, H=8)
-    out, _ = decode("toy_chunks", {}, q, k, v, [1] * 11)
+    out, cache = decode("toy_chunks", {}, q, k, v, [1] * 6 + [2, 3])
+    assert cache.k.shape[1] == 3  # the reach back
     np.testing.assert_allclose(out, full_forward("toy_chunks", {}, q, k, v), **F32)
 
 
@@ -207,6 +234,22 @@ def test_a_mask_silent_on_shift_invariance_is_per_document_in_packed_rows(regist
     packed = fn(q, k, v, segment_ids=ids)
     alone = fn(q[:, 10:], k[:, 10:], v[:, 10:])
     np.testing.assert_allclose(packed[:, 10:], alone, **F32)
+
+
+def test_a_causal_only_declaration_serves_causal_calls_with_tiles_from_its_band(registered):
+    """As a newcomer writes it (README, "Adding a variant"): no `causal` parameter."""
+    registered("toy_streaming", lambda *, window=3: Window(window - 1, 0) | Sinks(2))
+    spec = av.spec("toy_streaming")
+    assert spec.causal_only and spec.defaults["block_q"] is None
+    assert av.get("toy_streaming", window=64) is not None  # validated without causal=False
+    q, k, v = random_qkv(3, B=1, T=19, N=2, K=1, H=8)
+    with pytest.raises(NotImplementedError, match="'toy_streaming' serves causal calls only"):
+        av.get("toy_streaming")(q, k, v, causal=False)
+    np.testing.assert_allclose(av.get("toy_streaming")(q, k, v),
+                               spec.bound_reference()(q, k, v), **F32)  # fmt: skip
+    out, cache = decode("toy_streaming", {}, q, k, v, [1] * 19)
+    assert cache.k.shape[1] == 2 + 2
+    np.testing.assert_allclose(out, full_forward("toy_streaming", {}, q, k, v), **F32)
 
 
 @pytest.mark.parametrize("name", ["blockwise", "sliding_window"])

@@ -15,7 +15,16 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from attention_variants.bigbird import BigBird
-from attention_variants.masks import BlockSparse, Causal, Fixed, Mask, Window, window_extent
+from attention_variants.masks import (
+    BlockSparse,
+    Causal,
+    Fixed,
+    LogicalOr,
+    Mask,
+    Sinks,
+    Window,
+    window_extent,
+)
 
 SETTINGS = settings(max_examples=60, deadline=None)
 LENGTHS = st.integers(1, 80)
@@ -41,16 +50,25 @@ BLOCK_SPARSE = st.builds(
     st.integers(1, 16),
     st.booleans(),
 )
-KINDS = {
+SINKS = st.builds(Sinks, st.integers(0, 6), st.booleans())
+BASIC = {
     "full": st.just(Mask()),
     "causal": st.just(Causal()),
     "window": WINDOWS,
     "fixed": FIXED,
     "bigbird": BIGBIRDS,
     "block_sparse": BLOCK_SPARSE,
+    "sinks": SINKS,
+}
+PARTS = st.one_of(*BASIC.values())
+KINDS = {
+    **BASIC,
+    "or": st.builds(lambda a, b: a | b, PARTS, PARTS),
+    "and": st.builds(lambda a, b: a & b, PARTS, PARTS),
+    "sinks_or_window": st.builds(lambda w, s: w | s, WINDOWS, SINKS),
 }
 MASKS = st.one_of(*KINDS.values())
-EXACT = (Causal, Window, Fixed)  # tile_visible is exact for these (and for Mask() itself)
+EXACT = (Causal, Window, Fixed, Sinks)  # tile_visible is exact for these (and for Mask() itself)
 
 
 def sized(mask, T, S, q_offset=0):
@@ -92,14 +110,15 @@ def test_tile_answers_are_safe(kind, data, T, S, q_offset, seed):
 @pytest.mark.parametrize("kind", KINDS)
 @SETTINGS
 @given(data=st.data(), T=LENGTHS, S=LENGTHS, q_offset=OFFSETS)
-def test_reach_bounds_the_visible_pairs(kind, data, T, S, q_offset):
+def test_reach_and_band_bound_the_visible_pairs(kind, data, T, S, q_offset):
     mask = sized(data.draw(KINDS[kind], "mask"), T, S, q_offset)
     q, k = np.nonzero(mask.dense(T, S, q_offset))
-    behind, ahead = mask.reach
-    if behind is not None:
-        assert np.all(k >= q + q_offset - behind)
-    if ahead is not None:
-        assert np.all(k <= q + q_offset + ahead)
+    q = q + q_offset
+    for (behind, ahead), beyond in ((mask.reach, k >= 0), (mask.band, k >= mask.sinks)):
+        if behind is not None:
+            assert np.all((k >= q - behind) | ~beyond)
+        if ahead is not None:
+            assert np.all((k <= q + ahead) | ~beyond)
 
 
 @SETTINGS
@@ -116,7 +135,7 @@ def test_visible_on_jax_matches_numpy(mask, T, S, q_offset, data):
 
 
 @SETTINGS
-@given(st.one_of(WINDOWS, FIXED, BIGBIRDS), LENGTHS, LENGTHS)
+@given(st.one_of(WINDOWS, FIXED, BIGBIRDS, SINKS, KINDS["sinks_or_window"]), LENGTHS, LENGTHS)
 def test_pairs_count_the_dense_pattern(mask, T, S):
     if getattr(mask, "causal", False):
         S = T  # causal counts are for square rows
@@ -181,3 +200,32 @@ def test_bad_options_name_the_option(make, option):
 )  # fmt: skip
 def test_fixed_preferred_tiles(block, summary, segmented, tiles):
     assert Fixed(block, summary).preferred_tiles(segmented) == tiles
+
+
+@pytest.mark.parametrize(
+    "mask,tiles",
+    [(Window(3, 0), (16, 16)), (Window(63, 0), (64, 64)), (Window(40, 40), (64, 64)),
+     (Window(511, 0), (64, 64)), (Causal(), None), (Mask(), None), (Sinks(4), None),
+     (Window(63, 0) | Sinks(4), (64, 64)), (Fixed(32, 8) | Sinks(4), (32, 8)),
+     (Causal() & Window(20, 0), (32, 32))],
+)  # fmt: skip
+def test_tiles_follow_the_band(mask, tiles):
+    """A narrow band gets tiles about its width (16 to 64), an unbounded one the defaults;
+    combined masks those of their band, or if unbounded the smallest their parts prefer."""
+    assert mask.preferred_tiles(False) == tiles
+
+
+def test_combinators_compose_and_name_bad_parts():
+    window, sinks = Window(4, 0), Sinks(2)
+    either = window | sinks
+    assert isinstance(either, LogicalOr) and either.sinks == 2 and either.band == (4, 0)
+    assert either.reach == (None, 0) and not either.shift_invariant
+    assert (window | Window(2, 3)).shift_invariant and (window | Window(2, 3)).reach == (4, 3)
+    both = either & Causal()
+    np.testing.assert_array_equal(both.dense(9, 9), either.dense(9, 9))
+    assert (both.sinks, both.band) == (2, (4, 0))  # the tighter part's bound
+    assert either == Window(4, 0) | Sinks(2) and hash(either) == hash(Window(4, 0) | Sinks(2))
+    with pytest.raises(ValueError, match="combines two or more Masks"):
+        LogicalOr((window, "sinks"))
+    with pytest.raises(ValueError, match="sinks must be an int >= 0"):
+        Sinks(-1)
