@@ -147,9 +147,9 @@ class Mask:
 
     def preferred_tiles(self, segmented: bool) -> tuple[int, int] | None:
         """Tile sizes (block_q, block_k) that suit the pattern, or None for the engine's
-        defaults. A narrow band gets small tiles (the band's width as a power of two, 16 to 64:
-        64 x 64 was 4.7x faster than 512 x 512 for a 64-wide window at T = 1024 on a 2-core
-        CPU), since most of a large tile would be masked."""
+        defaults. A narrow band gets small tiles (the band's width as a power of two, 16 to 64),
+        since most of a large tile would be masked: for a 64-key window at T = 1024 (B = 1,
+        N = 8, H = 64, forward, one CPU core) 64 x 64 tiles took 7.0 ms, 512 x 512 30.2 ms."""
         behind, ahead = self.band
         if behind is None or ahead is None:
             return None
