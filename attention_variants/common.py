@@ -200,14 +200,41 @@ def visible(mask: Mask, lay: Layout):
     return vis
 
 
-def masked_scores(q, k, visible=None, scale=None):
-    """Float32 scaled scores [B, K, G, T, S] (G = N // K query heads per K/V head); hidden
-    pairs (visible: bool [B|1, T, S], True = visible) are -inf."""
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi's head slopes m_h (Press et al. 2022): the geometric sequence 2^(-8(h+1)/N) for N
+    a power of two; otherwise the closest power of two's, then every other slope of twice it
+    (their interpolation)."""
+
+    def geometric(n):
+        return 2.0 ** (-8.0 * np.arange(1, n + 1) / n)
+
+    closest = 1 << (num_heads.bit_length() - 1)
+    if closest == num_heads:
+        return geometric(num_heads)
+    return np.concatenate([geometric(closest), geometric(2 * closest)[::2][: num_heads - closest]])
+
+
+def alibi_bias(lay: Layout, num_heads: int):
+    """ALiBi's bias -m_h |i - j| [B|1, N, T, S] float32 at the layout's positions (within a
+    document they differ as absolute ones do)."""
+    distance = jnp.abs(lay.q_pos[:, :, None] - lay.k_pos[:, None, :]).astype(jnp.float32)
+    return -jnp.asarray(alibi_slopes(num_heads), jnp.float32)[None, :, None, None] * distance[
+        :, None]  # fmt: skip
+
+
+def masked_scores(q, k, visible=None, scale=None, bias=None, softcap=None):
+    """Float32 scaled scores [B, K, G, T, S] (G = N // K query heads per K/V head), plus `bias`
+    [B|1, N, T, S], then soft-capped to c tanh(s / c) (`softcap` c); hidden pairs (visible:
+    bool [B|1, T, S], True = visible) are -inf."""
     B, T, N, H = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
     s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
     s = s * default_scale(scale, H)
+    if bias is not None:
+        s = s + bias.reshape(bias.shape[0], K, N // K, *bias.shape[2:])
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
     if visible is not None:
         s = jnp.where(jnp.asarray(visible)[:, None, None], s, -jnp.inf)
     return s
@@ -222,18 +249,27 @@ def log_sum_exp(s):
     return lse.transpose(0, 3, 1, 2).reshape(B, T, K * G)
 
 
-def softmax_attention(q, k, v, *, visible=None, scale=None, return_lse=False):
+def softmax_attention(q, k, v, *, visible=None, scale=None, return_lse=False, bias=None,
+                      softcap=None, sink_logits=None):  # fmt: skip
     """Plain softmax attention that materialises the [B, N, T, S] scores (the reference math).
 
     visible: optional bool [B|1, T, S] (True = visible). Rows that see no key return zeros and
-    lse = -inf. Softmax statistics are float32; the output has q's dtype.
+    lse = -inf. Softmax statistics are float32; the output has q's dtype. bias, softcap: as
+    `masked_scores`. sink_logits [N]: one more logit per head that has no value (gpt-oss's
+    sinks): a column of scores whose probability is left out of the output.
     """
     B, T, N, H = q.shape
-    s = masked_scores(q, k, visible, scale)
+    K = k.shape[2]
+    s = masked_scores(q, k, visible, scale, bias, softcap)
+    if sink_logits is not None:
+        sink = jnp.broadcast_to(sink_logits.astype(jnp.float32).reshape(1, K, N // K, 1, 1),
+                                (B, K, N // K, T, 1))  # fmt: skip
+        s = jnp.concatenate([s, sink], axis=-1)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0, 1.0, denom)
+    p = p if sink_logits is None else p[..., :-1]
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     out = out.reshape(B, T, N, H).astype(q.dtype)
     return (out, log_sum_exp(s)) if return_lse else out

@@ -168,7 +168,8 @@ def window_step(m, kept: tuple[int, int], cache: KeyValues, q, k, v, position, s
         doc_len=None, q_offset=None, within_document=True,
     )  # fmt: skip
     tiles = block_sizes(m, True, options.get("block_q"), options.get("block_k"))
-    out = tiled_attention(q, keys, values, m, lay, scale=scale, block_sizes=tiles)
+    modifiers = {n: options.get(n) for n in ("bias", "softcap", "sink_logits")}
+    out = tiled_attention(q, keys, values, m, lay, scale=scale, block_sizes=tiles, **modifiers)
     new = j - position  # the new token at sink slot j, if any
     take = ((new >= 0) & (new < t))[None, :, None, None]
 
@@ -233,7 +234,7 @@ class Decoder:
 
     def extend(self, cache, q, k, v, position, *, scale=None, **gates):
         """Appends q, k, v [B, t, ., H] at `position`; `gates` are the variant's call
-        arguments (`Spec.arguments`: log_decay, beta), per new token."""
+        arguments (`Spec.arguments`: log_decay, beta per new token; sink_logits [N])."""
         return self.cache.extend(cache, q, k, v, position, scale=scale, **gates, **self.options)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from attention_variants import accelerators, chunked, recurrent
 from attention_variants.common import (
+    alibi_bias,
     beyond_self_attention,
     check_inputs,
     check_positive,
@@ -70,6 +71,13 @@ class MaskedSoftmax:
     `declaration(**options)` without `causal` for a mask that serves causal calls only (a call
     with causal=False then raises NotImplementedError naming the variant).
 
+    Every variant also takes score modifiers (served by the tiled engine and the reference; the
+    other rows of the table refuse them, naming them): options `bias="alibi"` (ALiBi, Press
+    et al. 2022: -m_h |i - j| added to the scaled scores, m_h = 2^(-8(h+1)/N)) and `softcap=c`
+    (Gemma 2: the scaled score s becomes c tanh(s / c), after the bias, before the mask), and
+    the call argument `sink_logits` [N] (learned sinks, as gpt-oss: one value-less logit per
+    head in every row's softmax denominator).
+
     tiles: the tile sizes of the "jax" engine (options block_q, block_k); "auto" (default) lets
       the mask pick (`Mask.preferred_tiles`: small tiles for a narrow band, else 512 x 512);
       None: the variant is not tiled (no tile options).
@@ -108,9 +116,11 @@ class MaskedSoftmax:
             for tile in tile_defaults:  # None: the mask's preferred tiles
                 if options.get(tile) is not None:
                     check_positive(**{tile: options[tile]})
+            check_modifiers(options["bias"], options["softcap"])
 
         def prepare(q, k, v, call, options):
             check_inputs(q, k, v)
+            check_sinks(q, options.get("sink_logits"))
             m = mask(call["causal"], **options)
             lay = layout(
                 q,
@@ -128,9 +138,12 @@ class MaskedSoftmax:
         def reference(q, k, v, call, options):
             """Softmax under the explicit [T, S] mask, float32 statistics."""
             m, lay = prepare(q, k, v, call, options)
+            bias = alibi_bias(lay, q.shape[2]) if options.get("bias") == "alibi" else None
             return softmax_attention(
-                q, k, v, visible=visible(m, lay), scale=call["scale"], return_lse=call["return_lse"]
-            )
+                q, k, v, visible=visible(m, lay), scale=call["scale"],
+                return_lse=call["return_lse"], bias=bias, softcap=options.get("softcap"),
+                sink_logits=options.get("sink_logits"),
+            )  # fmt: skip
 
         @contract
         def tiled(q, k, v, call, options):
@@ -140,6 +153,7 @@ class MaskedSoftmax:
             return tiled_attention(
                 q, k, v, m, lay, scale=call["scale"], block_sizes=tiles,
                 return_lse=call["return_lse"],
+                **{n: options.get(n) for n in ("bias", "softcap", "sink_logits")},
             )  # fmt: skip
 
         def flops(B, T, S, N, H, *, causal=True, **options) -> float:
@@ -150,18 +164,65 @@ class MaskedSoftmax:
             table = {**accelerators.table(kernels), "jax": Implementation(tiled)}
         else:
             table = dict(self.implementations(kernels))
+        table = {n: i if i.fn in (tiled, reference) else refusing_modifiers(i)
+                 for n, i in table.items()}  # fmt: skip
         return dict(
             family="masked_softmax",
             reference=reference,
             exact=True,
             flops=flops,
-            defaults={**mask_defaults, **tile_defaults},
+            defaults={**mask_defaults, **tile_defaults, **MODIFIERS},
+            arguments={"sink_logits": "N"},
             check=check,
             implementations=table,
             mask=mask,
             decode=masked_softmax_cache(name, mask),
             causal_only=causal_only,
         )
+
+
+MODIFIERS = dict(bias=None, softcap=None)  # every masked softmax's score modifiers (off)
+BIASES = (None, "alibi")
+
+
+def check_modifiers(bias, softcap) -> None:
+    """ValueError naming the option unless `bias` is known and `softcap` None or > 0."""
+    if bias not in BIASES:
+        raise ValueError(f"bias must be one of {BIASES}, got bias={bias!r}")
+    number = isinstance(softcap, int | float) and not isinstance(softcap, bool)
+    if softcap is not None and not (number and softcap > 0):
+        raise ValueError(f"softcap must be a number > 0 (None: no cap), got softcap={softcap!r}")
+
+
+def check_sinks(q, sink_logits) -> None:
+    """ValueError unless `sink_logits` is None or a float array [N] (q's heads)."""
+    if sink_logits is None:
+        return
+    shape, dtype = getattr(sink_logits, "shape", None), getattr(sink_logits, "dtype", None)
+    if shape != (q.shape[2],) or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"sink_logits must be a float array [N] = [{q.shape[2]}] (one per query head), got "
+            f"{shape} {dtype}"
+        )
+
+
+def modifiers_used(call_and_options: Mapping[str, Any]) -> str | None:
+    """The score modifiers a call asks for, as a phrase (None: none)."""
+    used = [f"{n}={call_and_options[n]!r}" for n in MODIFIERS if call_and_options.get(n)]
+    if call_and_options.get("sink_logits") is not None:
+        used.append("sink_logits")
+    return ", ".join(used) or None
+
+
+def refusing_modifiers(impl: Implementation) -> Implementation:
+    """`impl`, refusing calls with score modifiers (the tiled engine and the reference serve
+    them)."""
+
+    def supports(q, k, v, **kw):
+        used = modifiers_used(kw)
+        return f"{used} (the 'jax' engine serves them)" if used else impl.supports(q, k, v, **kw)
+
+    return dataclasses.replace(impl, supports=supports)
 
 
 def _not_served(name: str, q, k, call) -> None:

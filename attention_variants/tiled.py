@@ -18,6 +18,11 @@ mask that is not shift invariant (a block pattern) runs, in packed rows, the ban
 
 The forward also returns the per-row log-sum-exp; its cotangent flows into the backward
 (dS = P * (dP - delta + dlse)), so partial results can be merged differentiably.
+
+Score modifiers, per tile from the tile's positions (no [T, S] array): ALiBi's bias
+-m_h |i - j| (Press et al. 2022), then Gemma 2's soft cap c tanh(s / c), both on the scaled
+scores before masking; and learned sinks (gpt-oss): a value-less logit per head that opens
+every row's online softmax (running max = the sink, sum = 1), with its gradient.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from attention_variants.common import Layout, check_positive, default_scale
+from attention_variants.common import Layout, alibi_slopes, check_positive, default_scale
 from attention_variants.masks import Mask, _band
 
 
@@ -181,6 +186,8 @@ class _Static:
     absolute: bool  # positions are q_offset + i and j: computed per tile, not loaded
     parallel: bool = False  # several tile pairs per step (accelerators; CPU: one at a time)
     ones_column: bool = True  # softmax row sums from a column of ones after V (CPU)
+    alibi: bool = False  # add ALiBi's bias -m_h |i - j| to the scaled scores
+    softcap: float | None = None  # then cap them: c tanh(s / c)
 
     @property
     def schedule(self) -> Schedule:
@@ -225,14 +232,26 @@ def _steps_of(st: _Static, masked: bool, backward: bool, width: int) -> np.ndarr
 # instead (cheaper for the many small tiles of a band).
 
 
+def _positions(st: _Static, qi, ki, co_q: QueryCoords, co_k: KeyCoords):
+    """Positions of tile (qi, ki) on the mask's coordinates: [B|1, bq, 1] and [B|1, 1, bk]."""
+    if st.absolute:
+        q_t = (st.q_offset + qi * st.bq + jnp.arange(st.bq))[None, :, None]  # [1, bq, 1]
+        return q_t, (ki * st.bk + jnp.arange(st.bk))[None, None, :]
+    return co_q.pos[qi][:, :, None], co_k.pos[ki][:, None, :]
+
+
+def _rows(x, st: _Static):
+    """A per-head array [N] (or [N, ...]) as tile rows [K, G*bq, ...] (heads in (K, G) order,
+    each repeated over the bq positions of its rows)."""
+    K = x.shape[0] // st.groups
+    return jnp.repeat(x.reshape(K, st.groups, *x.shape[1:]), st.bq, axis=1).reshape(
+        K, st.groups * st.bq, *x.shape[1:])  # fmt: skip
+
+
 def _tile_visible(st: _Static, qi, ki, co_q: QueryCoords, co_k: KeyCoords):
     """Boolean [B|1, 1, G*bq, bk] visibility of tile (qi, ki), evaluated from positions."""
     k_index = ki * st.bk + jnp.arange(st.bk)
-    if st.absolute:
-        q_t = (st.q_offset + qi * st.bq + jnp.arange(st.bq))[None, :, None]  # [1, bq, 1]
-        k_t = k_index[None, None, :]
-    else:
-        q_t, k_t = co_q.pos[qi][:, :, None], co_k.pos[ki][:, None, :]  # [B|1, bq, 1], [.., bk]
+    q_t, k_t = _positions(st, qi, ki, co_q, co_k)
     doc_t = None if co_q.doc_len is None else co_q.doc_len[qi][:, :, None]
     vis = st.mask.visible(q_t, k_t, doc_t) & (k_index < st.S)[None, None, :]  # [B|1, bq, bk]
     if st.segmented:
@@ -246,11 +265,23 @@ def _matmul(spec, a, b):
 
 
 def _masked_scores(st, masked, q_t, k_t, qi, ki, co_q, co_k):
-    """Float32 scores [B, K, G*bq, bk] of a tile; hidden pairs are -inf."""
+    """Float32 scores [B, K, G*bq, bk] of a tile, modified (ALiBi, soft cap), hidden pairs
+    -inf; and the soft cap's derivative ds_capped / ds (None without a cap)."""
     s = _matmul("BKQH,BKSH->BKQS", q_t, k_t)
+    if st.alibi:
+        q_pos, k_pos = _positions(st, qi, ki, co_q, co_k)
+        distance = jnp.abs(q_pos - k_pos).astype(jnp.float32)[:, None]  # [B|1, 1, bq, bk]
+        slopes = jnp.asarray(alibi_slopes(s.shape[1] * st.groups), jnp.float32)
+        slopes = slopes.reshape(-1, st.groups)[None, :, :, None, None]  # [1, K, G, 1, 1]
+        bias = -(slopes * distance[:, :, None])  # [B|1, K, G, bq, bk]
+        s = s + bias.reshape(bias.shape[0], s.shape[1], -1, st.bk)
+    slope = None
+    if st.softcap:
+        t = jnp.tanh(s / st.softcap)
+        s, slope = st.softcap * t, 1.0 - t * t
     if masked:
         s = jnp.where(_tile_visible(st, qi, ki, co_q, co_k), s, -jnp.inf)
-    return s
+    return s, slope
 
 
 def _take(x, index):
@@ -387,11 +418,12 @@ def _loop(st: _Static, backward: bool, update, operands, carried, added=(), pair
     return carried, added
 
 
-def _forward(st: _Static, q, k, v, co_q, co_k, f32: bool = False):
+def _forward(st: _Static, q, k, v, co_q, co_k, sinks=None, f32: bool = False):
     """q [nq, B, K, G*bq, H] (pre-scaled); k, v [nk, B, K, bk, H] -> out like q, lse.
 
     out has q's dtype, or float32 with `f32` (a partial result that a caller merges); lse
-    [nq, B, K, G*bq] float32 is -inf on rows that see no key (their out is 0).
+    [nq, B, K, G*bq] float32 is -inf on rows that see no key (their out is 0). `sinks` [N]
+    float32: a logit per head in every row's denominator (then no row is empty).
     """
     nq, rows, H = q.shape[0], q.shape[1:-1], q.shape[-1]
     if st.ones_column:  # the PV matmul also returns the softmax row sums (CPU: one matmul)
@@ -401,7 +433,7 @@ def _forward(st: _Static, q, k, v, co_q, co_k, f32: bool = False):
         """One tile: running max m [B,K,Q] and sums: (sum of p [v, 1]) [B,K,Q,H+1] with the
         column of ones, else (sum of p v [B,K,Q,H], sum of p [B,K,Q])."""
         ((q_t,), (k_t, v_t)), (m, *sums) = tiles, rows
-        s = _masked_scores(st, masked, q_t, k_t, qi, ki, co_q, co_k)
+        s, _ = _masked_scores(st, masked, q_t, k_t, qi, ki, co_q, co_k)
         m_new = jnp.maximum(m, s.max(-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(s - m_safe[..., None])
@@ -413,10 +445,13 @@ def _forward(st: _Static, q, k, v, co_q, co_k, f32: bool = False):
         return m_new, alpha[..., None] * acc + pv, alpha * l + p.sum(-1)
 
     m = jnp.full((nq + 1, *rows), -jnp.inf, jnp.float32)
+    opened = 0.0  # the sum of exp(score - max) so far: with sinks, exp(sink - sink)
+    if sinks is not None:
+        m, opened = jnp.broadcast_to(_rows(sinks.astype(jnp.float32), st)[None], m.shape), 1.0
     if st.ones_column:
-        state = m, jnp.zeros((nq + 1, *rows, H + 1), jnp.float32)
+        state = m, jnp.zeros((nq + 1, *rows, H + 1), jnp.float32).at[..., H].set(opened)
     else:
-        state = m, jnp.zeros((nq + 1, *rows, H), jnp.float32), jnp.zeros((nq + 1, *rows))
+        state = m, jnp.zeros((nq + 1, *rows, H), jnp.float32), jnp.full((nq + 1, *rows), opened)
     step = lambda *args: (update(*args), ())  # noqa: E731
     meets = functools.partial(_may_meet, st, co_q, co_k)
     operands = (q,), (k, v)
@@ -434,9 +469,11 @@ def _backward(st: _Static, res, cotangents, f32: bool = False):
     """Recomputes tile probabilities from lse, pair by pair of the key-major schedule.
 
     dq is float32; dk, dv have k's and v's dtypes, or float32 with `f32` (partial sums that a
-    caller adds up). `out` and `lse` may be those of a larger key set than k, v (a ring step):
-    then dq, dk, dv are this key block's exact share of the full gradients."""
-    q, k, v, co_q, co_k, out, lse = res
+    caller adds up); d_sinks [N] float32 (None without sinks). `out` and `lse` may be those of
+    a larger key set than k, v (a ring step): then dq, dk, dv are this key block's exact share
+    of the full gradients."""
+    q, k, v, co_q, co_k, out, lse, *rest = res
+    sinks = rest[0] if rest else None
     d_out, d_lse = cotangents
     nq, nk = q.shape[0], k.shape[0]
     # dS = P * (dP - delta + dlse): delta from the output, dlse from a used log-sum-exp.
@@ -448,11 +485,12 @@ def _backward(st: _Static, res, cotangents, f32: bool = False):
         """One tile: dk, dv [B, K, bk, H] of key tile ki with this pair's shares added, and
         the pair's share of dq [B, K, G*bq, H]."""
         ((k_t, v_t), (q_t, do_t, lse_t, delta_t)), (dk, dv) = tiles, rows
-        s = _masked_scores(st, masked, q_t, k_t, qi, ki, co_q, co_k)
+        s, slope = _masked_scores(st, masked, q_t, k_t, qi, ki, co_q, co_k)
         p = jnp.exp(s - lse_t[..., None])  # [B, K, G*bq, bk]
         dv = dv + _matmul("BKQS,BKQH->BKSH", p.astype(v.dtype), do_t)
         dp = _matmul("BKQH,BKSH->BKQS", do_t, v_t)
-        ds = (p * (dp - delta_t[..., None])).astype(q.dtype)
+        ds = p * (dp - delta_t[..., None])
+        ds = (ds if slope is None else ds * slope).astype(q.dtype)  # through the soft cap
         dk = dk + _matmul("BKQS,BKQH->BKSH", ds, q_t)
         return (dk, dv), (_matmul("BKQS,BKSH->BKQH", ds, k_t),)
 
@@ -462,22 +500,29 @@ def _backward(st: _Static, res, cotangents, f32: bool = False):
     operands = (k, v), (q, d_out, lse, delta)
     (dk, dv), (dq,) = _loop(st, True, grads, operands, carried, added, 2 * _pair_bytes(q, k), meets)
     dq, dk, dv = dq[:nq], dk[:nk], dv[:nk]
-    return (dq, dk, dv) if f32 else (dq, dk.astype(k.dtype), dv.astype(v.dtype))
+    d_sinks = None
+    if sinks is not None:  # d sink = sum over rows of p_sink * (0 - delta): it has no value
+        p_sink = jnp.exp(_rows(sinks.astype(jnp.float32), st) - lse)  # [nq, B, K, G*bq]
+        d_sinks = -(p_sink * delta).sum((0, 1)).reshape(-1, st.groups, st.bq).sum(-1)
+        d_sinks = d_sinks.reshape(-1).astype(sinks.dtype)
+    if not f32:
+        dk, dv = dk.astype(k.dtype), dv.astype(v.dtype)
+    return dq, dk, dv, d_sinks
 
 
 def _tiled_bwd(st, res, cotangents):
-    dq, dk, dv = _backward(st, res, cotangents)
-    return dq.astype(res[0].dtype), dk, dv, None, None
+    dq, dk, dv, d_sinks = _backward(st, res, cotangents)
+    return dq.astype(res[0].dtype), dk, dv, None, None, d_sinks
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tiled(st, q, k, v, co_q, co_k):
-    return _forward(st, q, k, v, co_q, co_k)
+def _tiled(st, q, k, v, co_q, co_k, sinks):
+    return _forward(st, q, k, v, co_q, co_k, sinks)
 
 
-def _tiled_fwd(st, q, k, v, co_q, co_k):
-    out, lse = _forward(st, q, k, v, co_q, co_k)
-    return (out, lse), (q, k, v, co_q, co_k, out, lse)
+def _tiled_fwd(st, q, k, v, co_q, co_k, sinks):
+    out, lse = _forward(st, q, k, v, co_q, co_k, sinks)
+    return (out, lse), (q, k, v, co_q, co_k, out, lse, sinks)
 
 
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)
@@ -511,14 +556,15 @@ def _coordinate_tiles(x, block: int):
     return x.reshape(x.shape[0], n, block).transpose(1, 0, 2)
 
 
-def plan(T: int, N: int, S: int, K: int, mask: Mask, lay: Layout, block_sizes: BlockSizes):
+def plan(T: int, N: int, S: int, K: int, mask: Mask, lay: Layout, block_sizes: BlockSizes,
+         alibi: bool = False, softcap: float | None = None):  # fmt: skip
     """The static description of a call of T queries (N heads) over S keys (K heads), and its
     coordinate tiles: (st, co_q, co_k) for `attend_tiles` / `attend_tiles_grads`."""
     bq, bk = min(block_sizes.block_q, T), min(block_sizes.block_k, S)
     absolute = lay.q_offset is not None and not lay.within_document
     cpu = jax.default_backend() == "cpu"
     st = _Static(mask, T, S, bq, bk, N // K, lay.segmented, lay.q_offset, absolute,
-                 parallel=not cpu, ones_column=cpu)  # fmt: skip
+                 parallel=not cpu, ones_column=cpu, alibi=alibi, softcap=softcap)  # fmt: skip
     co_q = QueryCoords(*(_coordinate_tiles(x, bq) for x in (lay.q_pos, lay.q_abs, lay.doc_len,
                                                              lay.q_seg)))  # fmt: skip
     co_k = KeyCoords(*(_coordinate_tiles(x, bk) for x in (lay.k_pos, lay.k_seg)))
@@ -539,16 +585,21 @@ def tiled_attention(
     scale=None,
     block_sizes: BlockSizes = BlockSizes(),
     return_lse: bool = False,
+    bias: str | None = None,
+    softcap: float | None = None,
+    sink_logits=None,
 ):
     """Softmax attention of q [B,T,N,H] over k, v [B,S,K,H] under `mask`, tile by tile.
 
     `lay` places queries and keys (`common.layout`). Returns out [B, T, N, H] and, with
-    `return_lse`, lse [B, T, N] float32 (-inf on rows that see no key).
+    `return_lse`, lse [B, T, N] float32 (-inf on rows that see no key). Modifiers (module
+    docstring): `bias="alibi"`, `softcap` c > 0, `sink_logits` [N].
     """
-    st, co_q, co_k = plan(*q.shape[1:3], *k.shape[1:3], mask, lay, block_sizes)
+    st, co_q, co_k = plan(*q.shape[1:3], *k.shape[1:3], mask, lay, block_sizes,
+                          alibi=bias == "alibi", softcap=softcap)  # fmt: skip
     T, G = st.T, st.groups
     tiles = to_tiles(scaled(q, scale), st.bq, G), to_tiles(k, st.bk, 1), to_tiles(v, st.bk, 1)
-    out, lse = _tiled(st, *tiles, co_q, co_k)
+    out, lse = _tiled(st, *tiles, co_q, co_k, sink_logits)
     out = from_tiles(out, T, G)
     if not return_lse:
         return out
@@ -559,4 +610,7 @@ def tiled_attention(
 # q tiles pre-scaled, out and gradients float32 (of the scaled q), lse -inf on rows that see
 # no key.
 attend_tiles = functools.partial(_forward, f32=True)
-attend_tiles_grads = functools.partial(_backward, f32=True)
+
+
+def attend_tiles_grads(st: _Static, res, cotangents):
+    return _backward(st, res, cotangents, f32=True)[:3]

@@ -54,4 +54,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.norm = "rms"  # rms | layer
     c.model.dropout_rate = 0.0  # dropout after attention and MLP
     c.model.dtype = "float32"  # activation dtype
+    c.model.variant_layer = True  # the variant's own layer (False: plain projections for all)
+    c.model.attention_sinks = False  # a learned sink logit per head and layer (masked softmax)
     return c

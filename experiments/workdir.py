@@ -16,6 +16,7 @@ recorded; the others (the model, the data stream, the optimizer state's structur
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import json
 import os
@@ -96,6 +97,18 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
     return out
 
 
+def model_default_added(saved: dict[str, Any], key: str, now: Any) -> bool:
+    """Whether `key` is a model field that the saved config lacks (the config gained it since)
+    set to ModelConfig's default, which the saved run used."""
+    from transformer import ModelConfig
+
+    name = key.removeprefix("model.")
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    model = saved.get("model")
+    return (key.startswith("model.") and isinstance(model, dict) and name not in model
+            and name in defaults and defaults[name] == now)  # fmt: skip
+
+
 def check_resume(
     workdir: Path, resolved: dict[str, Any], allow_changes: bool = False
 ) -> dict[str, tuple[Any, Any]]:
@@ -107,7 +120,9 @@ def check_resume(
     changed = {  # a field the saved config lacks was added to the code since: not a change
         k: v
         for k, v in differences(saved, _plain(resolved)).items()
-        if k.split(".")[0] not in FREE_FIELDS and k.split(".")[0] in saved
+        if k.split(".")[0] not in FREE_FIELDS
+        and k.split(".")[0] in saved
+        and not model_default_added(saved, k, v[1])
     }
     fixed = {k: v for k, v in changed.items() if k not in SCHEDULE_FIELDS}
     schedule = {k: v for k, v in changed.items() if k in SCHEDULE_FIELDS}

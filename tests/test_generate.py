@@ -28,7 +28,8 @@ def own_layer(attention: str) -> str:
     """The variant whose parameters the model needs: itself when its paper's layer adds some
     (convolutions, gates, output norm), else dense (the kernel then holds none)."""
     spec = av.spec(attention)
-    return attention if spec.layer != av.Layer() or spec.arguments else "dense"
+    gates = any(axes.startswith("BT") for axes in spec.arguments.values())
+    return attention if spec.layer != av.Layer() or gates else "dense"
 
 
 def tiny_model(attention="dense", options=(), **changes):
@@ -110,6 +111,23 @@ def test_a_hybrids_layers_decode_each_through_its_own_cache():
     window, state, kv = (cache[f"block_{i}"]["attention"]["attention"] for i in range(3))
     assert window.k.shape[1] < 19 <= kv.k.shape[1]  # the last keys only; every position
     assert state.shape == (2, 4, 8, 8)  # a state per query head, H x H
+
+
+@pytest.mark.parametrize("name,opts", [("sliding_window", {"window": 4, "sinks": 2}),
+                                       ("blockwise", {"block_q": 8, "block_k": 8})])  # fmt: skip
+def test_alibi_softcap_and_learned_sinks_decode_as_the_full_forward(name, opts):
+    """ALiBi without other positions (the length-extrapolation baseline), a soft cap, and a
+    learned sink per head and layer: window and KV caches give the full forward's logits."""
+    changes = dict(positions="none", attention_sinks=True)
+    model = tiny_model(name, {**opts, "bias": "alibi", "softcap": 5.0}, **changes)
+    params = init_params(own_layer(name), **changes)
+    assert params["block_0"]["attention"]["sink_logits"].shape == (4,)
+    params = jax.tree.map(lambda x: x, params)  # sinks away from their zero init
+    params["block_0"]["attention"]["sink_logits"] = jnp.array([2.0, -1.0, 0.5, 0.0])
+    tokens = jax.random.randint(jax.random.key(1), (2, 19), 0, 37)
+    full = forward(model, params, tokens)
+    logits, _ = decode_logits(model, params, tokens, [1] * 10 + [9], max_len=24)
+    np.testing.assert_allclose(logits, full, **F32)
 
 
 @pytest.mark.parametrize("positions", ["learned", "sinusoidal", "none"])

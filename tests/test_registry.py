@@ -28,10 +28,10 @@ def test_unknown_name_lists_the_known_ones():
 
 
 def test_unknown_option_is_a_type_error_listing_accepted_ones():
-    accepted = "accepted options: block_k, block_q, implementation"
+    accepted = "accepted options: bias, block_k, block_q, implementation, softcap"
     with pytest.raises(TypeError, match=f"'blockwise'.*blok_q.*{accepted}"):
         av.get("blockwise", blok_q=64)
-    with pytest.raises(TypeError, match="accepted options: implementation$"):
+    with pytest.raises(TypeError, match="accepted options: bias, implementation, softcap$"):
         av.get("dense", window=3)
 
 
@@ -55,7 +55,8 @@ def test_unknown_implementation_lists_the_known_ones():
 def test_get_binds_options():
     fn = av.get("blockwise", block_q=32)
     defaults = av.spec("blockwise").defaults
-    assert fn.keywords == {"block_q": 32, "block_k": defaults["block_k"], "implementation": "auto"}
+    assert fn.keywords == {"block_q": 32, "block_k": defaults["block_k"], "implementation": "auto",
+                           "bias": None, "softcap": None}  # fmt: skip
 
 
 def test_spec_carries_metadata():
@@ -116,7 +117,14 @@ def test_a_declared_mask_gets_a_kernel_reference_and_flops():
         assert not np.allclose(out, ref)
         np.testing.assert_array_equal(spec.mask(causal=True).dense(30, 30), vis)
         assert spec.flops(1, 30, 30, 1, 1) == 4 * vis.sum()
-        assert set(spec.defaults) == {"stride", "block_q", "block_k", "implementation"}
+        assert set(spec.defaults) == {
+            "stride",
+            "block_q",
+            "block_k",
+            "implementation",
+            "bias",
+            "softcap",
+        }  # the score modifiers of every masked softmax
         with pytest.raises(ValueError, match="already registered"):
             _registered("toy_dilated", MaskedSoftmax(), dilated)
     finally:

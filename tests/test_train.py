@@ -392,7 +392,12 @@ def test_a_workdir_of_an_older_version_resumes_and_a_torn_history_line_is_skippe
     run(tiny(data_dir), tmp_path, stop_after=4)
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["dataset_config"]  # written before the field existed
+    del saved["model"]["attention_sinks"]  # a model field added since, at its default
     (tmp_path / "config.json").write_text(json.dumps(saved))
+    sinks = tiny(data_dir)
+    sinks.model.attention_sinks = True  # not what the saved run used: refused
+    with pytest.raises(train.WorkdirMismatch, match="model.attention_sinks: None there, True"):
+        run(sinks, tmp_path)
     _, out = run(tiny(data_dir), tmp_path, stop_after=4)
     assert "resuming at step 4" in out
     with open(tmp_path / "resumes.jsonl", "a") as f:

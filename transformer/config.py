@@ -70,6 +70,9 @@ class ModelConfig:
     # gates, output norm and gate, as its paper); False: the plain projections for every variant
     # (gated kernels then run without gates: no decay, beta = 1).
     variant_layer: bool = True
+    # A learned sink logit per head and layer in the softmax's denominator (gpt-oss), for the
+    # variants that take `sink_logits` (masked softmax; others ignore it).
+    attention_sinks: bool = False
 
     def __post_init__(self):
         pattern = layer_pattern(self.attention)

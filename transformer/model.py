@@ -90,10 +90,13 @@ class Attention(nn.Module):
         if cfg.positions == "rope":
             q, k = (apply_rope(t, positions, cfg.rope_base) for t in (q, k))
         gates = {}
-        if cfg.variant_layer and spec.arguments:
-            axes = tuple(sorted(spec.arguments.items()))
+        axes = tuple(sorted((n, a) for n, a in spec.arguments.items() if a.startswith("BT")))
+        if cfg.variant_layer and axes:  # per-token gates, computed from the layer's input
             heads = (cfg.num_heads, cfg.head_dim)
             gates = mixers.Gates(axes, *heads, cfg.param_dtype, name="gates")(x)
+        if cfg.attention_sinks and "sink_logits" in spec.arguments:  # learned, one per head
+            init = nn.initializers.zeros_init()
+            gates["sink_logits"] = self.param("sink_logits", init, (cfg.num_heads,), jnp.float32)
         if decode:
             out = self.cached(q, k, v, position, gates)
         else:
