@@ -98,15 +98,42 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
 
 
 def model_default_added(saved: dict[str, Any], key: str, now: Any) -> bool:
-    """Whether `key` is a model field that the saved config lacks (the config gained it since)
-    set to ModelConfig's default, which the saved run used."""
+    """Whether `key` differs only by what the code gained since the saved run, at the default
+    the saved run used: a model field it lacks, or kernel options its attention_options lack."""
     from transformer import ModelConfig
 
     name = key.removeprefix("model.")
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     model = saved.get("model")
-    return (key.startswith("model.") and isinstance(model, dict) and name not in model
-            and name in defaults and defaults[name] == now)  # fmt: skip
+    if not key.startswith("model.") or not isinstance(model, dict):
+        return False
+    if name == "attention_options" and name in model:
+        return _options_at_defaults(model.get("attention"), model[name], now)
+    return name not in model and name in defaults and defaults[name] == now
+
+
+def _options_at_defaults(attention, there, now) -> bool:
+    """Whether kernel options `now` are `there` plus options at their variants' defaults
+    (pairs as ModelConfig stores them; a hybrid's per variant)."""
+    import attention_variants as av
+    from transformer.config import layer_pattern
+
+    names = layer_pattern(attention)
+
+    def same(name, a, b):
+        a, b = dict(a), dict(b)
+        defaults = av.spec(name).defaults
+        added = {k: v for k, v in b.items() if k not in a}
+        return {k: v for k, v in b.items() if k in a} == a and all(
+            k in defaults and defaults[k] == v for k, v in added.items())  # fmt: skip
+
+    try:
+        if len(names) == 1:
+            return same(names[0], there, now)
+        a, b = dict(there), dict(now)
+        return set(a) == set(b) and all(same(n, a[n], b[n]) for n in a)
+    except (TypeError, ValueError):  # not pairs, or an unknown variant: a change
+        return False
 
 
 def check_resume(
