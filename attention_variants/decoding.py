@@ -41,7 +41,7 @@ import numpy as np
 from jax import lax
 
 from attention_variants import chunked, registry
-from attention_variants.common import Layout, check_inputs
+from attention_variants.common import Layout, check_inputs, default_scale, layout
 from attention_variants.masks import GRID
 from attention_variants.tiled import block_sizes, tiled_attention
 
@@ -178,6 +178,47 @@ def window_step(m, kept: tuple[int, int], cache: KeyValues, q, k, v, position, s
         return jnp.concatenate([sinks, jnp.concatenate([cached[:, n:], x], axis=1)[:, t:]], 1)
 
     return out, KeyValues(kept_slots(cache.k, k), kept_slots(cache.v, v))
+
+
+class BlockKeyValues(NamedTuple):
+    """A KV cache [B, L, K, H] with each block's key sum [B, ceil(L / block), K, H] float32."""
+
+    k: jax.Array
+    v: jax.Array
+    sums: jax.Array
+
+
+def selection_cache(name: str, declared: Callable[..., Any]) -> Cache:
+    """The KV cache of a block-selection variant: keys, values and each block's running key
+    sum, so a step gates the cached blocks from their sums and reads only the selected ones."""
+    from attention_variants import selection
+
+    def init(batch, max_len, kv_heads, head_dim, dtype=jnp.float32, **options):
+        zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
+        blocks = -(-max_len // declared(options).block)
+        return BlockKeyValues(zeros, zeros, jnp.zeros((batch, blocks, kv_heads, head_dim)))
+
+    def extend(cache: BlockKeyValues, q, k, v, position, *, scale=None, **options):
+        _check_step(q, k, v)
+        sel, (B, t), length = declared(options), q.shape[:2], cache.k.shape[1]
+        if not isinstance(position, jax.core.Tracer) and int(position) + t > length:
+            raise ValueError(full_message(length, int(position), t))
+        keys, values = (lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), position, axis=1)
+                        for c, x in ((cache.k, k), (cache.v, v)))  # fmt: skip
+        at = (position + jnp.arange(t)) // sel.block
+        sums = cache.sums.at[:, at].add(k.astype(jnp.float32))
+        # Only blocks wholly before a query's own are gated: each holds `block` keys.
+        blocks = jax.tree.map(lambda x: jnp.broadcast_to(x, (B, length)),
+                              selection.uniform_blocks(length, sel.block))  # fmt: skip
+        lay = layout(q, keys, q_offset=position, within_document=True)
+        out = selection.selected_attention(
+            q, keys, values, sel, lay=lay, bl=blocks, means=sums / sel.block,
+            scale=default_scale(scale, q.shape[-1]), chunk=options["chunk"],
+        )  # fmt: skip
+        out = jnp.where(position + t > length, jnp.nan, out).astype(out.dtype)
+        return out, BlockKeyValues(keys, values, sums)
+
+    return Cache(lambda **options: "kv", init, extend)
 
 
 def linear_state_cache(

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attention_variants import accelerators, chunked, recurrent
+from attention_variants import accelerators, chunked, recurrent, selection
 from attention_variants.common import (
     alibi_bias,
     beyond_self_attention,
@@ -36,6 +36,7 @@ from attention_variants.common import (
     contract,
     default_scale,
     layout,
+    masked_scores,
     softmax_attention,
     softmax_flops,
     visible,
@@ -45,6 +46,7 @@ from attention_variants.decoding import (
     _check_step,
     linear_state_cache,
     masked_softmax_cache,
+    selection_cache,
 )
 from attention_variants.masks import Mask, check_shift
 from attention_variants.registry import Implementation
@@ -225,11 +227,12 @@ def refusing_modifiers(impl: Implementation) -> Implementation:
     return dataclasses.replace(impl, supports=supports)
 
 
-def _not_served(name: str, q, k, call) -> None:
-    """The linear family's NotImplementedError for what it cannot serve, naming the argument:
-    its causal sums run over whole rows of self-attention (a full call takes any keys)."""
+def _not_served(name: str, q, k, call, lse: str = "linear attention has no log-sum-exp") -> None:
+    """The NotImplementedError of a family that serves whole rows of self-attention (the linear
+    and recurrent ones, block selection) for what it cannot serve, naming the argument (a full
+    call of a linear variant takes any keys); `lse` says why there is no log-sum-exp."""
     if call["return_lse"]:
-        raise NotImplementedError(f"{name}: return_lse (linear attention has no log-sum-exp)")
+        raise NotImplementedError(f"{name}: return_lse ({lse})")
     beyond = beyond_self_attention(q, k, call)
     if beyond == "kv_segment_ids" or (beyond and call["causal"]):
         hint = "; decode through av.decoder(name)" if beyond.startswith("q_offset") else ""
@@ -419,5 +422,81 @@ class RecurrentState:
             implementations={"jax": Implementation(state(False))},
             decode=Cache(lambda **options: "recurrent", init, extend),
             arguments=self.axes,
+            causal_only=True,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSelection:
+    """Softmax over the key blocks each query selects by content (MoBA, `selection.py`): the
+    declaration returns a `selection.Selection` (block size, top_k) from its options.
+
+    Derived: the engine (gates per block, top-k, attention over the selected blocks' keys only),
+    the reference (MoBA's brute force: every gate, a dense [T, S] mask, plain softmax), the
+    FLOP count (selected pairs plus the gates), and a KV cache that keeps each block's key sum,
+    so a decoding step gates the cached blocks without re-reading them. Causal self-attention
+    only: a non-causal call, return_lse, cross-attention and decoding offsets (decode through
+    `av.decoder`) raise NotImplementedError naming them.
+
+    chunk: queries per step of the engine (its working set), an option.
+    """
+
+    chunk: int = 128
+
+    def build(self, name: str, declaration: Callable) -> dict[str, Any]:
+        own_defaults = keyword_defaults(declaration)
+
+        def declared(options) -> selection.Selection:
+            return declaration(**_pick(options, own_defaults))
+
+        def check(**options) -> None:
+            declared(options)
+            check_positive(chunk=options["chunk"])
+
+        def served(q, k, v, call) -> None:
+            check_inputs(q, k, v)
+            _not_served(name, q, k, call, lse="the engine keeps it to itself")
+            if not call["causal"]:
+                raise NotImplementedError(f"{name}: causal=False (a query selects earlier blocks)")
+
+        @contract
+        def engine(q, k, v, call, options):
+            """Gathers each query's selected blocks (`selection.selected_attention`)."""
+            served(q, k, v, call)
+            sel, (B, T, _, H) = declared(options), q.shape
+            lay = layout(q, k, segment_ids=call["segment_ids"], within_document=True)
+            return selection.selected_attention(
+                q, k, v, sel, lay=lay, bl=selection.row_blocks(lay.k_seg, B, T, sel.block),
+                scale=default_scale(call["scale"], H), chunk=options["chunk"],
+            )  # fmt: skip
+
+        @contract
+        def reference(q, k, v, call, options):
+            """MoBA's brute force: every block's gate, the top-k, a dense mask, plain softmax."""
+            served(q, k, v, call)
+            runs = layout(q, k, segment_ids=call["segment_ids"]).q_seg
+            vis = selection.selected_mask(q, k, declared(options), runs)  # [B, N, T, S]
+            s = masked_scores(q, k, scale=call["scale"])  # [B, K, G, T, S]
+            s = jnp.where(vis.reshape(s.shape), s, -jnp.inf)
+            p = jax.nn.softmax(s, axis=-1)
+            out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32))
+            return out.reshape(q.shape).astype(q.dtype)
+
+        def flops(B, T, S, N, H, *, causal=True, **options) -> float:
+            sel = declared({**own_defaults, **options})
+            i = S - T + np.arange(T, dtype=np.int64)  # queries at the end of the keys
+            earlier = i // sel.block
+            pairs = i % sel.block + 1 + np.minimum(sel.top_k - 1, earlier) * sel.block
+            return softmax_flops(B, N, H, float(pairs.sum())) + 2.0 * B * N * H * earlier.sum()
+
+        return dict(
+            family="block_selection",
+            reference=reference,
+            exact=False,
+            flops=flops,
+            defaults={**own_defaults, "chunk": self.chunk},
+            check=check,
+            implementations={"jax": Implementation(engine)},
+            decode=selection_cache(name, declared),
             causal_only=True,
         )

@@ -150,11 +150,32 @@ def document_ids(cell: Cell) -> jax.Array | None:
     return jnp.asarray(np.broadcast_to(ids, (cell.batch, cell.seq_len)), jnp.int32)
 
 
-def attention_flops(cell: Cell, causal: bool) -> float:
-    """Useful forward FLOPs of the cell's attention (the variant's own count): each packed
-    document attends within itself, so the count is summed over the documents' lengths."""
-    spec = av.spec(cell.variant)
-    options = spec.options(**cell.options)
+def variant_options(cell: Cell) -> dict[str, dict[str, Any]]:
+    """{variant: its options} of the cell: its one variant, or each variant of a hybrid's
+    layer pattern (`cell.variant` "sliding_window*3+dense"; options per variant)."""
+    from transformer.config import layer_pattern
+
+    pattern = layer_pattern(cell.variant)
+    if len(pattern) == 1:
+        return {cell.variant: dict(cell.options)}
+    return {name: dict(cell.options[name]) for name in dict.fromkeys(pattern)}
+
+
+def layer_variants(cell: Cell, layers: int) -> list[str]:
+    """The variant of each of the model's blocks (a hybrid's pattern repeated)."""
+    from transformer.config import layer_pattern
+
+    pattern = layer_pattern(cell.variant)
+    return [pattern[i % len(pattern)] for i in range(layers)]
+
+
+def attention_flops(cell: Cell, causal: bool, variant: str | None = None) -> float:
+    """Useful forward FLOPs of the cell's attention (the variant's own count; of `variant`, one
+    of a hybrid's): each packed document attends within itself, so the count is summed over
+    the documents' lengths."""
+    variant = variant or cell.variant
+    spec = av.spec(variant)
+    options = spec.options(**variant_options(cell)[variant])
     T, B, N, H = cell.seq_len, cell.batch, cell.heads, cell.head_dim
     lengths = Counter(np.bincount(np.arange(T) * cell.segments // T).tolist())
     return float(
@@ -164,9 +185,17 @@ def attention_flops(cell: Cell, causal: bool) -> float:
 
 def implementation_of(cell: Cell) -> str:
     """The row of the variant's implementation table that the cell's attention calls run
-    ("auto" resolved for this backend, the cell's shapes, dtype, packing and mesh)."""
-    spec = av.spec(cell.variant)
-    options = spec.options(**cell.options)
+    ("auto" resolved for this backend, the cell's shapes, dtype, packing and mesh); for a
+    hybrid, each variant's ("dense=jax+sliding_window=jax")."""
+    variants = variant_options(cell)
+    if len(variants) > 1 or cell.variant not in variants:
+        return "+".join(f"{n}={_implementation(cell, n, o)}" for n, o in variants.items())
+    return _implementation(cell, cell.variant, variants[cell.variant])
+
+
+def _implementation(cell: Cell, variant: str, options: dict[str, Any]) -> str:
+    spec = av.spec(variant)
+    options = spec.options(**options)
     B, T, N, K, H = cell.batch, cell.seq_len, cell.heads, cell.kv_heads, cell.head_dim
     S, call = T, {"causal": cell.causal}
     if cell.kind == "decode":  # the model's cache: queries at a traced offset
@@ -187,8 +216,9 @@ def within(mesh: jax.sharding.Mesh | None):
 
 
 def mesh_aware(name: str) -> bool:
-    """Whether the variant shards over a mesh axis (it has an `axis` option, as `ring`)."""
-    return "axis" in av.spec(name).defaults
+    """Whether the variant shards over a mesh axis (it has an `axis` option, as `ring`; a
+    hybrid's pattern never: meshes are swept for kernels)."""
+    return name in av.names() and "axis" in av.spec(name).defaults
 
 
 def seq_mesh(devices: int) -> jax.sharding.Mesh | None:
@@ -234,8 +264,9 @@ def train_step_flops(cell: Cell, params: Any, layers: int, tied: bool) -> float:
     MLP and logits (Kaplan et al. 2020), plus each layer's attention at 3.5 x its forward.
     Matmul weights: params with two or more axes except lookup tables (positions, and the
     input embedding when the output layer is untied)."""
-    attention = attention_flops(cell, causal=True) * (1 + BACKWARD_FLOPS) * layers
-    return 6.0 * matmul_weights(params, tied) * cell.batch * cell.seq_len + attention
+    attention = sum(attention_flops(cell, True, v) for v in layer_variants(cell, layers))
+    return 6.0 * matmul_weights(params, tied) * cell.batch * cell.seq_len + attention * (
+        1 + BACKWARD_FLOPS)  # fmt: skip
 
 
 def matmul_weights(params: Any, tied: bool) -> int:

@@ -34,17 +34,33 @@ def resolve_head_dim(value: int, platform: str) -> int:
     return value
 
 
+def _parts(name: str, kind: str) -> tuple[str, ...]:
+    """The registry names in a `variants` entry: one, or a hybrid's layer pattern (names joined
+    by "+", "name*n" for n blocks: model kinds only). ConfigError naming what is wrong."""
+    from transformer.config import layer_pattern
+
+    known = av.names()
+    try:
+        parts = layer_pattern(name)
+    except ValueError as e:
+        raise ConfigError("variants", str(e)) from None
+    for part in parts:
+        if part not in known:
+            raise ConfigError("variants", f"unknown variant {part!r}; known: {', '.join(known)}")
+    if len(parts) > 1 and kind not in ("train_step", "train_eval", "decode"):
+        raise ConfigError("variants", f"a hybrid ({name!r}) is a model: kind {kind!r} runs kernels")
+    return parts
+
+
 def _variants(config: Any) -> list[str]:
     known = av.names()
     names = csv_field(config, "variants")
     if names == ["all"]:  # mesh-aware variants (ring) only where a mesh is swept
         meshed = seq_devices(config) != [1]
         names = [n for n in known if meshed or not mesh_aware(n)]
-    for name in names:
-        if name not in known:
-            raise ConfigError("variants", f"unknown variant {name!r}; known: {', '.join(known)}")
+    parts = {name: _parts(name, field(config, "kind")) for name in names}
     if config.get("only_long_context", False):
-        names = [n for n in names if av.spec(n).long_context]
+        names = [n for n in names if all(av.spec(p).long_context for p in parts[n])]
         if not names:
             raise ConfigError("variants", "none is registered long_context (only_long_context)")
     baselines = [b for b in csv_field(config, "baselines") if b in names]
@@ -57,13 +73,16 @@ def _options(config: Any, variants: list[str]) -> dict[str, dict[str, Any]]:
     for name in given:
         if name not in av.names():
             raise ConfigError(f"options.{name}", f"unknown variant; known: {', '.join(av.names())}")
+    from transformer.config import layer_pattern
+
     merged = {}
-    for name in variants:
+    for name in dict.fromkeys(p for v in variants for p in layer_pattern(v)):
         try:
             merged[name] = av.spec(name).options(**dict(given.get(name) or {}))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"options.{name}", str(e)) from None
-    return merged
+    hybrids = {v: {p: merged[p] for p in layer_pattern(v)} for v in variants if v not in merged}
+    return {**merged, **hybrids}  # a hybrid's: {variant: options} of each of its variants
 
 
 def _model(config: Any) -> dict[str, Any]:

@@ -424,6 +424,45 @@ def test_train_step_cells_time_the_model(tmp_path, no_gemm):
     assert row["useful_flops"] == pytest.approx(6 * weights * 32 + attention)
 
 
+def test_a_hybrid_is_a_variant_of_the_model_sweeps(tmp_path, no_gemm):
+    """ "sliding_window+blockwise": one block of each, each its own options, FLOPs and
+    implementation; its decode cell runs both caches."""
+    from configs import decode_sweep, model_sweep
+
+    config = model_sweep.get_config()
+    config.update(dict(variants="sliding_window+blockwise", lengths="32", heads=2, kv_heads=1))
+    config.update(dict(head_dim=8, cell_budget_s=0.05, min_repeats=2, max_repeats=2))
+    config.options.sliding_window.update(dict(window=4, block_q=8, block_k=8))
+    config.model.update(dict(num_layers=2, mlp_dim=32, vocab_size=64))
+    (row,), _ = run(config, tmp_path / "train")
+    assert row["status"] == "ok", row["error"]
+    assert row["implementation"] == "sliding_window=jax+blockwise=jax"
+    assert row["options"]["sliding_window"]["window"] == 4
+    weights = 64 * 16 + 2 * ((16 * 16 + 2 * 16 * 8 + 16 * 16) + 3 * 16 * 32)
+    attention = sum(av.spec(n).flops(1, 32, 32, 2, 8, **row["options"][n])
+                    for n in ("sliding_window", "blockwise"))  # fmt: skip
+    assert row["useful_flops"] == pytest.approx(6 * weights * 32 + 3.5 * attention)
+    config = decode_sweep.get_config()
+    config.update(dict(variants="sliding_window*2+dense", lengths="16", heads=2, kv_heads=1))
+    config.update(dict(head_dim=8, cell_budget_s=0.05, min_repeats=2, max_repeats=2))
+    config.options.sliding_window.update(dict(window=4, block_q=8, block_k=8))
+    config.model.update(dict(num_layers=3, mlp_dim=32, vocab_size=64))
+    rows, _ = run(config, tmp_path / "decode")
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    for bad, needle in (("dense+nope", "unknown variant 'nope'"), ("dense*0", "positive int")):
+        with pytest.raises(ConfigError, match=needle):
+            plan.plan_cells(edited(config, variants=bad), "float32")
+    with pytest.raises(ConfigError, match="a hybrid .* is a model"):
+        plan.plan_cells(tiny(variants="dense+blockwise"), "float32")
+
+
+def edited(config, **changes):
+    """A copy of `config` with `changes`."""
+    config = config.copy_and_resolve_references()
+    config.update(changes)
+    return config
+
+
 def test_decode_cells_time_tokens_through_each_cache(tmp_path, no_gemm):
     from configs import decode_sweep
 

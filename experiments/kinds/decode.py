@@ -9,7 +9,15 @@ import jax
 import jax.numpy as jnp
 
 import attention_variants as av
-from experiments.cells import DECODE_STEPS, Built, Cell, cell_model, matmul_weights
+from experiments.cells import (
+    DECODE_STEPS,
+    Built,
+    Cell,
+    cell_model,
+    layer_variants,
+    matmul_weights,
+    variant_options,
+)
 
 
 def build_decode(cell: Cell, config: Any) -> Built:
@@ -35,8 +43,14 @@ def build_decode(cell: Cell, config: Any) -> Built:
         )  # fmt: skip
         return logits[:, -1], variables["cache"]
 
-    attention = av.spec(cell.variant).flops
-    options = av.spec(cell.variant).options(**cell.options)
+    layers = layer_variants(cell, cfg.num_layers)
+    options = {n: av.spec(n).options(**o) for n, o in variant_options(cell).items()}
+
+    def attention(B, T, S, N, H, chunk=None):
+        """The blocks' attention FLOPs (a linear-state step: one chunk of `chunk` tokens)."""
+        one_chunk = lambda o: {**o, "chunk": chunk} if chunk and "chunk" in o else o  # noqa: E731
+        return sum(av.spec(n).flops(B, T, S, N, H, **one_chunk(options[n])) for n in layers)
+
     weights = matmul_weights(params, cfg.tie_embeddings)
     N, H = cell.heads, cell.head_dim
     fields = {"cache_bytes": av.cache_bytes(cache), "decode_steps": steps}
@@ -48,7 +62,7 @@ def build_decode(cell: Cell, config: Any) -> Built:
         # Logits at the last position only: the output layer's V x D weights count once.
         logits_weights = cfg.vocab_size * cfg.width
         flops = 2.0 * (weights - logits_weights) * B * T + 2.0 * logits_weights * B
-        flops += cfg.num_layers * attention(B, T, T, N, H, **options)
+        flops += attention(B, T, T, N, H)
         return Built(prefill, (params, cache, tokens), flops, B * T, fields=fields)
     cache = {**cache, "position": jnp.int32(T)}
 
@@ -63,11 +77,9 @@ def build_decode(cell: Cell, config: Any) -> Built:
 
     # The last query's visible keys: the variant's count at T + i + 1 less that at T + i (a
     # linear-state step runs as one chunk of one token).
-    if "chunk" in options:
-        options = {**options, "chunk": 1}
     marginal = sum(
-        attention(B, t + 1, t + 1, N, H, **options) - attention(B, t, t, N, H, **options)
+        attention(B, t + 1, t + 1, N, H, chunk=1) - attention(B, t, t, N, H, chunk=1)
         for t in range(T, T + steps)
     )
-    flops = 2.0 * weights * B * steps + cfg.num_layers * marginal
+    flops = 2.0 * weights * B * steps + marginal
     return Built(decode, (params, cache, tokens[:, -1]), flops, B * steps, fields=fields)

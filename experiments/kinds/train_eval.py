@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from ml_collections import ConfigDict
 
 from experiments import datasets, evaluate, provenance, train
-from experiments.cells import Built, Cell, train_step_flops
+from experiments.cells import Built, Cell, train_step_flops, variant_options
 from experiments.configlib import ConfigError
 
 
@@ -42,7 +42,8 @@ def training_config(cell: Cell, config: Any) -> ConfigDict:
     c.model.update(dict(num_heads=cell.heads, num_kv_heads=cell.kv_heads, head_dim=cell.head_dim))
     c.model.update(dict(dtype=cell.dtype, attention=cell.variant, max_len=cell.seq_len))
     c.model.update(dict(cell.model or {}))
-    c.options[cell.variant] = dict(cell.options)
+    for name, options in variant_options(cell).items():  # a hybrid's, each variant's
+        c.options[name] = options
     return c
 
 
