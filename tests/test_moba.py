@@ -74,8 +74,8 @@ def test_moba_equals_the_brute_force_reference(lengths, block, top_k):
 
     ours = functools.partial(kernel, **call)
     theirs = functools.partial(naive_rows, lengths=lengths, block=block, top_k=top_k)
-    np.testing.assert_allclose(ours(q, k, v), theirs(q, k, v), **F32)
-    grads = [jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(ours(q, k, v), jax.jit(theirs)(q, k, v), **F32)
+    grads = [jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2)))(q, k, v)
              for fn in (ours, theirs)]  # fmt: skip
     for a, b, what in zip(*grads, ("dq", "dk", "dv"), strict=True):
         np.testing.assert_allclose(a, b, **F32, err_msg=what)
@@ -90,7 +90,8 @@ def test_the_selection_depends_on_the_content():
     vis = selection.selected_mask(q, k, selection.Selection(4, 2))
     assert vis[0, 0, 63, 8:12].all() and vis[0, 0, 63, :8].sum() == 0
     out = av.get("moba", block=4, top_k=2)(q, k, v)
-    np.testing.assert_allclose(out, naive_rows(q, k, v, [64], 4, 2), **F32)
+    np.testing.assert_allclose(out, jax.jit(naive_rows, static_argnums=(3, 4, 5))(
+        q, k, v, (64,), 4, 2), **F32)  # fmt: skip
 
 
 def test_the_engine_scores_a_fraction_of_what_blockwise_does():
@@ -110,9 +111,9 @@ def test_the_engine_scores_a_fraction_of_what_blockwise_does():
 def test_the_cache_keeps_each_blocks_key_sum():
     q, k, v = inputs(13, N=2, K=2)
     decoder = av.decoder("moba", block=4, top_k=2)
-    cache = decoder.init(2, 16, 2, 8)
-    for t in range(13):
-        _, cache = decoder.extend(cache, q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], t)
+    cache, extend = decoder.init(2, 16, 2, 8), jax.jit(decoder.extend)
+    for t in range(13):  # one compilation: the position is traced
+        _, cache = extend(cache, q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], t)
     sums = jnp.pad(k, ((0, 0), (0, 3), (0, 0), (0, 0))).reshape(2, 4, 4, 2, 8).sum(2)
     np.testing.assert_allclose(cache.sums, sums, **F32)
     assert cache.sums.shape == (2, 4, 2, 8)  # ceil(16 / 4) blocks
