@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from attention_variants import chunked, registry
+from attention_variants import chunked, registry, selection
 from attention_variants.common import Layout, check_inputs, default_scale, layout
 from attention_variants.masks import GRID
 from attention_variants.tiled import block_sizes, tiled_attention
@@ -191,7 +191,6 @@ class BlockKeyValues(NamedTuple):
 def selection_cache(name: str, declared: Callable[..., Any]) -> Cache:
     """The KV cache of a block-selection variant: keys, values and each block's running key
     sum, so a step gates the cached blocks from their sums and reads only the selected ones."""
-    from attention_variants import selection
 
     def init(batch, max_len, kv_heads, head_dim, dtype=jnp.float32, **options):
         zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)

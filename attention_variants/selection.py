@@ -92,7 +92,6 @@ class _Static(NamedTuple):
     sel: Selection
     chunk: int  # queries per step of the gating
     groups: int  # query heads per key/value head
-    heads: int  # query heads N
     tile: int  # (query, block) pairs per tile of the attention over selected blocks
     tiles: int  # tiles per row (a static bound)
 
@@ -190,7 +189,7 @@ def _pairs_forward(st: _Static, q_s, k, v, tl: Tiles, bl: Blocks):
         return o / jnp.maximum(total, 1e-30)[:, None], lse
 
     o, lse = lax.map(tile, jnp.arange(st.tiles))
-    P = q_s.shape[0] * st.heads * (st.sel.top_k - 1)
+    P = q_s.shape[0] * q_s.shape[1] * (st.sel.top_k - 1)
     at = jnp.where(tl.valid, tl.pair, P).reshape(-1)  # padding pairs land past the end
     o = jnp.zeros((P, q_s.shape[-1]), jnp.float32).at[at].set(o.reshape(-1, o.shape[-1]),
                                                                mode="drop")  # fmt: skip
@@ -282,7 +281,7 @@ def selected_attention(q, k, v, sel: Selection, *, lay: Layout, bl: Blocks, mean
         return own
     M = means.shape[1]
     tiles = tile_count(T, N, K, S, sel.block, sel.top_k, tile, blocks=M)
-    st = _Static(sel, min(chunk, T), N // K, N, tile, tiles)
+    st = _Static(sel, min(chunk, T), N // K, tile, tiles)
     q_pos = jnp.broadcast_to(lay.q_abs, (B, T))
     picked = jax.vmap(functools.partial(selections, st))(q, q_pos, bl, means)
     plan = jax.vmap(lambda p: tiles_of(st, lax.stop_gradient(p), K, M))(picked)
