@@ -56,4 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # activation dtype
     c.model.variant_layer = True  # the variant's own layer (False: plain projections for all)
     c.model.attention_sinks = False  # a learned sink logit per head and layer (masked softmax)
+    c.model.causal = True  # False: a bidirectional encoder (variants' non-causal forms)
+    c.model.num_classes = 0  # the dataset's: > 0 for a classification dataset (LRA's protocol)
+    c.model.pooling = "mean"  # a classifier's pooling: mean over real tokens | cls (a CLS vector)
     return c

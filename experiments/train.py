@@ -122,10 +122,15 @@ def _check(config: Any) -> None:
 EVAL_METRICS = ("eval/accuracy",)  # metrics a threshold may stop at (higher is better)
 
 
-def _model_config(config: Any, vocab_size: int, max_len: int) -> ModelConfig:
+def _model_config(config: Any, vocab_size: int, max_len: int, classes: int = 0) -> ModelConfig:
+    """The model's fields; 0 for vocab_size, max_len and num_classes: the dataset's."""
     fields = config.model.to_dict()
     fields["vocab_size"] = fields["vocab_size"] or vocab_size
     fields["max_len"] = fields["max_len"] or max_len
+    if fields.get("num_classes", 0) not in (0, classes):
+        have = f"{classes} classes" if classes else "no classes (a token task)"
+        raise ConfigError("model.num_classes", f"{config.dataset} has {have}; use 0")
+    fields["num_classes"] = classes
     try:
         pattern = layer_pattern(fields["attention"])
         options = {name: dict(config.options.get(name) or {}) for name in pattern}
@@ -164,9 +169,10 @@ def setup(config: Any, dataset_config: Any = None) -> Setup:
     seq_len = config.seq_len or config.model.max_len or row
     if seq_len is None:
         raise ConfigError("seq_len", "a text dataset needs seq_len or model.max_len")
-    model_config = _model_config(config, builder.builder_config.vocab_size(), seq_len)
+    classes = 0 if text else builder.builder_config.num_classes()
+    model_config = _model_config(config, builder.builder_config.vocab_size(), seq_len, classes)
     targeted = None
-    if not text:  # MQAR's N queries, ListOps' one answer: the logits are needed only there
+    if not text and not classes:  # MQAR's N queries, ListOps' answer: logits only there
         most = builder.builder_config.max_targets()
         targeted = most if 2 * most <= row else None
     text_len = seq_len if text else None
@@ -191,8 +197,13 @@ def make_steps(setup: Setup):
 
     def stats(params, batch, **kwargs):
         """Weighted loss sums; with `setup.targeted`, logits only at the weighted positions
-        (the same sums: every weighted position of a row is among its top `targeted`)."""
+        (the same sums: every weighted position of a row is among its top `targeted`); a
+        classifier's class logits against the label at position 0 of each row."""
         targets, weights, at = batch["targets"], batch["weights"], None
+        if setup.model_config.num_classes:
+            logits = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                                 **kwargs)  # fmt: skip
+            return weighted_token_stats(logits[:, None], targets[:, :1], weights[:, :1])
         if setup.targeted:
             at = jnp.argsort(weights, axis=1, descending=True)[:, : setup.targeted]
             targets, weights = (jnp.take_along_axis(x, at, axis=1) for x in (targets, weights))

@@ -136,6 +136,21 @@ def test_listops_answers_match_an_independent_evaluator(data_dir):
     assert max(depths) >= 2  # nested expressions occur
 
 
+def test_listops_classification_rows_carry_the_independent_answer_as_label(data_dir):
+    """LRA's form: the same expressions as the next-token form, the answer as the label at
+    position 0, segment ids 1 on the expression and 0 on its padding."""
+    classify = splits("listops/classify-small", data_dir)
+    plain = splits("listops/small", data_dir)
+    pairs = zip(classify["train"] + classify["test"], plain["train"] + plain["test"], strict=True)
+    for row, same in pairs:
+        x, y, w, ids = row["inputs"], row["targets"], row["weights"], row["segment_ids"]
+        n = int(np.count_nonzero(x))
+        np.testing.assert_array_equal(x, same["inputs"])
+        assert ids.tolist() == [1] * n + [0] * (len(x) - n)
+        assert w.tolist() == [1.0] + [0.0] * (len(x) - 1) and not y[1:].any()
+        assert y[0] == evaluate([listops.TOKENS[i] for i in x[:n]])
+
+
 def test_pystdlib_is_the_stdlib_split_by_group(data_dir):
     data = splits("pystdlib/small", data_dir)
     names = {s: [r["path"].decode() for r in rows] for s, rows in data.items()}

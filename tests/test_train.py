@@ -183,7 +183,24 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(data_dir, tmp_path):
     assert (tmp_path / "checkpoints" / str(saved + 2)).exists()
 
 
-@pytest.mark.parametrize("name", ["train", "mqar", "listops", "lm", "passkey"])
+def test_an_encoder_classifier_trains_on_listops_classification_rows(data_dir, tmp_path):
+    """LRA's protocol: a bidirectional encoder pools each row and classifies it; the accuracy
+    counts rows; a model.num_classes other than the dataset's is refused, named."""
+    config = tiny(data_dir, dataset="listops/classify-small", num_steps=30, eval_every=30,
+                  learning_rate=3e-3, warmup_steps=3)  # fmt: skip
+    config.model.update(causal=False, mlp_dim=32)
+    metrics, _ = run(config, tmp_path)
+    losses = rows(tmp_path, "train/loss")
+    assert losses[-1][1] < losses[0][1] - 0.1
+    saved = json.loads((tmp_path / "config.json").read_text())["model"]
+    assert saved["num_classes"] == 10 and saved["causal"] is False
+    assert metrics["eval/accuracy"] in {k / 16 for k in range(17)}  # 16 rows, one label each
+    config.model.num_classes = 3
+    with pytest.raises(ConfigError, match="model.num_classes"):
+        train.setup(config)
+
+
+@pytest.mark.parametrize("name", ["train", "mqar", "listops", "lra_listops", "lm", "passkey"])
 def test_shipped_training_configs_are_valid(name, tmp_path):
     import importlib
 

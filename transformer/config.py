@@ -8,6 +8,7 @@ from typing import Any
 
 import attention_variants as av
 
+POOLINGS = ("mean", "cls")
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
 NORMS = ("rms", "layer")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -39,7 +40,9 @@ def layer_pattern(attention) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only language model. `attention` names the kernel; nothing else varies.
+    """A Transformer: a decoder-only language model, a bidirectional encoder (`causal=False`), a
+    classifier (`num_classes > 0`), or the two towers of `EncoderDecoder`. `attention` names
+    the kernel; nothing else varies.
 
     `attention` is a registry name, or a hybrid's layer pattern repeated over the layers: a
     sequence of names, or one string of names joined by "," or "+", where "name*n" repeats a
@@ -73,6 +76,21 @@ class ModelConfig:
     # A learned sink logit per head and layer in the softmax's denominator (gpt-oss), for the
     # variants that take `sink_logits` (masked softmax; others ignore it).
     attention_sinks: bool = False
+    # False: bidirectional self-attention (an encoder); every variant runs its non-causal form.
+    causal: bool = True
+    # > 0: a classifier: the final states pooled per row (`pooling`), then class logits.
+    num_classes: int = 0
+    # "mean" over each row's real tokens (segment id > 0) | "cls": a learned CLS vector
+    # prepended to each row (Long Range Arena's); local patterns see it only near the start.
+    pooling: str = "mean"
+    # EncoderDecoder (which ignores `causal`): the encoder's blocks (None: num_layers; the
+    # decoder has num_layers), the encoder's self-attention with its options (None: the
+    # decoder's `attention` and options), the decoder's cross-attention with its options.
+    num_encoder_layers: int | None = None
+    encoder_attention: Any = None
+    encoder_attention_options: Any = ()
+    cross_attention: str = "dense"
+    cross_attention_options: Any = ()
 
     def __post_init__(self):
         pattern = layer_pattern(self.attention)
@@ -89,6 +107,20 @@ class ModelConfig:
         object.__setattr__(self, "attention_options", tuple(sorted(options.items())))
         for name in self.variants:  # unknown name or option: clear error now
             av.spec(name).options(**self.options_of(name))
+        if not self.causal:
+            self.check_bidirectional("causal=False")
+        cross = as_dict(self.cross_attention_options)
+        object.__setattr__(self, "cross_attention_options", tuple(sorted(cross.items())))
+        av.spec(self.cross_attention).options(**cross)
+        if av.spec(self.cross_attention).causal_only:
+            raise ValueError(
+                f"cross_attention={self.cross_attention!r} serves only causal self-attention; "
+                "cross-attention needs a variant with a non-causal form (dense, blockwise, ...)"
+            )
+        if self.encoder_attention is not None:  # unknown name or option: clear error now
+            self.encoder()
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         for name in (
             "vocab_size",
             "num_layers",
@@ -105,8 +137,15 @@ class ModelConfig:
                 f"attention's pattern of {len(self.pattern)} layers {self.pattern} is longer "
                 f"than num_layers={self.num_layers}"
             )
-        if not isinstance(self.mlp_dim, int) or isinstance(self.mlp_dim, bool) or self.mlp_dim < 0:
-            raise ValueError(f"ModelConfig.mlp_dim must be an int >= 0, got {self.mlp_dim!r}")
+        for name in ("mlp_dim", "num_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"ModelConfig.{name} must be an int >= 0, got {value!r}")
+        if self.num_encoder_layers is not None and (
+            not isinstance(self.num_encoder_layers, int) or self.num_encoder_layers <= 0
+        ):
+            raise ValueError(f"ModelConfig.num_encoder_layers must be None or a positive int, "
+                             f"got {self.num_encoder_layers!r}")  # fmt: skip
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.embed_dim is not None and (
@@ -155,6 +194,35 @@ class ModelConfig:
     def layer_attention(self, layer: int) -> str:
         """The variant of block `layer` (the pattern repeated over the layers)."""
         return self.pattern[layer % len(self.pattern)]
+
+    @property
+    def encoder_layers(self) -> int:
+        """The encoder's blocks in an EncoderDecoder."""
+        return self.num_encoder_layers or self.num_layers
+
+    def encoder(self) -> ModelConfig:
+        """The config of an EncoderDecoder's encoder: bidirectional, `encoder_attention`."""
+        if self.encoder_attention is None:
+            self.check_bidirectional("the encoder (encoder_attention=None: attention)")
+            return self.replace(causal=False, num_layers=self.encoder_layers)
+        encoder = self.replace(
+            attention=self.encoder_attention,
+            attention_options=self.encoder_attention_options,
+            num_layers=self.encoder_layers,
+            encoder_attention=None,
+            encoder_attention_options=(),
+        )
+        encoder.check_bidirectional("encoder_attention")
+        return encoder.replace(causal=False)
+
+    def check_bidirectional(self, use: str) -> None:
+        """Raises ValueError naming the pattern's variants that serve only causal calls."""
+        causal_only = [name for name in self.variants if av.spec(name).causal_only]
+        if causal_only:
+            raise ValueError(
+                f"{use} needs bidirectional attention; {', '.join(map(repr, causal_only))} "
+                "serve(s) only causal calls (recurrent or block-selection variants)"
+            )
 
     def options_of(self, name: str) -> dict[str, Any]:
         """The options bound to variant `name`'s kernel."""

@@ -59,25 +59,42 @@ def apply_rope(x, positions, base: float):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
+def heads_projection(cfg: ModelConfig, heads: int, name: str) -> nn.Module:
+    """x [B, T, D] -> [B, T, heads, H], no bias."""
+    return nn.DenseGeneral(
+        (heads, cfg.head_dim),
+        use_bias=False,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        name=name,
+    )
+
+
+def output_projection(cfg: ModelConfig) -> nn.Module:
+    """The heads' outputs [B, T, N, H] -> [B, T, D], no bias."""
+    return nn.DenseGeneral(
+        cfg.width,
+        axis=(-2, -1),
+        use_bias=False,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        name="out",
+    )
+
+
 class Attention(nn.Module):
-    """Multi-head attention with GQA; the kernel comes from the registry by name."""
+    """Multi-head self-attention with GQA; the kernel comes from the registry by name."""
 
     config: ModelConfig
     variant: str  # the registry name of this layer's kernel
+    causal: bool = True  # False: bidirectional (an encoder)
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, decode: bool = False, position=None):
         cfg = self.config
-        dense = lambda heads, name: nn.DenseGeneral(  # noqa: E731
-            (heads, cfg.head_dim),
-            use_bias=False,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            name=name,
-        )
-        q = dense(cfg.num_heads, "query")(x)  # [B, T, N, H]
-        k = dense(cfg.num_kv_heads, "key")(x)  # [B, T, K, H]
-        v = dense(cfg.num_kv_heads, "value")(x)  # [B, T, K, H]
+        q = heads_projection(cfg, cfg.num_heads, "query")(x)  # [B, T, N, H]
+        k = heads_projection(cfg, cfg.num_kv_heads, "key")(x)  # [B, T, K, H]
+        v = heads_projection(cfg, cfg.num_kv_heads, "value")(x)  # [B, T, K, H]
         spec = av.spec(self.variant)
         layer = spec.layer if cfg.variant_layer else av.Layer()
         if layer.conv:
@@ -101,18 +118,11 @@ class Attention(nn.Module):
             out = self.cached(q, k, v, position, gates)
         else:
             kernel = av.get(self.variant, **cfg.options_of(self.variant))
-            out = kernel(q, k, v, causal=True, segment_ids=segment_ids, **gates)  # [B, T, N, H]
+            out = kernel(q, k, v, causal=self.causal, segment_ids=segment_ids, **gates)
         if layer.norm or layer.output_gate or layer.skip:
             out = mixers.OutputGate(layer.norm, layer.output_gate, layer.skip, cfg.dtype,
                                     cfg.param_dtype, name="output")(out, x, v)  # fmt: skip
-        return nn.DenseGeneral(
-            cfg.width,
-            axis=(-2, -1),
-            use_bias=False,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            name="out",
-        )(out)
+        return output_projection(cfg)(out)
 
     def cached(self, q, k, v, position, gates):
         """Attention of the new tokens through the cache (created, empty, at init)."""
@@ -135,6 +145,31 @@ class Attention(nn.Module):
         return out
 
 
+class CrossAttention(nn.Module):
+    """Attention of the decoder's positions [B, T, D] to the encoder's output [B, S, D], through
+    the registry (`ModelConfig.cross_attention`), non-causal, without positions. Documents:
+    a query sees the keys of an equal id (`segment_ids` of the queries, `encoded_segment_ids`
+    of the keys; queries without ids are one document, id 1, reading the source's id 1)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, encoded, segment_ids=None, encoded_segment_ids=None):
+        cfg = self.config
+        q = heads_projection(cfg, cfg.num_heads, "query")(x)  # [B, T, N, H]
+        k = heads_projection(cfg, cfg.num_kv_heads, "key")(encoded)  # [B, S, K, H]
+        v = heads_projection(cfg, cfg.num_kv_heads, "value")(encoded)  # [B, S, K, H]
+        ids = {}
+        if encoded_segment_ids is not None:
+            if segment_ids is None:
+                segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+            ids = dict(segment_ids=segment_ids, kv_segment_ids=encoded_segment_ids)
+        elif segment_ids is not None:
+            raise ValueError("targets_segment_ids need inputs_segment_ids (the source's documents)")
+        kernel = av.get(cfg.cross_attention, **dict(cfg.cross_attention_options))
+        return output_projection(cfg)(kernel(q, k, v, causal=False, **ids))
+
+
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020): silu(x W0) * (x W1) W2."""
 
@@ -151,25 +186,133 @@ class GatedMLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x + Attention(Norm(x)), then x + MLP(Norm(x)) (no MLP when mlp_dim is 0)."""
+    """x + Attention(Norm(x)), [x + CrossAttention(Norm(x), encoded),] then x + MLP(Norm(x))
+    (no MLP when mlp_dim is 0)."""
 
     config: ModelConfig
     variant: str  # the registry name of the block's attention kernel
+    causal: bool = True  # self-attention's direction (False: an encoder's block)
+    cross: bool = False  # a decoder's block of an encoder-decoder: cross-attention too
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, deterministic: bool, decode=False, position=None):
+    def __call__(
+        self,
+        x,
+        positions,
+        segment_ids,
+        deterministic: bool,
+        decode=False,
+        position=None,
+        encoded=None,
+        encoded_segment_ids=None,
+    ):
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
-        attention = Attention(cfg, self.variant, name="attention")
+        attention = Attention(cfg, self.variant, self.causal, name="attention")
         h = make_norm(cfg, "attention_norm")(x)
         x = x + drop(attention(h, positions, segment_ids, decode, position))
+        if self.cross:
+            h = make_norm(cfg, "cross_attention_norm")(x)
+            cross = CrossAttention(cfg, name="cross_attention")
+            x = x + drop(cross(h, encoded, None if decode else segment_ids, encoded_segment_ids))
         if not cfg.mlp_dim:
             return x
         return x + drop(GatedMLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x)))
 
 
+def decoding_position(module: nn.Module, decode: bool, segment_ids):
+    """The cache's position (a "cache" variable of `module`) when decoding, else None."""
+    if not decode:
+        return None, None
+    if segment_ids is not None:
+        raise ValueError("decode=True takes one sequence per row: segment_ids must be None")
+    cached = module.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+    return cached.value, cached
+
+
+def embedded(cfg: ModelConfig, embed: nn.Module, tokens, segment_ids, position):
+    """Token embeddings plus absolute positions (learned: a "position_embed" table of the
+    calling module) -> (x [B, T, D], positions [B, T])."""
+    B, T = tokens.shape
+    end = T if position is None or isinstance(position, jax.core.Tracer) else position + T
+    if end > cfg.max_len and cfg.positions == "learned":
+        raise ValueError(f"sequence length {end} exceeds max_len={cfg.max_len}")
+    x = embed(tokens)  # [B, T, D]
+    positions = jnp.broadcast_to(segment_positions(segment_ids, T), (B, T))
+    if position is not None:
+        positions = positions + position
+    if cfg.positions == "learned":
+        table = nn.Embed(cfg.max_len, cfg.width, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                         name="position_embed")  # fmt: skip
+        x = x + table(positions)
+    elif cfg.positions == "sinusoidal":
+        x = x + sinusoidal(positions, cfg.width).astype(x.dtype)
+    return x, positions
+
+
+def blocks(cfg: ModelConfig, x, positions, segment_ids, deterministic, *, layers: int,
+           prefix: str = "block", causal: bool = True, decode=False, position=None,
+           encoded=None, encoded_segment_ids=None):  # fmt: skip
+    """x through `layers` blocks ("{prefix}_{i}" of the calling module), the pattern's
+    variants repeated over them."""
+    block = nn.remat(Block, static_argnums=(4, 5)) if cfg.remat else Block
+    cross = encoded is not None
+    for i in range(layers):
+        x = block(cfg, cfg.layer_attention(i), causal, cross, name=f"{prefix}_{i}")(
+            x, positions, segment_ids, deterministic, decode, position, encoded,
+            encoded_segment_ids,
+        )  # fmt: skip
+    return x
+
+
+def token_embedding(cfg: ModelConfig, name: str | None = "embed") -> nn.Module:
+    return nn.Embed(
+        cfg.vocab_size, cfg.width, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name
+    )
+
+
+def logits_layer(cfg: ModelConfig, name: str | None = "logits") -> nn.Module | None:
+    """The output layer when it is not tied to the token embedding, else None."""
+    if cfg.tie_embeddings:
+        return None
+    return nn.Dense(
+        cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name
+    )
+
+
+def vocabulary_logits(embed: nn.Module, output: nn.Module | None, x):
+    """Normed states [B, T, D] -> float32 logits [B, T, vocab]: through `output`, or tied to
+    the token embedding when it is None."""
+    return (embed.attend(x) if output is None else output(x)).astype(jnp.float32)
+
+
+def with_cls(module: nn.Module, cfg: ModelConfig, x, positions, segment_ids):
+    """A learned CLS vector (a "cls" parameter) prepended to every row, as Long Range Arena's
+    classifiers do: at position 0, in the row's first document. -> (x, positions, ids), T + 1."""
+    cls = module.param("cls", nn.initializers.normal(0.02), (cfg.width,), cfg.param_dtype)
+    B = x.shape[0]
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (B, 1, cfg.width)), x], axis=1)
+    positions = jnp.pad(positions, ((0, 0), (1, 0)))
+    if segment_ids is not None:
+        segment_ids = jnp.concatenate([segment_ids[:, :1], segment_ids], axis=1)
+    return x, positions, segment_ids
+
+
+def pooled(cfg: ModelConfig, x, segment_ids):
+    """Normed states [B, T, D] -> one vector per row [B, D]: the mean over the row's real
+    tokens (segment id > 0; all of them without ids), or with pooling "cls" the prepended CLS
+    position's (`with_cls`)."""
+    if cfg.pooling == "cls":
+        return x[:, 0]
+    real = jnp.ones(x.shape[:2], x.dtype) if segment_ids is None else (segment_ids > 0)
+    real = real.astype(jnp.float32)[..., None]  # [B, T, 1]
+    total = jnp.sum(x.astype(jnp.float32) * real, axis=1)
+    return (total / jnp.maximum(jnp.sum(real, axis=1), 1.0)).astype(x.dtype)
+
+
 class TransformerLM(nn.Module):
-    """Tokens [B, T] (and optional packed `segment_ids` [B, T]) -> logits [B, T, vocab]."""
+    """Tokens [B, T] (and optional packed `segment_ids` [B, T]) -> logits [B, T, vocab]; with
+    `config.num_classes`, a classifier: class logits [B, num_classes] of the pooled states."""
 
     config: ModelConfig
 
@@ -181,54 +324,29 @@ class TransformerLM(nn.Module):
         positions, [B, K, vocab] (the output layer is then K/T of its cost). With `decode`,
         the tokens continue the sequence held in the "cache" collection (module docstring)."""
         cfg = self.config
-        B, T = tokens.shape
-        position = None
-        if decode:
-            if segment_ids is not None:
-                raise ValueError("decode=True takes one sequence per row: segment_ids must be None")
-            cached = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
-            position = cached.value
-        end = T if position is None or isinstance(position, jax.core.Tracer) else position + T
-        if end > cfg.max_len and cfg.positions == "learned":
-            raise ValueError(f"sequence length {end} exceeds max_len={cfg.max_len}")
-        embed = nn.Embed(
-            cfg.vocab_size, cfg.width, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed"
-        )
-        x = embed(tokens)  # [B, T, D]
-        positions = jnp.broadcast_to(segment_positions(segment_ids, T), (B, T))
-        if decode:
-            positions = positions + position
-        if cfg.positions == "learned":
-            x = x + nn.Embed(
-                cfg.max_len,
-                cfg.width,
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                name="position_embed",
-            )(positions)
-        elif cfg.positions == "sinusoidal":
-            x = x + sinusoidal(positions, cfg.width).astype(x.dtype)
-        block = nn.remat(Block, static_argnums=(4, 5)) if cfg.remat else Block
-        for i in range(cfg.num_layers):
-            x = block(cfg, cfg.layer_attention(i), name=f"block_{i}")(
-                x, positions, segment_ids, deterministic, decode, position
-            )
+        if decode and (not cfg.causal or cfg.num_classes):
+            raise ValueError("decode=True needs a causal language model (causal=True, "
+                             "num_classes=0)")  # fmt: skip
+        if logits_at is not None and cfg.num_classes:
+            raise ValueError("logits_at selects token positions; a classifier (num_classes > 0) "
+                             "returns one row of class logits")  # fmt: skip
+        position, cached = decoding_position(self, decode, segment_ids)
+        embed = token_embedding(cfg)
+        x, positions = embedded(cfg, embed, tokens, segment_ids, position)
+        if cfg.num_classes and cfg.pooling == "cls":
+            x, positions, segment_ids = with_cls(self, cfg, x, positions, segment_ids)
+        x = blocks(cfg, x, positions, segment_ids, deterministic, layers=cfg.num_layers,
+                   causal=cfg.causal, decode=decode, position=position)  # fmt: skip
         if decode and not self.is_initializing():
-            cached.value = position + T
+            cached.value = position + tokens.shape[1]
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # [B, K, D]
         x = make_norm(cfg, "final_norm")(x)
-        if cfg.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                name="logits",
-            )(x)
-        return logits.astype(jnp.float32)
+        if cfg.num_classes:
+            head = nn.Dense(cfg.num_classes, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                            name="classifier")  # fmt: skip
+            return head(pooled(cfg, x, segment_ids)).astype(jnp.float32)
+        return vocabulary_logits(embed, logits_layer(cfg), x)
 
 
 def next_token_loss(logits, tokens, segment_ids=None):

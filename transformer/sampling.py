@@ -2,6 +2,10 @@
 
     tokens = generate(model, params, prompt [B, P], max_new_tokens, rng, temperature=0.8,
                       top_k=40, top_p=0.95)                     # -> [B, P + max_new_tokens]
+    targets = generate(encoder_decoder, params, inputs [B, S], max_new_tokens, rng,
+                       inputs_segment_ids=None)                 # -> [B, max_new_tokens]
+
+An EncoderDecoder encodes its `inputs` once, then its decoder writes from the start token (0).
 
 The prompt is prefilled in one call (or in chunks of `prefill_chunk` tokens), then a
 `lax.scan` of single-token steps samples the rest; all of it is one `jit`. Temperature 0 is
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import attention_variants as av
+from transformer.encoder_decoder import EncoderDecoder
 from transformer.model import TransformerLM
 
 
@@ -78,7 +83,7 @@ def check_request(
 
 
 def generate(
-    model: TransformerLM,
+    model: TransformerLM | EncoderDecoder,
     params,
     prompt,
     max_new_tokens: int,
@@ -89,11 +94,22 @@ def generate(
     top_p: float = 1.0,
     prefill_chunk: int = 0,
     max_len: int | None = None,
+    inputs_segment_ids=None,
 ):
-    """prompt int [B, P] -> int32 [B, P + max_new_tokens]: the prompt and its continuation."""
+    """TransformerLM: prompt int [B, P] -> int32 [B, P + max_new_tokens], the prompt and its
+    continuation. EncoderDecoder: prompt = the source `inputs` [B, S] (with their
+    `inputs_segment_ids`, 0 on padding) -> the written targets, int32 [B, max_new_tokens]."""
     prompt = jnp.asarray(prompt, jnp.int32)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    max_len = check_request(model, prompt.shape[1], max_new_tokens, max_len, **sampling)
+    written = 1 if isinstance(model, EncoderDecoder) else prompt.shape[1]  # the start token
+    max_len = check_request(model, written, max_new_tokens, max_len, **sampling)
+    if isinstance(model, EncoderDecoder):
+        return write_targets(
+            model, params, prompt, inputs_segment_ids, rng, max_new_tokens=max_new_tokens,
+            max_len=max_len, **sampling,
+        )  # fmt: skip
+    if inputs_segment_ids is not None:
+        raise ValueError("inputs_segment_ids are the source's documents of an EncoderDecoder")
     return generate_tokens(
         model, params, prompt, rng, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, prefill_chunk=prefill_chunk, max_len=max_len,
@@ -124,6 +140,36 @@ def generate_tokens(
     size = prefill_chunk or P
     for start in range(0, P, size):
         logits, cache = extend(cache, prompt[:, start : start + size])
+    return jnp.concatenate([prompt, sampled(extend, logits, cache, rng, max_new_tokens, sampling)],
+                           axis=1)  # fmt: skip
+
+
+@functools.partial(
+    jax.jit, static_argnums=0, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p",
+                                                "max_len"),
+)  # fmt: skip
+def write_targets(model, params, inputs, inputs_segment_ids, rng, *, max_new_tokens, max_len,
+                  **sampling):  # fmt: skip
+    """The jitted core of `generate` for an EncoderDecoder: encode, then decode from 0."""
+    B = inputs.shape[0]
+    encoded = model.apply({"params": params}, inputs, inputs_segment_ids, method="encode")
+    empty = jnp.zeros((B, max_len), jnp.int32)
+    cache = model.init(jax.random.key(0), inputs, empty, inputs_segment_ids, decode=True)["cache"]
+
+    def extend(cache, tokens):
+        logits, variables = model.apply(
+            {"params": params, "cache": cache}, encoded, inputs, tokens, inputs_segment_ids,
+            decode=True, mutable=["cache"], method="decode",
+        )  # fmt: skip
+        return logits[:, -1], variables["cache"]
+
+    logits, cache = extend(cache, jnp.zeros((B, 1), jnp.int32))
+    return sampled(extend, logits, cache, rng, max_new_tokens, sampling)
+
+
+def sampled(extend, logits, cache, rng, max_new_tokens: int, sampling):
+    """max_new_tokens tokens [B, n]: the first drawn from `logits`, each next from the logits
+    that `extend(cache, token)` gives for the one before (a scan)."""
     rngs = jax.random.split(rng, max_new_tokens)
     first = sample_logits(logits, rngs[0], **sampling)
 
@@ -134,4 +180,4 @@ def generate_tokens(
         return (following, cache), following
 
     _, rest = lax.scan(step, (first, cache), rngs[1:])
-    return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)
+    return jnp.concatenate([first[:, None], rest.T], axis=1)

@@ -10,7 +10,10 @@ along with a new VERSION.
 
 A task row is next-token prediction with weights: `targets[t]` is what the model must predict
 after reading `inputs[:t + 1]`, and only positions with `weights[t] > 0` are trained on and
-scored (MQAR's queries, ListOps' answer). Each example is drawn from its own random stream,
+scored (MQAR's queries, ListOps' answer). A classification row (a config whose
+`num_classes()` is > 0) is a task row with its label at position 0 (weight 1 there only) and
+`segment_ids` [L] marking its real tokens (1; 0 on padding): the model pools the row and
+predicts the label (LRA's protocol). Each example is drawn from its own random stream,
 `numpy.random.default_rng([seed, split, index])`, so a dataset is the same on every machine and
 in any generation order, and train and test come from disjoint seeds.
 """
@@ -94,6 +97,17 @@ class TaskConfig(tfds.core.BuilderConfig):
         """The most weighted positions in a row (the trainer computes logits only there)."""
         raise NotImplementedError
 
+    def num_classes(self) -> int:
+        """> 0: rows are classification rows of that many classes (module docstring)."""
+        return 0
+
+
+def classification_row(inputs: np.ndarray, length: int, label: int) -> dict[str, np.ndarray]:
+    """A classification row: `inputs` whose first `length` tokens are real, and their label."""
+    row = task_row(inputs, 0, label)
+    row["segment_ids"] = (np.arange(len(inputs)) < length).astype(np.int32)
+    return row
+
 
 def task_row(inputs: np.ndarray, at: Any, answers: Any) -> dict[str, np.ndarray]:
     """A task row: `inputs`, and `answers` as the targets at positions `at`, weighted 1 there
@@ -131,15 +145,14 @@ class TaskBuilder(ProjectBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         L = self.builder_config.seq_len
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {
-                    "inputs": tfds.features.Tensor(shape=(L,), dtype=np.int32),
-                    "targets": tfds.features.Tensor(shape=(L,), dtype=np.int32),
-                    "weights": tfds.features.Tensor(shape=(L,), dtype=np.float32),
-                }
-            ),
-        )
+        features = {
+            "inputs": tfds.features.Tensor(shape=(L,), dtype=np.int32),
+            "targets": tfds.features.Tensor(shape=(L,), dtype=np.int32),
+            "weights": tfds.features.Tensor(shape=(L,), dtype=np.float32),
+        }
+        if self.builder_config.num_classes():
+            features["segment_ids"] = tfds.features.Tensor(shape=(L,), dtype=np.int32)
+        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features))
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
         del dl_manager  # nothing is downloaded

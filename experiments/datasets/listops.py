@@ -8,9 +8,11 @@ draws them: from depth 1, a node is a leaf digit with probability 0.75 (always a
 outside [min_len, max_len] are drawn again. Differences from LRA's files: `max_args` is 9 here
 (LRA's generator: 10), the length bounds are inclusive (LRA: strict), and examples are not
 de-duplicated across splits (LRA: a set), so a short expression can occur in both. The answer
-is the expression's value: classifying it is next-token prediction at the last token of the
-expression (`targets` holds the answer digit there, `weights` is 1 there only); rows are
-padded with 0 to `seq_len`.
+is the expression's value. In the default form, classifying it is next-token prediction at
+the last token of the expression (`targets` holds the answer digit there, `weights` is 1 there
+only); rows are padded with 0 to `seq_len`. With `classification` (configs `classify-*`) it is
+LRA's protocol: a classification row (base.py) of 10 classes, the answer as the label, read by
+an encoder that pools the whole expression.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from experiments.datasets.base import TaskBuilder, TaskConfig, task_row
+from experiments.datasets.base import TaskBuilder, TaskConfig, classification_row, task_row
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 CLOSE = "]"
@@ -38,6 +40,7 @@ class ListOpsConfig(TaskConfig):
     max_len: int = 100  # most tokens of an expression (<= seq_len)
     max_depth: int = 10  # nesting depth at which every node is a leaf
     max_args: int = 9  # most arguments of an operator (fewest: 2)
+    classification: bool = False  # LRA's form: the answer is the row's label (module docstring)
 
     def check(self) -> None:
         super().check()
@@ -54,6 +57,9 @@ class ListOpsConfig(TaskConfig):
 
     def max_targets(self) -> int:
         return 1  # the answer
+
+    def num_classes(self) -> int:
+        return 10 if self.classification else 0
 
 
 def draw_tree(rng: np.random.Generator, depth: int, max_depth: int, max_args: int) -> Any:
@@ -95,20 +101,30 @@ def listops_example(config: ListOpsConfig, rng: np.random.Generator) -> dict[str
             break
     inputs = np.zeros(config.seq_len, np.int32)
     inputs[: len(seq)] = [TOKEN_ID[t] for t in seq]
+    if config.classification:
+        return classification_row(inputs, len(seq), value(tree))
     return task_row(inputs, len(seq) - 1, TOKEN_ID[str(value(tree))])
 
 
 class Listops(TaskBuilder):
-    """ListOps rows; `short` trains on a CPU in minutes, `lra` is the paper's setting."""
+    """ListOps rows; `short` trains on a CPU in minutes, `lra` is the paper's setting; the
+    `classify-*` configs are the same in LRA's classification form."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
-    FINGERPRINT = "51e54b4ca2ae4a52"  # base.fingerprint at VERSION
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "First release.",
+        "1.1.0": "The classification form (configs classify-*); the others unchanged.",
+    }
+    FINGERPRINT = "a72e5b94209a43ba"  # base.fingerprint at VERSION
     BUILDER_CONFIGS = [  # noqa: RUF012  (TFDS reads this class attribute)
         ListOpsConfig(name="small", seq_len=64, min_len=8, max_len=64, num_train=256, num_test=64),
         ListOpsConfig(name="short", seq_len=128, min_len=20, max_len=128, num_train=20000),
         ListOpsConfig(
             name="lra", seq_len=2048, min_len=500, max_len=2000, num_train=96000, num_test=2000
         ),
+    ]
+    BUILDER_CONFIGS += [  # noqa: RUF012
+        dataclasses.replace(c, name=f"classify-{c.name}", classification=True)
+        for c in BUILDER_CONFIGS
     ]
     example = staticmethod(listops_example)

@@ -37,7 +37,8 @@ def _document(example: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _row(example: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {f: np.asarray(example[f]) for f in FEATURES}
+    """A task row's features (and its segment_ids, where it has them: classification)."""
+    return {f: np.asarray(example[f]) for f in (*FEATURES, "segment_ids") if f in example}
 
 
 def _packed(example: dict[str, Any]) -> dict[str, np.ndarray]:
