@@ -66,7 +66,7 @@ from experiments.workdir import (
     record_start,
     write_summary,
 )
-from transformer import ModelConfig, TransformerLM
+from transformer import EncoderDecoder, ModelConfig, TransformerLM
 from transformer.config import layer_pattern
 from transformer.model import weighted_token_stats
 
@@ -83,6 +83,7 @@ class Setup:
     eval_source: Any
     seq_len: int | None  # packed row length of a text dataset, else None (task rows)
     targeted: int | None = None  # most weighted positions in a task row (logits only there)
+    seq2seq: bool = False  # rows are a source and its translation: an EncoderDecoder
     dataset_fields: dict[str, Any] = dataclasses.field(default_factory=dict)  # builder config
 
     @property
@@ -90,8 +91,8 @@ class Setup:
         return self.seq_len is not None
 
     @property
-    def model(self) -> TransformerLM:
-        return TransformerLM(self.model_config)
+    def model(self) -> TransformerLM | EncoderDecoder:
+        return (EncoderDecoder if self.seq2seq else TransformerLM)(self.model_config)
 
     def optimizer(self) -> optax.GradientTransformation:
         c = self.config
@@ -135,6 +136,9 @@ def _model_config(config: Any, vocab_size: int, max_len: int, classes: int = 0) 
         pattern = layer_pattern(fields["attention"])
         options = {name: dict(config.options.get(name) or {}) for name in pattern}
         fields["attention_options"] = options if len(pattern) > 1 else options[pattern[0]]
+        for tower in ("encoder_attention", "cross_attention"):  # an EncoderDecoder's
+            if fields.get(tower):  # one variant's name, its options from config.options
+                fields[f"{tower}_options"] = dict(config.options.get(fields[tower]) or {})
         return ModelConfig(**fields)
     except (TypeError, ValueError) as e:
         raise ConfigError("model", str(e)) from None
@@ -177,14 +181,18 @@ def setup(config: Any, dataset_config: Any = None) -> Setup:
         targeted = most if 2 * most <= row else None
     text_len = seq_len if text else None
     fields = config_fields(builder.builder_config)  # what rebuilds it at another length
-    return Setup(config, model_config, train_source, eval_source, text_len, targeted, fields)
+    seq2seq = not text and builder.builder_config.is_seq2seq()
+    if seq2seq:
+        targeted = None
+    return Setup(config, model_config, train_source, eval_source, text_len, targeted,
+                 seq2seq, fields)  # fmt: skip
 
 
 def init_state(setup: Setup) -> dict[str, Any]:
     """params, optimizer state, step and rng (raw key data), all plain arrays."""
     key = jax.random.key(setup.config.seed)
     tokens = jnp.zeros((1, setup.model_config.max_len), jnp.int32)
-    params = setup.model.init(key, tokens)["params"]
+    params = setup.model.init(key, *[tokens] * (2 if setup.seq2seq else 1))["params"]
     rng = jax.random.key_data(jax.random.fold_in(key, 1))
     opt_state = setup.optimizer().init(params)
     return {"params": params, "opt_state": opt_state, "step": jnp.int32(0), "rng": rng}
@@ -200,6 +208,10 @@ def make_steps(setup: Setup):
         (the same sums: every weighted position of a row is among its top `targeted`); a
         classifier's class logits against the label at position 0 of each row."""
         targets, weights, at = batch["targets"], batch["weights"], None
+        if setup.seq2seq:  # the source's documents; the targets are one translation per row
+            inputs, ids = batch["inputs"], batch["segment_ids"]
+            logits = model.apply({"params": params}, inputs, targets, ids, **kwargs)
+            return weighted_token_stats(logits, targets, weights)
         if setup.model_config.num_classes:
             logits = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
                                  **kwargs)  # fmt: skip

@@ -151,6 +151,26 @@ def test_listops_classification_rows_carry_the_independent_answer_as_label(data_
         assert y[0] == evaluate([listops.TOKENS[i] for i in x[:n]])
 
 
+def test_reversal_targets_are_the_source_reversed_through_one_bijection(data_dir):
+    """Each target is its source's words in reverse order, each through a word map inferred
+    from the data, which must be one bijection onto the target alphabet, then the end token."""
+    config = next(c for c in datasets.Reversal.BUILDER_CONFIGS if c.name == "small")
+    data = splits("reversal/small", data_dir)
+    word_map = {}
+    for row in data["train"] + data["test"]:
+        x, ids, y, w = row["inputs"], row["segment_ids"], row["targets"], row["weights"]
+        n = int(np.count_nonzero(x))
+        assert config.min_len <= n <= config.max_len and not x[n:].any()
+        assert ids.tolist() == [1] * n + [0] * (len(x) - n)
+        assert w.tolist() == [1.0] * (n + 1) + [0.0] * (len(x) - n - 1)
+        assert y[n] == 1 and not y[n + 1 :].any()  # the end token, then padding
+        for source, target in zip(x[:n][::-1], y[:n], strict=True):
+            assert word_map.setdefault(int(source), int(target)) == int(target)
+    A = config.alphabet
+    assert sorted(word_map) == list(range(2, 2 + A))  # every source word occurs
+    assert sorted(word_map.values()) == list(range(2 + A, 2 + 2 * A))  # a bijection
+
+
 def test_pystdlib_is_the_stdlib_split_by_group(data_dir):
     data = splits("pystdlib/small", data_dir)
     names = {s: [r["path"].decode() for r in rows] for s, rows in data.items()}

@@ -200,7 +200,21 @@ def test_an_encoder_classifier_trains_on_listops_classification_rows(data_dir, t
         train.setup(config)
 
 
-@pytest.mark.parametrize("name", ["train", "mqar", "listops", "lra_listops", "lm", "passkey"])
+def test_the_encoder_decoder_learns_the_reversal_translation(data_dir, tmp_path):
+    config = tiny(data_dir, dataset="reversal/small", num_steps=40, eval_every=40,
+                  learning_rate=3e-3, warmup_steps=4)  # fmt: skip
+    config.model.update(mlp_dim=32, cross_attention="blockwise")
+    metrics, out = run(config, tmp_path)
+    losses = rows(tmp_path, "train/loss")
+    assert losses[-1][1] < losses[0][1] - 0.3 and "reversal/small" in out
+    params = saved_params(tmp_path, 40)
+    assert {"encoder", "decoder", "embed"} <= set(params)
+    assert "cross_attention" in params["decoder"]["block_0"]
+
+
+@pytest.mark.parametrize(
+    "name", ["train", "mqar", "listops", "lra_listops", "lm", "passkey", "reversal"]
+)
 def test_shipped_training_configs_are_valid(name, tmp_path):
     import importlib
 

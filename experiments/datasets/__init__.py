@@ -6,8 +6,11 @@ pipeline. Importing this package registers the builders with TFDS:
     tfds.data_source("mqar/small", data_dir=data_dir)["train"][0]
 
 - `mqar`: multi-query associative recall (Zoology); configs `small`, `zoology`.
-- `listops`: Long Range Arena's ListOps; configs `small`, `short`, `lra`.
+- `listops`: Long Range Arena's ListOps; configs `small`, `short`, `lra`, and the same as
+  classification rows (LRA's protocol), `classify-small`, `classify-short`, `classify-lra`.
 - `passkey`: passkey retrieval, a needle in a haystack; configs `small`, `short`, `long`.
+- `reversal`: a synthetic translation (the source reversed, in another alphabet) for the
+  encoder-decoder; configs `small`, `short`.
 - `pystdlib`: the running Python's standard library source, byte-level; configs `small`,
   `full` (named by the Python version: `full-py3.11`).
 
@@ -31,12 +34,13 @@ from experiments.datasets.listops import Listops, ListOpsConfig
 from experiments.datasets.mqar import Mqar, MqarConfig
 from experiments.datasets.passkey import Passkey, PasskeyConfig
 from experiments.datasets.pystdlib import Pystdlib, PyStdlibConfig
+from experiments.datasets.reversal import Reversal, ReversalConfig
 
 __all__ = ["ListOpsConfig", "Listops", "Mqar", "MqarConfig", "Passkey", "PasskeyConfig"]
-__all__ += ["PyStdlibConfig", "Pystdlib"]
+__all__ += ["PyStdlibConfig", "Pystdlib", "Reversal", "ReversalConfig"]
 __all__ += ["BUILDERS", "builder_class", "config_for", "fingerprint", "prepare"]
 
-BUILDERS: tuple[type[ProjectBuilder], ...] = (Listops, Mqar, Passkey, Pystdlib)
+BUILDERS: tuple[type[ProjectBuilder], ...] = (Listops, Mqar, Passkey, Pystdlib, Reversal)
 
 
 def builder_class(name: str) -> type[tfds.core.DatasetBuilder]:

@@ -13,7 +13,9 @@ after reading `inputs[:t + 1]`, and only positions with `weights[t] > 0` are tra
 scored (MQAR's queries, ListOps' answer). A classification row (a config whose
 `num_classes()` is > 0) is a task row with its label at position 0 (weight 1 there only) and
 `segment_ids` [L] marking its real tokens (1; 0 on padding): the model pools the row and
-predicts the label (LRA's protocol). Each example is drawn from its own random stream,
+predicts the label (LRA's protocol). A sequence-to-sequence row (`is_seq2seq()`) is a
+source `inputs` [L] with its `segment_ids` and a translation `targets` [L] weighted where it
+has tokens, for an encoder-decoder. Each example is drawn from its own random stream,
 `numpy.random.default_rng([seed, split, index])`, so a dataset is the same on every machine and
 in any generation order, and train and test come from disjoint seeds.
 """
@@ -101,6 +103,10 @@ class TaskConfig(tfds.core.BuilderConfig):
         """> 0: rows are classification rows of that many classes (module docstring)."""
         return 0
 
+    def is_seq2seq(self) -> bool:
+        """Whether rows are a source and its translation (module docstring)."""
+        return False
+
 
 def classification_row(inputs: np.ndarray, length: int, label: int) -> dict[str, np.ndarray]:
     """A classification row: `inputs` whose first `length` tokens are real, and their label."""
@@ -150,7 +156,7 @@ class TaskBuilder(ProjectBuilder, skip_registration=True):
             "targets": tfds.features.Tensor(shape=(L,), dtype=np.int32),
             "weights": tfds.features.Tensor(shape=(L,), dtype=np.float32),
         }
-        if self.builder_config.num_classes():
+        if self.builder_config.num_classes() or self.builder_config.is_seq2seq():
             features["segment_ids"] = tfds.features.Tensor(shape=(L,), dtype=np.int32)
         return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features))
 
