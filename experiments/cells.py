@@ -259,14 +259,20 @@ def cell_model(cell: Cell, max_len: int):
     return cfg, TransformerLM(cfg)
 
 
-def train_step_flops(cell: Cell, params: Any, layers: int, tied: bool) -> float:
-    """Useful FLOPs of a training step: 6 x (matmul weights) x tokens for the projections,
-    MLP and logits (Kaplan et al. 2020), plus each layer's attention at 3.5 x its forward.
-    Matmul weights: params with two or more axes except lookup tables (positions, and the
-    input embedding when the output layer is untied)."""
-    attention = sum(attention_flops(cell, True, v) for v in layer_variants(cell, layers))
-    return 6.0 * matmul_weights(params, tied) * cell.batch * cell.seq_len + attention * (
-        1 + BACKWARD_FLOPS)  # fmt: skip
+def train_step_flops(cell: Cell, params: Any, cfg: Any) -> float:
+    """Useful FLOPs of a training step of the model `cfg` (a ModelConfig): 6 x (matmul
+    weights) x tokens for the projections, MLP and logits (Kaplan et al. 2020), plus each
+    layer's attention (causal or not, as the model's) at 3.5 x its forward. Matmul weights:
+    params with two or more axes except lookup tables (positions, and the input embedding
+    when it is not the output layer: untied, or a classifier, whose head runs once per row)."""
+    layers = layer_variants(cell, cfg.num_layers)
+    attention = sum(attention_flops(cell, cfg.causal, v) for v in layers)
+    tied = cfg.tie_embeddings and not cfg.num_classes
+    tokens = cell.batch * cell.seq_len
+    flops = 6.0 * matmul_weights(params, tied) * tokens + attention * (1 + BACKWARD_FLOPS)
+    if cfg.num_classes:  # the head [D, classes] ran on one pooled vector per row
+        flops -= 6.0 * cfg.width * cfg.num_classes * (tokens - cell.batch)
+    return flops
 
 
 def matmul_weights(params: Any, tied: bool) -> int:

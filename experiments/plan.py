@@ -12,7 +12,8 @@ from experiments.cells import TRAIN_STEP_FIELDS, Cell, mesh_aware
 from experiments.configlib import ConfigError, csv_field, field, float_field, int_field
 from experiments.kinds import KINDS, MODES
 
-TASK_AXES = ("num_pairs",)  # train_eval config fields (comma-separated) swept like lengths
+# train_eval config fields (comma-separated) swept like lengths: MQAR's pairs, ListOps' bounds
+TASK_AXES = ("num_pairs", "min_len", "max_len")
 
 
 DTYPES = ("float32", "bfloat16", "float16")

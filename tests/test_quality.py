@@ -4,7 +4,7 @@ learning rates as axes, the real training loop per cell, and the report's best-r
 import io
 import json
 
-from configs import ablation_mqar
+from configs import ablation_listops, ablation_mqar
 from experiments import plan, quality_report, report, sweep
 from tests.test_report import make_row
 
@@ -56,6 +56,22 @@ def test_train_eval_cells_report_quality_beside_cost(tmp_path):
     assert "| dense | 32 | num_pairs=2 | 0.003 (0.003)◂ | 1 |" in text  # quality beside cost
     assert (tmp_path / "run" / "quality.png").read_bytes()[:4] == b"\x89PNG"
     assert "accuracy" in out.getvalue()
+
+
+def test_a_classification_task_trains_encoder_cells_scored_over_rows(tmp_path):
+    """ListOps' classification rows (LRA's protocol): the planner sizes the expressions per
+    length, each cell trains a bidirectional encoder classifier, accuracy counts the rows."""
+    config = ablation_listops.get_config()
+    config.update(dict(variants="sliding_window", lengths="32", batch=8, cell_budget_s=0.05,
+                       min_repeats=1, max_repeats=1, gemm_size=64))  # fmt: skip
+    config.data.update(dict(num_train=64, num_test=16))
+    config.train.update(dict(num_steps=4, warmup_steps=1, data_dir=str(tmp_path / "tfds"),
+                             eval_every=4))  # fmt: skip
+    assert sweep.run(config, tmp_path / "run", "test", out=io.StringIO()) == 1
+    (row,) = report.load_rows(tmp_path / "run")
+    assert row["status"] == "ok", row["error"]
+    assert row["task"] == {"min_len": 4, "max_len": 32} and row["model"]["causal"] is False
+    assert row["accuracy"] in {k / 16 for k in range(17)}  # 16 test rows, one label each
 
 
 def test_another_seed_is_a_new_cell_and_the_measured_ones_are_kept(tmp_path):

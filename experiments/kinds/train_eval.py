@@ -2,7 +2,9 @@
 
 A cell trains a fresh TransformerLM (the sweep's heads, head_dim, dtype and `model.*`, the
 cell's attention variant, seed and learning rate) on a task dataset made for the cell's context
-length and task fields (e.g. MQAR with `num_pairs` key-value pairs) with the real training loop
+length and task fields (e.g. MQAR with `num_pairs` key-value pairs; ListOps' classification
+rows with their `min_len`, `max_len`: then the model is the encoder classifier that `model.*`
+makes, with `model.causal=False`, and accuracy counts rows) with the real training loop
 (`experiments.train.train_and_evaluate`: the config's `train.*` fields, evaluation every
 `train.eval_every` steps, early stop at `train.threshold`), into its own run folder under the
 sweep's workdir (metrics, checkpoints: a killed sweep resumes the cell's training). The runner
@@ -68,10 +70,13 @@ def build_train_eval(cell: Cell, config: Any) -> Built:
         setup = train.setup(c, data)
     except ConfigError as e:
         raise ValueError(str(e)) from None
+    if setup.seq2seq:
+        raise ValueError(f"{name} is a sequence-to-sequence task: train_eval cells train one "
+                         "tower (a language model, an encoder or a classifier)")  # fmt: skip
     state = train.init_state(setup)
     train_step, _ = train.make_steps(setup)
     cfg = setup.model_config
-    flops = train_step_flops(cell, state["params"], cfg.num_layers, cfg.tie_embeddings)
+    flops = train_step_flops(cell, state["params"], cfg)
     if setup.targeted:  # the output layer runs at the weighted positions only
         skipped = cell.batch * (cell.seq_len - setup.targeted)
         flops -= 6.0 * cfg.vocab_size * cfg.width * skipped

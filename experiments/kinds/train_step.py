@@ -34,5 +34,5 @@ def build_train_step(cell: Cell, config: Any) -> Built:
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    flops = train_step_flops(cell, params, cfg.num_layers, cfg.tie_embeddings)
+    flops = train_step_flops(cell, params, cfg)
     return Built(step, (params, opt_state, tokens, document_ids(cell)), flops, B * T)
