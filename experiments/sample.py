@@ -6,7 +6,9 @@
 The workdir's config.json rebuilds the model (its attention variant decodes through its own
 cache: KV, window or recurrent); the parameters come from the newest checkpoint. Text models
 (byte-level, e.g. `pystdlib`) take and print text; task models (MQAR, ListOps) take and print
-comma-separated token ids. Prints the samples, then the compile time and tokens/s.
+comma-separated token ids; an encoder-decoder (trained on `reversal`) takes the source's ids
+and prints what its decoder writes. A classifier has nothing to generate and is refused.
+Prints the samples, then the compile time and tokens/s.
 """
 
 from __future__ import annotations
@@ -24,12 +26,20 @@ from absl import app, flags, logging
 
 from experiments import checkpoints, datasets
 from experiments.datasets.base import TaskBuilder
-from transformer import ModelConfig, TransformerLM
-from transformer.sampling import check_request, generate_tokens
+from transformer import EncoderDecoder, ModelConfig, TransformerLM
+from transformer.sampling import check_request, generate_tokens, write_targets
 
 
 class NoModel(ValueError):
     """The workdir holds no trained model."""
+
+
+def is_seq2seq(saved: dict) -> bool:
+    """Whether the run trained an EncoderDecoder (its dataset's rows are source-target pairs)."""
+    name, _, config = saved["dataset"].partition("/")
+    configs = datasets.builder_class(name).BUILDER_CONFIGS
+    named = [c for c in configs if c.name == config]
+    return bool(named) and hasattr(named[0], "is_seq2seq") and named[0].is_seq2seq()
 
 
 def load(workdir: Path, out: TextIO = sys.stdout) -> tuple[dict, TransformerLM, dict, int]:
@@ -47,7 +57,8 @@ def load(workdir: Path, out: TextIO = sys.stdout) -> tuple[dict, TransformerLM, 
             "   (token ids: --prompt=3,7,100)"
         )
     saved = json.loads(path.read_text())
-    model = TransformerLM(ModelConfig(**saved["model"]))
+    model_class = EncoderDecoder if is_seq2seq(saved) else TransformerLM
+    model = model_class(ModelConfig(**saved["model"]))
     manager = checkpoints.manager(workdir / "checkpoints")
     try:
         step, state = checkpoints.restore(manager, None, out=out, move_unreadable=False)
@@ -95,18 +106,28 @@ def sample(
 ) -> list[str]:
     """Prints and returns `num_samples` continuations of `prompt` (prompt included)."""
     saved, model, params, step = load(workdir, out)
+    if model.config.num_classes:
+        raise ValueError(f"{workdir} holds a classifier ({model.config.num_classes} classes): "
+                         "it labels rows and generates nothing")  # fmt: skip
     text = is_text(saved)
     tokens = encode(prompt, text, model.config.vocab_size)
     batch = jnp.asarray(np.tile(tokens, (num_samples, 1)))
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    max_len = check_request(model, len(tokens), max_new_tokens, **sampling)
+    written = 1 if isinstance(model, EncoderDecoder) else len(tokens)  # the start token
+    max_len = check_request(model, written, max_new_tokens, **sampling)
     rng = jax.random.key(seed)
-    options = dict(max_new_tokens=max_new_tokens, prefill_chunk=0, max_len=max_len, **sampling)
+    options = dict(max_new_tokens=max_new_tokens, max_len=max_len, **sampling)
     start = time.perf_counter()
-    compiled = generate_tokens.lower(model, params, batch, rng, **options).compile()
+    if isinstance(model, EncoderDecoder):  # the source's words; the targets come out
+        compiled = write_targets.lower(model, params, batch, None, rng, **options).compile()
+        run = lambda: compiled(params, batch, None, rng)  # noqa: E731
+    else:
+        compiled = generate_tokens.lower(model, params, batch, rng, prefill_chunk=0,
+                                         **options).compile()  # fmt: skip
+        run = lambda: compiled(params, batch, rng)  # noqa: E731
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    result = np.asarray(jax.block_until_ready(compiled(params, batch, rng)))
+    result = np.asarray(jax.block_until_ready(run()))
     seconds = time.perf_counter() - start
     samples = [decode(row, text) for row in result]
     for i, s in enumerate(samples):

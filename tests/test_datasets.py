@@ -171,6 +171,27 @@ def test_reversal_targets_are_the_source_reversed_through_one_bijection(data_dir
     assert sorted(word_map.values()) == list(range(2 + A, 2 + 2 * A))  # a bijection
 
 
+def test_pathfinder_labels_follow_from_the_drawing(data_dir):
+    """Recomputed from the image alone (scipy): widen the drawn pixels by one, and the two
+    dots lie in one connected piece exactly when the label says they are joined."""
+    from scipy import ndimage
+
+    config = next(c for c in datasets.Pathfinder.BUILDER_CONFIGS if c.name == "small")
+    data = splits("pathfinder/small", data_dir)
+    square = np.ones((3, 3), bool)
+    labels = []
+    for row in data["train"] + data["test"]:
+        image = row["inputs"].reshape(config.size, config.size)
+        assert set(np.unique(image)) == {0, 128, 255} and row["segment_ids"].all()
+        pieces, _ = ndimage.label(ndimage.binary_dilation(image > 0, square), square)
+        dots, count = ndimage.label(image == 255, square)
+        assert count == 2 and all((dots == k).sum() == 9 for k in (1, 2))  # two 3 x 3 dots
+        joined = len({int(pieces[dots == k][0]) for k in (1, 2)}) == 1
+        assert row["targets"][0] == joined and row["weights"].tolist()[:2] == [1.0, 0.0]
+        labels.append(joined)
+    assert 0.3 < np.mean(labels) < 0.7  # both kinds, about as often
+
+
 def test_pystdlib_is_the_stdlib_split_by_group(data_dir):
     data = splits("pystdlib/small", data_dir)
     names = {s: [r["path"].decode() for r in rows] for s, rows in data.items()}

@@ -1,5 +1,8 @@
 """The Transformer core: shapes, kernel swap equality, packing, training lowers the loss."""
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,6 +122,19 @@ def test_model_config_errors_name_the_field():
         ModelConfig(**TINY, norm="batch")
     with pytest.raises(ValueError, match="mlp_dim"):
         ModelConfig(**{**TINY, "mlp_dim": -1})
+
+
+def test_options_read_back_from_json_make_the_same_hashable_config():
+    """config.json gives a window pair back as a list: the model must still hash (jit's static
+    argument) and equal the one it was saved from, a hybrid's and cross-attention's too."""
+    fields = dict(TINY, attention="sliding_window,dense", cross_attention="blockwise",
+                  attention_options={"sliding_window": {"window": (4, 2)}},
+                  cross_attention_options={"block_k": 8},
+                  encoder_attention="sliding_window",
+                  encoder_attention_options={"window": (3, 3)})  # fmt: skip
+    cfg = ModelConfig(**fields)
+    again = ModelConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
+    assert again == cfg and hash(TransformerLM(again)) == hash(TransformerLM(cfg))
 
 
 def test_a_hybrid_pattern_repeats_over_the_layers_with_each_variants_options():

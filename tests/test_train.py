@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import train as train_config
-from experiments import train
+from experiments import sample, train
 from experiments.configlib import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,6 +195,8 @@ def test_an_encoder_classifier_trains_on_listops_classification_rows(data_dir, t
     saved = json.loads((tmp_path / "config.json").read_text())["model"]
     assert saved["num_classes"] == 10 and saved["causal"] is False
     assert metrics["eval/accuracy"] in {k / 16 for k in range(17)}  # 16 rows, one label each
+    with pytest.raises(ValueError, match="classifier"):
+        sample.sample(tmp_path, "3,4", max_new_tokens=2, temperature=0, out=io.StringIO())
     config.model.num_classes = 3
     with pytest.raises(ConfigError, match="model.num_classes"):
         train.setup(config)
@@ -210,11 +212,15 @@ def test_the_encoder_decoder_learns_the_reversal_translation(data_dir, tmp_path)
     params = saved_params(tmp_path, 40)
     assert {"encoder", "decoder", "embed"} <= set(params)
     assert "cross_attention" in params["decoder"]["block_0"]
+    out = io.StringIO()  # the sampler writes a translation of the source's ids
+    (written,) = sample.sample(tmp_path, "3,4,5", max_new_tokens=4, temperature=0, out=out)
+    assert len(written.split(",")) == 4 and "(dense, step 40)" in out.getvalue()
 
 
-@pytest.mark.parametrize(
-    "name", ["train", "mqar", "listops", "lra_listops", "lm", "passkey", "reversal"]
-)
+SHIPPED = ["train", "mqar", "listops", "lra_listops", "lra_pathfinder", "lm", "passkey"]
+
+
+@pytest.mark.parametrize("name", [*SHIPPED, "reversal"])
 def test_shipped_training_configs_are_valid(name, tmp_path):
     import importlib
 

@@ -21,6 +21,13 @@ def as_dict(options) -> dict[str, Any]:
     return dict(options)
 
 
+def frozen(options) -> tuple:
+    """Options as sorted (name, value) pairs with list values (as JSON gives back a window
+    pair) made tuples: hashable, so the config can be a static argument of jit."""
+    tupled = lambda v: tuple(map(tupled, v)) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return tuple(sorted((name, tupled(value)) for name, value in as_dict(options).items()))
+
+
 def layer_pattern(attention) -> tuple[str, ...]:
     """`ModelConfig.attention` as a tuple of registry names, one per layer of the pattern."""
     parts = attention.replace("+", ",").split(",") if isinstance(attention, str) else attention
@@ -103,22 +110,27 @@ class ModelConfig:
                     f"attention_options of a hybrid map its variants {sorted(set(pattern))} to "
                     f"their options; {unknown} is not among them"
                 )
-            options = {name: tuple(sorted(as_dict(o).items())) for name, o in options.items()}
-        object.__setattr__(self, "attention_options", tuple(sorted(options.items())))
+            options = {name: frozen(o) for name, o in options.items()}
+        object.__setattr__(self, "attention_options", frozen(options))
         for name in self.variants:  # unknown name or option: clear error now
             av.spec(name).options(**self.options_of(name))
         if not self.causal:
             self.check_bidirectional("causal=False")
         cross = as_dict(self.cross_attention_options)
-        object.__setattr__(self, "cross_attention_options", tuple(sorted(cross.items())))
+        object.__setattr__(self, "cross_attention_options", frozen(cross))
         av.spec(self.cross_attention).options(**cross)
         if av.spec(self.cross_attention).causal_only:
             raise ValueError(
                 f"cross_attention={self.cross_attention!r} serves only causal self-attention; "
                 "cross-attention needs a variant with a non-causal form (dense, blockwise, ...)"
             )
-        if self.encoder_attention is not None:  # unknown name or option: clear error now
-            self.encoder()
+        if self.encoder_attention is None:
+            if as_dict(self.encoder_attention_options):
+                raise ValueError("encoder_attention_options need an encoder_attention")
+            object.__setattr__(self, "encoder_attention_options", ())
+        else:  # unknown name or option: clear error now; the options stored as attention's
+            options = self.encoder().attention_options
+            object.__setattr__(self, "encoder_attention_options", options)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         for name in (

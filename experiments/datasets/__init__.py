@@ -9,6 +9,8 @@ pipeline. Importing this package registers the builders with TFDS:
 - `listops`: Long Range Arena's ListOps; configs `small`, `short`, `lra`, and the same as
   classification rows (LRA's protocol), `classify-small`, `classify-short`, `classify-lra`.
 - `passkey`: passkey retrieval, a needle in a haystack; configs `small`, `short`, `long`.
+- `pathfinder`: Pathfinder (LRA's image task): two dots joined by a dashed path or not;
+  configs `small`, `pathfinder32`.
 - `reversal`: a synthetic translation (the source reversed, in another alphabet) for the
   encoder-decoder; configs `small`, `short`.
 - `pystdlib`: the running Python's standard library source, byte-level; configs `small`,
@@ -33,14 +35,18 @@ from experiments.datasets.base import ProjectBuilder, fingerprint
 from experiments.datasets.listops import Listops, ListOpsConfig
 from experiments.datasets.mqar import Mqar, MqarConfig
 from experiments.datasets.passkey import Passkey, PasskeyConfig
+from experiments.datasets.pathfinder import Pathfinder, PathfinderConfig
 from experiments.datasets.pystdlib import Pystdlib, PyStdlibConfig
 from experiments.datasets.reversal import Reversal, ReversalConfig
 
 __all__ = ["ListOpsConfig", "Listops", "Mqar", "MqarConfig", "Passkey", "PasskeyConfig"]
+__all__ += ["Pathfinder", "PathfinderConfig"]
 __all__ += ["PyStdlibConfig", "Pystdlib", "Reversal", "ReversalConfig"]
 __all__ += ["BUILDERS", "builder_class", "config_for", "fingerprint", "prepare"]
 
-BUILDERS: tuple[type[ProjectBuilder], ...] = (Listops, Mqar, Passkey, Pystdlib, Reversal)
+BUILDERS: tuple[type[ProjectBuilder], ...] = (
+    Listops, Mqar, Passkey, Pathfinder, Pystdlib, Reversal
+)  # fmt: skip
 
 
 def builder_class(name: str) -> type[tfds.core.DatasetBuilder]:
