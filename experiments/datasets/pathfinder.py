@@ -140,15 +140,6 @@ class Pathfinder(TaskBuilder):
     FINGERPRINT = "9240b7cffaca132f"  # base.fingerprint at VERSION
     BUILDER_CONFIGS = [  # noqa: RUF012  (TFDS reads this class attribute)
         PathfinderConfig(
-            name="small",
-            size=16,
-            seq_len=256,
-            segments=3,
-            distractors=0,
-            num_train=256,
-            num_test=64,
-        ),
-        PathfinderConfig(
             name="pathfinder16",
             size=16,
             seq_len=256,
@@ -159,4 +150,7 @@ class Pathfinder(TaskBuilder):
         ),  # fmt: skip
         PathfinderConfig(name="pathfinder32", num_train=20000, num_test=1000),
     ]
+    BUILDER_CONFIGS.insert(  # noqa: RUF012
+        0, dataclasses.replace(BUILDER_CONFIGS[0], name="small", num_train=256, num_test=64)
+    )
     example = staticmethod(pathfinder_example)
