@@ -92,8 +92,14 @@ def fields_at(
         fields["depth"] = depth
     for key in LENGTH_SCALED.get(name, ()) if args.scale else ():
         fields[key] = max(1, fields[key] * length // train_length)
+    config = datasets.config_for(name, **fields)
+    if config.num_classes() or config.is_seq2seq():
+        raise CannotEvaluate(
+            f"{name}: evaluation at other lengths scores token predictions; this run "
+            f"{'classifies rows' if config.num_classes() else 'translates (an encoder-decoder)'}"
+        )
     try:
-        datasets.config_for(name, **fields).check()
+        config.check()
     except ValueError as e:
         raise CannotEvaluate(f"{name} at length {length}: {e}") from None
     return fields, False

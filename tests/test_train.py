@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import train as train_config
-from experiments import sample, train
+from experiments import evaluate, sample, train
 from experiments.configlib import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,6 +215,8 @@ def test_the_encoder_decoder_learns_the_reversal_translation(data_dir, tmp_path)
     out = io.StringIO()  # the sampler writes a translation of the source's ids
     (written,) = sample.sample(tmp_path, "3,4,5", max_new_tokens=4, temperature=0, out=out)
     assert len(written.split(",")) == 4 and "(dense, step 40)" in out.getvalue()
+    with pytest.raises(evaluate.CannotEvaluate, match="encoder-decoder"):
+        evaluate.evaluate(tmp_path, evaluate.Args([32]), out)
 
 
 SHIPPED = ["train", "mqar", "listops", "lra_listops", "lra_pathfinder", "lm", "passkey"]
