@@ -27,6 +27,7 @@ def get_config():
     c.options.fixed.block = 32  # 32-token blocks, each summarised by its last 8
     c.options.fixed.summary = 8
     c.options.bigbird.block = 16  # 16-token blocks
+    c.causal = False  # the cells' attention runs its non-causal form (as model.causal)
     c.model.causal = False  # an encoder: every token reads the whole expression
     c.model.num_layers = 2  # blocks
     c.model.mlp_dim = 128  # gated MLP width

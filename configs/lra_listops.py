@@ -27,6 +27,7 @@ def get_config():
     c = listops.get_config()  # its optimizer, batch and 4-layer model of width 128
     c.dataset = "listops/classify-short"  # 20-128 tokens, 20000 train / 200 test rows
     c.num_steps = 1500  # optimizer steps
+    c.model.num_kv_heads = 4  # full multi-head attention, as LRA's
     c.model.causal = False  # an encoder: every position reads the whole expression
     c.model.pooling = "mean"  # over the expression's tokens (its padding excluded)
     # Local patterns sized to the 128-token rows (each sees about a quarter of a row).

@@ -146,8 +146,13 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
     model, training = None, None
     if kind in ("train_step", "train_eval", "decode"):
         model = _model(config)
-        if not causal:
-            raise ConfigError("causal", f"the TransformerLM is causal: {kind} needs True")
+        if causal != model.get("causal", True):
+            raise ConfigError("causal", f"{kind} cells run the model, whose model.causal is "
+                              f"{model.get('causal', True)}: set both alike")  # fmt: skip
+        if kind != "train_eval" and model.get("num_classes"):
+            raise ConfigError("model.num_classes", f"{kind} cells run a language model (0)")
+        if kind == "decode" and not causal:
+            raise ConfigError("causal", "decoding needs a causal model")
     if kind == "decode" and segments != 1:
         raise ConfigError("segments", "decoding reads one sequence per row: segments must be 1")
     if kind == "train_step":

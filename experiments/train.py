@@ -137,8 +137,10 @@ def _model_config(config: Any, vocab_size: int, max_len: int, classes: int = 0) 
         options = {name: dict(config.options.get(name) or {}) for name in pattern}
         fields["attention_options"] = options if len(pattern) > 1 else options[pattern[0]]
         for tower in ("encoder_attention", "cross_attention"):  # an EncoderDecoder's
-            if fields.get(tower):  # one variant's name, its options from config.options
-                fields[f"{tower}_options"] = dict(config.options.get(fields[tower]) or {})
+            if fields.get(tower):  # options from config.options, per variant of a hybrid
+                names = layer_pattern(fields[tower])
+                each = {name: dict(config.options.get(name) or {}) for name in names}
+                fields[f"{tower}_options"] = each if len(names) > 1 else each[names[0]]
         return ModelConfig(**fields)
     except (TypeError, ValueError) as e:
         raise ConfigError("model", str(e)) from None
@@ -182,6 +184,10 @@ def setup(config: Any, dataset_config: Any = None) -> Setup:
     text_len = seq_len if text else None
     fields = config_fields(builder.builder_config)  # what rebuilds it at another length
     seq2seq = not text and builder.builder_config.is_seq2seq()
+    if not model_config.causal and not (classes or seq2seq):
+        raise ConfigError("model.causal", f"{config.dataset} is next-token prediction: a "
+                          "bidirectional model would read the targets (False is for "
+                          "classification rows)")  # fmt: skip
     if seq2seq:
         targeted = None
     return Setup(config, model_config, train_source, eval_source, text_len, targeted,

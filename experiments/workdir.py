@@ -83,15 +83,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+BY_FIELD = ("model", "dataset_config")  # sections compared field by field
+
+
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """{field: (there, here)} of the fields that differ, `model.*` field by field."""
+    """{field: (there, here)} of the fields that differ, `model.*` and `dataset_config.*`
+    field by field."""
     out = {}
     for name in sorted(set(saved) | set(now)):
         a, b = saved.get(name), now.get(name)
-        if name == "model" and isinstance(a, dict) and isinstance(b, dict):
+        if name in BY_FIELD and isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
                 if a.get(k) != b.get(k):
-                    out[f"model.{k}"] = (a.get(k), b.get(k))
+                    out[f"{name}.{k}"] = (a.get(k), b.get(k))
         elif a != b:
             out[name] = (a, b)
     return out
@@ -99,17 +103,34 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[A
 
 def model_default_added(saved: dict[str, Any], key: str, now: Any) -> bool:
     """Whether `key` differs only by what the code gained since the saved run, at the default
-    the saved run used: a model field it lacks, or kernel options its attention_options lack."""
+    the saved run used: a model field it lacks, kernel options its attention_options lack, or
+    a dataset field its dataset_config lacks."""
     from transformer import ModelConfig
 
-    name = key.removeprefix("model.")
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    model = saved.get("model")
-    if not key.startswith("model.") or not isinstance(model, dict):
+    section, _, name = key.partition(".")
+    there = saved.get(section)
+    if section not in BY_FIELD or not isinstance(there, dict):
         return False
-    if name == "attention_options" and name in model:
-        return _options_at_defaults(model.get("attention"), model[name], now)
-    return name not in model and name in defaults and defaults[name] == now
+    if name in there:
+        if section == "model" and name == "attention_options":
+            return _options_at_defaults(there.get("attention"), there[name], now)
+        return False
+    if section == "model":
+        defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    else:
+        defaults = _dataset_defaults(saved.get("dataset", ""))
+    return name in defaults and _plain(defaults[name]) == now
+
+
+def _dataset_defaults(dataset: str) -> dict[str, Any]:
+    """The fields of the builder config class of `dataset` ("listops/short") at their defaults."""
+    from experiments import datasets
+
+    try:
+        config_class = type(datasets.builder_class(dataset.split("/")[0]).BUILDER_CONFIGS[0])
+    except ValueError:
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(config_class)}
 
 
 def _options_at_defaults(attention, there, now) -> bool:

@@ -88,9 +88,6 @@ def test_the_classifier_pools_the_real_tokens_only():
     logits = cls.apply({"params": params}, x, documents)
     np.testing.assert_allclose(cls.apply({"params": params}, repadded, documents), logits, **F32)
     assert not np.allclose(cls.apply({"params": params}, x.at[0, 6].set(1), documents), logits)
-    causal = TransformerLM(cfg.replace(pooling="cls", causal=True))  # position 0 sees only CLS
-    np.testing.assert_allclose(causal.apply({"params": params}, x), causal.apply(
-        {"params": params}, x.at[:, 1:].set(x[:, 1:] % 28 + 1)), **F32)  # fmt: skip
 
 
 def tiny_encoder_decoder(attention="dense", options=(), cross="dense", **changes):
@@ -191,8 +188,16 @@ def test_greedy_generation_of_the_encoder_decoder_equals_an_argmax_loop():
         (dict(encoder_attention="gla"), "gla"),
         (dict(pooling="last"), "pooling"),
         (dict(num_classes=-1), "num_classes"),
+        (dict(num_classes=2, pooling="cls"), "pooling='cls' needs causal=False"),
+        (dict(encoder_attention_options={"window": 4}), "need an encoder_attention"),
     ],
 )
 def test_encoder_config_errors_name_the_problem(fields, needle):
     with pytest.raises(ValueError, match=needle):
         ModelConfig(**{**SIZES, **fields})
+
+
+def test_an_encoder_decoder_of_a_causal_only_encoder_is_refused_at_construction():
+    config = ModelConfig(**SIZES, attention="mamba2")  # a decoder-only model may use it
+    with pytest.raises(ValueError, match="'mamba2'"):
+        EncoderDecoder(config)

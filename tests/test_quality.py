@@ -4,8 +4,11 @@ learning rates as axes, the real training loop per cell, and the report's best-r
 import io
 import json
 
+import pytest
+
 from configs import ablation_listops, ablation_mqar
 from experiments import plan, quality_report, report, sweep
+from experiments.configlib import ConfigError
 from tests.test_report import make_row
 
 
@@ -72,6 +75,10 @@ def test_a_classification_task_trains_encoder_cells_scored_over_rows(tmp_path):
     assert row["status"] == "ok", row["error"]
     assert row["task"] == {"min_len": 4, "max_len": 32} and row["model"]["causal"] is False
     assert row["accuracy"] in {k / 16 for k in range(17)}  # 16 test rows, one label each
+    assert row["causal"] is False  # the row records the direction its attention ran
+    config.causal = True  # the sweep's direction must be the model's
+    with pytest.raises(ConfigError, match="causal"):
+        plan.plan_cells(config, "float32")
 
 
 def test_another_seed_is_a_new_cell_and_the_measured_ones_are_kept(tmp_path):

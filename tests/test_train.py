@@ -200,6 +200,10 @@ def test_an_encoder_classifier_trains_on_listops_classification_rows(data_dir, t
     config.model.num_classes = 3
     with pytest.raises(ConfigError, match="model.num_classes"):
         train.setup(config)
+    leaking = tiny(data_dir)  # MQAR: next-token rows, whose targets an encoder would read
+    leaking.model.causal = False
+    with pytest.raises(ConfigError, match="model.causal.*would read the targets"):
+        train.setup(leaking)
 
 
 def test_the_encoder_decoder_learns_the_reversal_translation(data_dir, tmp_path):
@@ -423,6 +427,15 @@ def test_sample_falls_back_past_an_unreadable_checkpoint_and_moves_nothing(data_
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
 
 
+def test_a_listops_run_saved_before_its_classification_field_resumes(data_dir, tmp_path):
+    run(tiny(data_dir, dataset="listops/small"), tmp_path, stop_after=4)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["dataset_config"]["classification"]  # a dataset field added since, its default
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    _, out = run(tiny(data_dir, dataset="listops/small"), tmp_path, stop_after=8)
+    assert "resuming at step 4" in out
+
+
 def test_a_workdir_of_an_older_version_resumes_and_a_torn_history_line_is_skipped(
     data_dir, tmp_path
 ):
@@ -431,7 +444,8 @@ def test_a_workdir_of_an_older_version_resumes_and_a_torn_history_line_is_skippe
     run(tiny(data_dir), tmp_path, stop_after=4)
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["dataset_config"]  # written before the field existed
-    del saved["model"]["attention_sinks"]  # a model field added since, at its default
+    for name in ("attention_sinks", "causal", "cross_attention_options", "encoder_attention"):
+        del saved["model"][name]  # model fields added since, at their defaults
     options = saved["model"]["attention_options"]  # and kernel options, at their defaults
     saved["model"]["attention_options"] = [o for o in options if o[0] not in ("bias", "softcap")]
     (tmp_path / "config.json").write_text(json.dumps(saved))

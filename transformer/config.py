@@ -133,6 +133,9 @@ class ModelConfig:
             object.__setattr__(self, "encoder_attention_options", options)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.num_classes and self.pooling == "cls" and self.causal:
+            raise ValueError("pooling='cls' needs causal=False: a causal CLS position at the "
+                             "row's start sees nothing else (use pooling='mean')")  # fmt: skip
         for name in (
             "vocab_size",
             "num_layers",

@@ -2,9 +2,10 @@
 
 The encoder reads `inputs` [B, S] with bidirectional self-attention (the non-causal form
 of `config.encoder_attention`, default `config.attention`); the decoder writes `targets`
-[B, T] with causal self-attention, then cross-attention to the encoder's output through the registry
-(`config.cross_attention`, default `dense`), then the MLP. One token embedding serves both
-towers and the output logits (tied). As in flax's WMT example:
+[B, T] with causal self-attention, then cross-attention to the encoder's output through
+the registry (`config.cross_attention`, default `dense`), then the MLP. One token embedding
+serves both towers and, with `tie_embeddings` (the default), the output logits. As in flax's
+WMT example:
 
     logits = model.apply({"params": p}, inputs, targets)           # [B, T, vocab]
     encoded = model.apply({"params": p}, inputs, method="encode")  # [B, S, D]
@@ -81,10 +82,14 @@ class EncoderDecoder(nn.Module):
 
     config: ModelConfig
 
+    def __post_init__(self):
+        self.config.encoder()  # a causal-only encoder variant raises now, naming it
+        if self.config.num_classes:
+            raise ValueError("an EncoderDecoder writes tokens: num_classes must be 0")
+        super().__post_init__()
+
     def setup(self):
         cfg = self.config
-        if cfg.num_classes:
-            raise ValueError("an EncoderDecoder writes tokens: num_classes must be 0")
         self.embed = token_embedding(cfg, name=None)
         self.output = logits_layer(cfg, name=None)
         self.encoder = Tower(cfg.encoder(), self.embed, cfg.encoder_layers, causal=False)

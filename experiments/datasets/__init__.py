@@ -10,9 +10,9 @@ pipeline. Importing this package registers the builders with TFDS:
   classification rows (LRA's protocol), `classify-small`, `classify-short`, `classify-lra`.
 - `passkey`: passkey retrieval, a needle in a haystack; configs `small`, `short`, `long`.
 - `pathfinder`: Pathfinder (LRA's image task): two dots joined by a dashed path or not;
-  configs `small`, `pathfinder32`.
+  configs `small`, `pathfinder16`, `pathfinder32`.
 - `reversal`: a synthetic translation (the source reversed, in another alphabet) for the
-  encoder-decoder; configs `small`, `short`.
+  encoder-decoder; configs `small`, `short`, `long`.
 - `pystdlib`: the running Python's standard library source, byte-level; configs `small`,
   `full` (named by the Python version: `full-py3.11`).
 
