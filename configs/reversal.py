@@ -9,7 +9,7 @@ through `model.cross_attention`. `model.attention` is both towers' self-attentio
 encoder's may differ: `model.encoder_attention`, e.g. dense under a causal-only decoder
 variant). Accuracy is teacher-forced, over the target tokens and the end token: 0.996 after
 the 1000 steps (45 s on a 2-core CPU; sliding_window with window (2, 2) and blockwise
-cross-attention: 0.995).
+cross-attention: 0.994).
 """
 
 from ml_collections import config_dict
