@@ -133,14 +133,13 @@ def _model_config(config: Any, vocab_size: int, max_len: int, classes: int = 0) 
         raise ConfigError("model.num_classes", f"{config.dataset} has {have}; use 0")
     fields["num_classes"] = classes
     try:
-        pattern = layer_pattern(fields["attention"])
-        options = {name: dict(config.options.get(name) or {}) for name in pattern}
-        fields["attention_options"] = options if len(pattern) > 1 else options[pattern[0]]
-        for tower in ("encoder_attention", "cross_attention"):  # an EncoderDecoder's
-            if fields.get(tower):  # options from config.options, per variant of a hybrid
-                names = layer_pattern(fields[tower])
+        # each attention's options from config.options (per variant of a hybrid); the
+        # encoder's and cross-attention's are an EncoderDecoder's
+        for key in ("attention", "encoder_attention", "cross_attention"):
+            if fields.get(key):
+                names = layer_pattern(fields[key])
                 each = {name: dict(config.options.get(name) or {}) for name in names}
-                fields[f"{tower}_options"] = each if len(names) > 1 else each[names[0]]
+                fields[f"{key}_options"] = each if len(names) > 1 else each[names[0]]
         return ModelConfig(**fields)
     except (TypeError, ValueError) as e:
         raise ConfigError("model", str(e)) from None

@@ -36,6 +36,7 @@ from transformer.model import (
     embedded,
     logits_layer,
     make_norm,
+    segment_positions,
     token_embedding,
     vocabulary_logits,
 )
@@ -47,9 +48,7 @@ def shift_right(targets, segment_ids=None):
     shifted = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
     if segment_ids is None:
         return shifted
-    first = jnp.concatenate(
-        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
-    )
+    first = segment_positions(segment_ids, targets.shape[1]) == 0
     return jnp.where(first, 0, shifted)
 
 
