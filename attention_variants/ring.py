@@ -373,10 +373,10 @@ def unserved(q, k, v, *, axis="seq", layout="zigzag", causal=True, block_q=512, 
     beyond = beyond_self_attention(q, k, call)
     if beyond is not None:
         return beyond
-    return _unfit(q.shape[1], axis_size(axis), layout, causal, block_q, block_k)
+    return unfit_rows(q.shape[1], axis_size(axis), layout, causal, block_q, block_k)
 
 
-def _unfit(T: int, n: int, layout: str, causal: bool, block_q: int, block_k: int) -> str | None:
+def unfit_rows(T: int, n: int, layout: str, causal: bool, block_q: int, block_k: int) -> str | None:
     """Why rows of T positions cannot be cut for a ring of n devices (None: they can)."""
     order, chunks = chunking(n, layout, causal)
     if T % chunks:
@@ -396,7 +396,7 @@ def _attend(q, k, v, call, options, inner="jax"):
     causal, tiles = call["causal"], BlockSizes(options["block_q"], options["block_k"])
     order, _ = chunking(n, options["layout"], causal)
     B, T, N, _ = q.shape
-    unfit = _unfit(T, n, options["layout"], causal, options["block_q"], options["block_k"])
+    unfit = unfit_rows(T, n, options["layout"], causal, options["block_q"], options["block_k"])
     if unfit is not None:
         raise ValueError(f"ring over the {axis!r} axis: {unfit}")
     L = T // n

@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+import attention_variants as av
+from attention_variants import ring
 from experiments.configlib import ConfigError
 
 AXES = ("data", "seq")
@@ -58,20 +60,34 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*AXES))
 
 
-def check_batch(mesh: Mesh, batch_size: int, row: int, model: Any = None) -> None:
-    """ConfigError naming the field when batches [batch_size, row] do not split over the mesh
-    (with ring attention on `seq`, rows must split into its chunks: 2 x seq for zigzag)."""
+def check_batch(
+    mesh: Mesh, batch_size: int, row: int, model: Any = None, seq2seq: bool = False
+) -> None:
+    """ConfigError naming the field when batches [batch_size, row] do not split over the mesh:
+    rows over `data`, positions over `seq`. Where `model` (a ModelConfig; `seq2seq`: of an
+    EncoderDecoder, whose encoder and decoder read rows of `row` tokens) runs ring attention
+    on a `seq` axis, each tower's rows must cut into the ring's chunks: 2 x seq for a causal
+    zigzag ring, one more position with a CLS token."""
     data, seq = mesh.shape["data"], mesh.shape["seq"]
     if batch_size % data:
         raise ConfigError("batch_size", f"{batch_size} rows do not split over mesh.data={data}")
-    chunks, why = seq, ""
-    if model is not None and "ring" in model.pattern and seq > 1:
-        if model.options_of("ring").get("layout", "zigzag") == "zigzag":
-            chunks, why = 2 * seq, " (ring attention's zigzag layout: 2 chunks per device)"
-    if row % chunks:
-        raise ConfigError(
-            "mesh.seq", f"rows of {row} positions do not split into {chunks} chunks{why}"
-        )
+    if row % seq:
+        raise ConfigError("mesh.seq", f"rows of {row} positions do not split over seq={seq}")
+    if model is None or seq == 1:
+        return
+    towers = [("the encoder", model.encoder()), ("the decoder", model)] if seq2seq else [
+        ("the model", model)]  # fmt: skip
+    for tower, cfg in towers:
+        if "ring" not in cfg.pattern:
+            continue
+        options = av.spec("ring").options(**cfg.options_of("ring"))
+        cls = int(bool(cfg.num_classes) and cfg.pooling == "cls")
+        unfit = ring.unfit_rows(row + cls, seq, options["layout"], cfg.causal,
+                                options["block_q"], options["block_k"])  # fmt: skip
+        if unfit is not None:
+            with_cls = " (the row and its CLS position: use pooling='mean')" if cls else ""
+            raise ConfigError("mesh.seq", f"ring attention in {tower} cannot cut its rows of "
+                              f"{row + cls} positions{with_cls}: {unfit}")  # fmt: skip
 
 
 def pad_rows(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:

@@ -321,7 +321,7 @@ def train_and_evaluate(
     c = config
     mesh = distributed.make_mesh(c.mesh.data, c.mesh.seq)
     row = setup_.seq_len or len(setup_.train_source[0]["inputs"])
-    distributed.check_batch(mesh, c.batch_size, row, setup_.model_config)
+    distributed.check_batch(mesh, c.batch_size, row, setup_.model_config, setup_.seq2seq)
     state = distributed.place_state(mesh, init_state(setup_))
     params = sum(x.size for x in jax.tree.leaves(state["params"]))
     resolved = {**c.to_dict(), "model": dataclasses.asdict(setup_.model_config), "params": params}

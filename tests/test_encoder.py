@@ -170,9 +170,12 @@ def test_greedy_generation_of_the_encoder_decoder_equals_an_argmax_loop():
     model = tiny_encoder_decoder()
     inputs, inputs_ids = tokens(12, 2, 8), jnp.array([[1] * 8, [1] * 5 + [0] * 3])
     params = init(model, inputs, inputs, inputs_ids)["params"]
-    out = generate(model, params, inputs, 6, jax.random.key(0), temperature=0,
-                   inputs_segment_ids=inputs_ids)  # fmt: skip
+    write = functools.partial(generate, model, params, inputs, 6, jax.random.key(0),
+                              temperature=0, inputs_segment_ids=inputs_ids)  # fmt: skip
+    out = write(max_len=6)  # the start token and 5 written tokens fill the cache
     assert out.shape == (2, 6)
+    with pytest.raises(ValueError, match=r"but the last: 6, more than the KV cache.s max_len=5"):
+        write(max_len=5)
     written = jnp.zeros((2, 6), jnp.int32)  # what follows position t does not change its logits
     for t in range(6):
         logits = forward(model, params, inputs, written, inputs_ids)

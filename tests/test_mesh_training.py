@@ -65,7 +65,17 @@ def test_a_mesh_that_does_not_fit_names_the_field(data_dir, tmp_path):
     mesh = distributed.make_mesh(data=2, seq=4)
     distributed.check_batch(mesh, 8, 40, ModelConfig(attention="dense"))
     ring = ModelConfig(attention="ring,dense")  # a hybrid with ring blocks rings too
-    with pytest.raises(ConfigError, match=r"rows of 36 positions do not split into 8 chunks"):
+    with pytest.raises(ConfigError, match=r"rows of 36 positions: T=36 \(a multiple of 8"):
         distributed.check_batch(mesh, 8, 36, ring)
     contiguous = ring.replace(attention_options={"ring": {"layout": "contiguous"}})
     distributed.check_batch(mesh, 8, 36, contiguous)
+    encoder = ModelConfig(attention="ring", causal=False)  # a full ring: one chunk per device
+    distributed.check_batch(mesh, 8, 36, encoder)
+    with pytest.raises(ConfigError, match=r"37 positions \(the row and its CLS position"):
+        distributed.check_batch(mesh, 8, 36, encoder.replace(num_classes=3, pooling="cls"))
+    translator = ModelConfig(attention="dense", encoder_attention="ring")
+    distributed.check_batch(mesh, 8, 36, translator, seq2seq=True)  # the encoder: full ring
+    with pytest.raises(ConfigError, match=r"ring attention in the decoder cannot cut"):
+        distributed.check_batch(mesh, 8, 36, ModelConfig(attention="ring"), seq2seq=True)
+    with pytest.raises(ConfigError, match=r"rows of 38 positions do not split over seq=4"):
+        distributed.check_batch(mesh, 8, 38, ModelConfig(attention="dense"))

@@ -51,9 +51,12 @@ def check_request(
     model: TransformerLM, prompt_len: int, max_new_tokens: int, max_len=None, **sampling
 ):
     """The cache length to use; ValueError naming the numbers when the request cannot fit or
-    a sampling option is out of range (temperature >= 0, 0 <= top_k <= vocab, 0 < top_p <= 1)."""
+    a sampling option is out of range (temperature >= 0, 0 <= top_k <= vocab, 0 < top_p <= 1).
+    An EncoderDecoder's prompt is the source (`prompt_len` 0 here): its decoder holds the start
+    token and all new tokens but the last, max_new_tokens positions."""
     cfg = model.config
-    if max_new_tokens < 1 or prompt_len < 1:
+    least = 0 if isinstance(model, EncoderDecoder) else 1
+    if max_new_tokens < 1 or prompt_len < least:
         raise ValueError(
             f"need a prompt of >= 1 token and max_new_tokens >= 1, got {prompt_len} and "
             f"{max_new_tokens}"
@@ -69,16 +72,13 @@ def check_request(
     total = prompt_len + max_new_tokens
     max_len = total if max_len is None else max_len
     decoders = [av.decoder(name, **cfg.options_of(name)) for name in cfg.variants]  # or raise
+    asked = f"prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} is {total}"
+    if not least:
+        asked = f"the decoder's start token and new tokens but the last: {total}"
     if any(d.needs_max_len for d in decoders) and total > max_len:
-        raise ValueError(
-            f"prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} is {total}, "
-            f"more than the KV cache's max_len={max_len}"
-        )
+        raise ValueError(f"{asked}, more than the KV cache's max_len={max_len}")
     if cfg.positions == "learned" and total > cfg.max_len:
-        raise ValueError(
-            f"prompt plus new tokens is {total}, more than the learned positions' "
-            f"max_len={cfg.max_len}"
-        )
+        raise ValueError(f"{asked}, more than the learned positions' max_len={cfg.max_len}")
     return max_len
 
 
@@ -101,7 +101,7 @@ def generate(
     `inputs_segment_ids`, 0 on padding) -> the written targets, int32 [B, max_new_tokens]."""
     prompt = jnp.asarray(prompt, jnp.int32)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    written = 1 if isinstance(model, EncoderDecoder) else prompt.shape[1]  # the start token
+    written = 0 if isinstance(model, EncoderDecoder) else prompt.shape[1]  # the decoder's
     max_len = check_request(model, written, max_new_tokens, max_len, **sampling)
     if isinstance(model, EncoderDecoder):
         return write_targets(
