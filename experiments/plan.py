@@ -290,7 +290,10 @@ def training_fields(train: Any) -> dict[str, Any]:
             raise ConfigError(
                 f"train.{name}", f"is set per cell (--config.{axis.get(name, 'data')}); remove it"
             )
-    return {k: v for k, v in train.to_dict().items() if k not in IGNORED_TRAINING}
+    fields = {k: v for k, v in train.to_dict().items() if k not in IGNORED_TRAINING}
+    if not fields.get("match_params", 0):  # no budget (added later: older rows lack them)
+        fields.pop("match_params", None), fields.pop("match_field", None)
+    return fields
 
 
 def _fits(config: Any, seq_len: int, task: dict[str, Any]) -> bool:

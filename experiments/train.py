@@ -66,7 +66,7 @@ from experiments.workdir import (
     record_start,
     write_summary,
 )
-from transformer import EncoderDecoder, ModelConfig, TransformerLM
+from transformer import EncoderDecoder, ModelConfig, TransformerLM, budget
 from transformer.config import layer_pattern
 from transformer.model import weighted_token_stats
 
@@ -112,6 +112,10 @@ def _check(config: Any) -> None:
         int_field(config, name)
     for name in ("warmup_steps", "seq_len", "eval_examples", "eval_tokens", "seed"):
         int_field(config, name, 0)
+    if config.get("match_params"):
+        int_field(config, "match_params", 0)
+        if config.match_field not in budget.MATCH_FIELDS:
+            raise ConfigError("match_field", f"must be one of {budget.MATCH_FIELDS}")
     if config.warmup_steps >= config.num_steps:
         raise ConfigError("warmup_steps", f"must be < num_steps={config.num_steps}")
     for name in ("learning_rate", "weight_decay", "grad_clip", "threshold"):
@@ -189,6 +193,12 @@ def setup(config: Any, dataset_config: Any = None) -> Setup:
                           "classification rows)")  # fmt: skip
     if seq2seq:
         targeted = None
+    if config.get("match_params"):
+        try:
+            model_config = budget.matched(model_config, config.match_params, config.match_field,
+                                          seq2seq)  # fmt: skip
+        except ValueError as e:
+            raise ConfigError("match_params", str(e)) from None
     return Setup(config, model_config, train_source, eval_source, text_len, targeted,
                  seq2seq, fields)  # fmt: skip
 
@@ -352,8 +362,13 @@ def train_and_evaluate(
     for name, (there, here) in changed.items():
         print(f"resuming with {name} {there!r} -> {here!r}: the new schedule from step "
               f"{start} on (recorded in resumes.jsonl)", file=out)  # fmt: skip
+    matched = ""
+    if c.get("match_params"):
+        width = getattr(setup_.model_config, c.match_field)
+        matched = f" (model.{c.match_field}={width}: closest to {c.match_params:,})"
     print(
-        f"{c.dataset}: {setup_.model_config.attention_name}, {params:,} parameters, mesh data="
+        f"{c.dataset}: {setup_.model_config.attention_name}, {params:,} parameters{matched}, "
+        f"mesh data="
         f"{mesh.shape['data']} x seq={mesh.shape['seq']}; "
         + (f"resuming at step {start}" if start else "from scratch"),
         file=out,

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from transformer import ModelConfig, TransformerLM, next_token_loss
+from transformer.budget import matched, parameter_count
 from transformer.model import segment_positions, sinusoidal
 
 TINY = dict(
@@ -212,3 +213,20 @@ def test_a_few_adam_steps_lower_the_loss(attention):
         params, state, loss = step(params, state, jax.random.key(i))
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_a_parameter_budget_picks_the_closest_width():
+    """`matched` against a count by hand over every even head_dim (RoPE) and every mlp_dim."""
+    cfg = ModelConfig(vocab_size=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8,
+                      mlp_dim=0, max_len=16, attention="gated_deltanet")  # fmt: skip
+    budget = parameter_count(cfg.replace(attention="dense", head_dim=12))
+    counts = {h: parameter_count(cfg.replace(head_dim=h)) for h in range(2, 26, 2)}
+    best = min(counts, key=lambda h: (abs(counts[h] - budget), h))
+    assert matched(cfg, budget).head_dim == best < 12  # its own layer: narrower than dense
+    mlp = {m: parameter_count(cfg.replace(mlp_dim=m)) for m in range(0, 12)}
+    wider = mlp[5] + 1  # between the counts at 5 and 6: 5 is closer
+    assert matched(cfg, wider, "mlp_dim").mlp_dim == 5 and mlp[5] < wider < mlp[6]
+    with pytest.raises(ValueError, match="not 'num_heads'"):
+        matched(cfg, budget, "num_heads")
+    with pytest.raises(ValueError, match="more than the budget"):
+        matched(cfg, 10)

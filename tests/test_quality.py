@@ -37,6 +37,10 @@ def test_the_planner_leaves_out_pairs_that_do_not_fit(tmp_path):
     ]  # fmt: skip
     labels = {(c.seq_len, report._task(c.fields())) for c in planned}  # as written in the config
     assert (128, " num_pairs=L/16") in labels and (128, " num_pairs=8") not in labels
+    budget = tiny(str(tmp_path))  # no budget: the cells' setting is that of rows made before it
+    assert "match_params" not in plan.plan_cells(budget, "float32")[0].training["train"]
+    budget.train.match_params = 60_000
+    assert plan.plan_cells(budget, "float32")[0].training["train"]["match_params"] == 60_000
 
 
 def test_train_eval_cells_report_quality_beside_cost(tmp_path):

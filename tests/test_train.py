@@ -136,6 +136,8 @@ def test_logits_at_the_weighted_positions_give_the_same_sums(data_dir):
         ({"warmup_steps": 20}, "warmup_steps"),
         ({"dataset": "nope/small"}, "dataset"),
         ({"eval_split": "validation"}, "eval_split"),
+        ({"match_params": 100, "match_field": "num_heads"}, "match_field"),
+        ({"match_params": 100}, "match_params"),  # below the smallest model
     ],
 )
 def test_bad_values_name_the_field(data_dir, tmp_path, changes, field):

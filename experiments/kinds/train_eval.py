@@ -105,6 +105,11 @@ def build_train_eval(cell: Cell, config: Any) -> Built:
             "params": result["params"],
             "train_s": result.get("train_s"),
             **({"extrapolation": extrapolation} if lengths else {}),
+            **(
+                {"matched": {c.match_field: getattr(cfg, c.match_field)}}
+                if c.get("match_params")
+                else {}
+            ),  # fmt: skip
         }
 
     first = next(train.pipeline.train_batches(setup.train_source, batch_size=cell.batch,
