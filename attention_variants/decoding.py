@@ -206,6 +206,11 @@ def selection_cache(name: str, declared: Callable[..., Any]) -> Cache:
                         for c, x in ((cache.k, k), (cache.v, v)))  # fmt: skip
         at = (position + jnp.arange(t)) // sel.block
         sums = cache.sums.at[:, at].add(k.astype(jnp.float32))
+        if t == 1:  # a generated token: its top_k blocks gathered, O(top_k * block) keys
+            out = selection.step_attention(q, keys, values, sums, position, sel,
+                                           scale=default_scale(scale, q.shape[-1]))  # fmt: skip
+            out = jnp.where(position + t > length, jnp.nan, out).astype(out.dtype)
+            return out, BlockKeyValues(keys, values, sums)
         # Only blocks wholly before a query's own are gated: each holds `block` keys.
         blocks = jax.tree.map(lambda x: jnp.broadcast_to(x, (B, length)),
                               selection.uniform_blocks(length, sel.block))  # fmt: skip

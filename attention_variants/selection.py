@@ -297,6 +297,33 @@ def selected_attention(q, k, v, sel: Selection, *, lay: Layout, bl: Blocks, mean
     return (weight[..., 0, None] * own.astype(jnp.float32) + picked_out).astype(q.dtype)
 
 
+def step_attention(q, k, v, sums, position, sel: Selection, *, scale: float):
+    """One decoding step: q [B, 1, N, H], the query at `position` (a traced scalar) of a row of
+    one document whose keys and values [B, L, K, H] are cached from position 0 in blocks of
+    `sel.block` (block i: positions i * block onwards), with each block's key sum [B, M, K, H]
+    (the cache's) -> out [B, 1, N, H]. The gates of all M blocks, then only the top_k blocks'
+    keys: O(M * H + top_k * block * H) per head, not O(L) as the tiles of a chunk of queries."""
+    (B, _, N, H), (L, K), b = q.shape, k.shape[1:3], sel.block
+    M, G = sums.shape[1], N // K
+    qf = q[:, 0].astype(jnp.float32).reshape(B, K, G, H)
+    own = position // b
+    gate = jnp.einsum("BKGH,BMKH->BKGM", qf, sums / b)  # the gate of every block, per head
+    gate = jnp.where(jnp.arange(M) < own, gate, -jnp.inf)  # only blocks wholly before its own
+    top, picked = lax.top_k(gate, min(sel.top_k - 1, M))  # [B, K, G, top_k - 1]
+    picked = jnp.concatenate([picked, jnp.broadcast_to(own, picked.shape[:-1] + (1,))], -1)
+    chosen = jnp.concatenate([top > -jnp.inf, jnp.ones_like(top[..., :1], bool)], -1)
+    key_pos = picked[..., None] * b + jnp.arange(b)  # [B, K, G, P, b]
+    at = (jnp.arange(B)[:, None, None, None, None], jnp.minimum(key_pos, L - 1),
+          jnp.arange(K)[None, :, None, None, None])  # fmt: skip
+    keys, values = k[at], v[at]  # [B, K, G, P, b, H]: only the picked blocks are read
+    scores = jnp.einsum("BKGH,BKGPbH->BKGPb", qf * scale, keys.astype(jnp.float32))
+    visible = chosen[..., None] & (key_pos <= position)  # the own block up to the query
+    scores = jnp.where(visible, scores, -jnp.inf).reshape(B, K, G, -1)
+    p = jax.nn.softmax(scores, axis=-1).reshape(visible.shape)
+    out = jnp.einsum("BKGPb,BKGPbH->BKGH", p, values.astype(jnp.float32))
+    return out.reshape(B, 1, N, H).astype(q.dtype)
+
+
 def row_blocks(segment_ids, B: int, S: int, block: int) -> Blocks:
     """Blocks of each row [B, S] (packed rows: documents are runs of equal ids)."""
     if segment_ids is None:
