@@ -53,11 +53,30 @@ class Memory:
         return self.temp + self.outputs - self.alias
 
 
-def compile_timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-    """`jax.jit(fn).lower(*args).compile()` and the seconds it took."""
+def compile_timed(
+    fn: Callable[..., Any], *args: Any, carry: int | None = None
+) -> tuple[Any, float]:
+    """`jax.jit(fn).lower(*args).compile()` and the seconds it took; `carry`: the argument
+    `fn` returns as its second output, donated (see `chained`)."""
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    donate = () if carry is None else (carry,)
+    compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
     return compiled, time.perf_counter() - start
+
+
+def chained(compiled: Callable[..., Any], args: tuple[Any, ...], carry: int | None = None):
+    """The call to time: `compiled(*args)`. With `carry`, `compiled` returns (out, the next
+    args[carry]) and consumes the one it got (donated), so each call takes over the previous
+    call's state as a loop does, and no call copies it (a cache of T tokens, say)."""
+    if carry is None:
+        return lambda: compiled(*args)
+    args = list(args)
+
+    def call():
+        out, args[carry] = compiled(*args)
+        return out
+
+    return call
 
 
 def compiled_memory(compiled: Any) -> Memory | None:

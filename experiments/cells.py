@@ -139,6 +139,9 @@ class Built:
     # After timing, quality(workdir, out) trains and evaluates (train_eval): more row fields.
     quality: Callable[[Path, TextIO], dict[str, Any]] | None = None
     fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # more row fields
+    # The index of an argument that fn returns as its second output, donated: each timed call
+    # takes over the previous call's (a decoding cache), as a loop would (`bench.chained`).
+    carry: int | None = None
 
 
 def document_ids(cell: Cell) -> jax.Array | None:

@@ -241,7 +241,7 @@ class Sweep:
         try:
             built = KINDS[cell.kind](cell, c)
             implementation = implementation_of(cell)  # before compiling: "auto" may time rivals
-            compiled, compile_s = bench.compile_timed(built.fn, *built.args)
+            compiled, compile_s = bench.compile_timed(built.fn, *built.args, carry=built.carry)
             memory = bench.compiled_memory(compiled)
             values = {"compile_s": compile_s, "useful_flops": built.useful_flops, **built.fields}
             values["implementation"] = implementation
@@ -254,7 +254,7 @@ class Sweep:
             if why_untimed:
                 return self.row(cell, "skipped", why_untimed, **values)
             timing, peak = bench.time_calls(
-                lambda: compiled(*built.args),
+                bench.chained(compiled, built.args, built.carry),
                 budget_s=c.cell_budget_s,
                 min_repeats=c.min_repeats,
                 max_repeats=c.max_repeats,

@@ -50,6 +50,17 @@ def test_compiled_memory_counts_arguments_and_outputs():
     assert memory.to_allocate == memory.total - memory.arguments
 
 
+def test_a_chained_call_takes_over_the_state_of_the_one_before():
+    """`carry`: the state is donated to each call and replaced by what it returns."""
+    step = lambda x, state: (x * state.sum(), state + 1)  # noqa: E731
+    compiled, _ = bench.compile_timed(step, jnp.float32(2), jnp.zeros(3), carry=1)
+    call = bench.chained(compiled, (jnp.float32(2), jnp.zeros(3)), carry=1)
+    assert [float(call()) for _ in range(3)] == [0.0, 6.0, 12.0]  # states 0, 1, 2
+    plain, _ = bench.compile_timed(step, jnp.float32(2), jnp.ones(3))
+    call = bench.chained(plain, (jnp.float32(2), jnp.ones(3)))  # no carry: the same inputs
+    assert [float(call()[0]) for _ in range(2)] == [6.0, 6.0]
+
+
 def test_free_memory_is_positive_on_this_device():
     device = jax.devices()[0]
     free = bench.free_memory_bytes(device)

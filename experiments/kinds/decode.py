@@ -23,7 +23,8 @@ from experiments.cells import (
 def build_decode(cell: Cell, config: Any) -> Built:
     """`prefill`: the model reads T random tokens into an empty cache in one call (logits at
     the last position only). `decode`: DECODE_STEPS greedy single-token steps in one lax.scan
-    (the cache updated in place, as `transformer.generate` does) from position T, so each step
+    (the cache updated in place, as `transformer.generate` does; donated from call to call,
+    so no call copies it) from position T, so each step
     attends to T + i cached tokens; the cache's contents do not change the work, so it starts
     empty at position T rather than after a prefill. Rows carry `cache_bytes` (the cache of
     the whole model, every layer) and `decode_steps` (time per token = time / steps)."""
@@ -72,8 +73,8 @@ def build_decode(cell: Cell, config: Any) -> Built:
             logits, cache = extend(params, cache, token[:, None])
             return (jnp.argmax(logits, -1).astype(jnp.int32), cache), None
 
-        (token, _), _ = jax.lax.scan(step, (token, cache), None, length=steps)
-        return token
+        (token, cache), _ = jax.lax.scan(step, (token, cache), None, length=steps)
+        return token, {**cache, "position": jnp.int32(T)}  # the next call decodes T.. again
 
     # The last query's visible keys: the variant's count at T + i + 1 less that at T + i (a
     # linear-state step runs as one chunk of one token).
@@ -82,4 +83,5 @@ def build_decode(cell: Cell, config: Any) -> Built:
         for t in range(T, T + steps)
     )
     flops = 2.0 * weights * B * steps + marginal
-    return Built(decode, (params, cache, tokens[:, -1]), flops, B * steps, fields=fields)
+    return Built(decode, (params, cache, tokens[:, -1]), flops, B * steps, fields=fields,
+                 carry=1)  # fmt: skip
