@@ -7,7 +7,8 @@ wholly before its own by q . mean(K_block) and attends, causally, to its own blo
 earlier blocks when there are fewer). The gates carry no gradient. The engine
 (`selection.py`) computes the selection first, then only the selected blocks' scores: time and
 memory O(T * top_k * block) per head, plus O(T^2 / block) for the gates. Decoding keeps each
-block's key sum in the KV cache and gates the cached blocks from them.
+block's key sum in the KV cache and gates the cached blocks from them; a generated token then
+reads only its top_k blocks: O(S / block + top_k * block) per token and head.
 """
 
 from __future__ import annotations
