@@ -16,7 +16,9 @@ packed row), so logits[:, t] predict targets[:, t]. Decoding: the cache comes fr
 `init(rng, inputs, zeros [B, max_len], decode=True)["cache"]`; then
 `apply({"params": p, "cache": c}, encoded, inputs, chunk, decode=True, mutable=["cache"],
 method="decode")` appends a chunk of decoder tokens (not shifted: the caller feeds the start
-token, then what came out) and returns their logits.
+token, then what came out) and returns their logits. The cache also keeps each block's
+cross-attention keys and values, projected from `encoded` at the first step and read after it
+(so every step of one cache must get the same `encoded`; a new source needs a new cache).
 
 Documents: `inputs_segment_ids` [B, S] mark the source's documents (0 on padding, which no
 target reads), `targets_segment_ids` [B, T] the targets'; a target position reads the source

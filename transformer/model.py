@@ -149,16 +149,34 @@ class CrossAttention(nn.Module):
     """Attention of the decoder's positions [B, T, D] to the encoder's output [B, S, D], through
     the registry (`ModelConfig.cross_attention`), non-causal, without positions. Documents:
     a query sees the keys of an equal id (`segment_ids` of the queries, `encoded_segment_ids`
-    of the keys; queries without ids are one document, id 1, reading the source's id 1)."""
+    of the keys; queries without ids are one document, id 1, reading the source's id 1).
+    Decoding projects the keys and values once, at the first step, into the cache (a loop of
+    separately compiled steps would project the whole source at each)."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, encoded, segment_ids=None, encoded_segment_ids=None):
+    def __call__(self, x, encoded, segment_ids=None, encoded_segment_ids=None, decode=False):
         cfg = self.config
         q = heads_projection(cfg, cfg.num_heads, "query")(x)  # [B, T, N, H]
-        k = heads_projection(cfg, cfg.num_kv_heads, "key")(encoded)  # [B, S, K, H]
-        v = heads_projection(cfg, cfg.num_kv_heads, "value")(encoded)  # [B, S, K, H]
+
+        def project(module, encoded):  # keys and values [B, S, K, H]
+            del module  # the branch's module (nn.cond): the projections are made in it
+            return tuple(heads_projection(cfg, cfg.num_kv_heads, name)(encoded)
+                         for name in ("key", "value"))  # fmt: skip
+
+        if decode and not self.is_initializing():  # projected at the first step, then read
+            if not self.has_variable("cache", "cross_filled"):
+                raise ValueError("decode=True needs a cache (EncoderDecoder's docstring)")
+            filled = self.variable("cache", "cross_filled")
+            k, v = nn.cond(filled.value, cached_keys, project, self, encoded)
+            cache = [self.variable("cache", f"cross_{name}") for name in ("key", "value")]
+            (cache[0].value, cache[1].value), filled.value = (k, v), jnp.asarray(True)
+        else:
+            k, v = project(self, encoded)
+            if decode:  # the cache's shapes (its values come with the first step)
+                for name, value in (("cross_key", k), ("cross_value", v), ("cross_filled", False)):
+                    self.variable("cache", name, jnp.zeros_like, jnp.asarray(value))
         ids = {}
         if encoded_segment_ids is not None:
             if segment_ids is None:
@@ -168,6 +186,12 @@ class CrossAttention(nn.Module):
             raise ValueError("targets_segment_ids need inputs_segment_ids (the source's documents)")
         kernel = av.get(cfg.cross_attention, **dict(cfg.cross_attention_options))
         return output_projection(cfg)(kernel(q, k, v, causal=False, **ids))
+
+
+def cached_keys(module: nn.Module, encoded):
+    """The cross-attention's keys and values that the first decoding step left in the cache."""
+    del encoded
+    return tuple(module.variable("cache", f"cross_{name}").value for name in ("key", "value"))
 
 
 class GatedMLP(nn.Module):
@@ -214,7 +238,8 @@ class Block(nn.Module):
         if self.cross:
             h = make_norm(cfg, "cross_attention_norm")(x)
             cross = CrossAttention(cfg, name="cross_attention")
-            x = x + drop(cross(h, encoded, None if decode else segment_ids, encoded_segment_ids))
+            ids = None if decode else segment_ids
+            x = x + drop(cross(h, encoded, ids, encoded_segment_ids, decode))
         if not cfg.mlp_dim:
             return x
         return x + drop(GatedMLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x)))
