@@ -95,6 +95,28 @@ KEY_FIELDS = ("variant", "options", "seq_len", "mode", "task", "devices", "seed"
 KEY_FIELDS += SETTING_FIELDS[:-1]
 
 
+def with_new_options(row: dict[str, Any]) -> dict[str, Any]:
+    """A row measured before its variant gained options, with those options at their defaults
+    (a new option's default keeps the old behaviour), so it keeps its cell's key. A hybrid's
+    options are per variant; rows of variants no longer registered stay as they are."""
+    from transformer.config import layer_pattern
+
+    options, variant = row.get("options"), row.get("variant")
+    if not isinstance(options, dict) or not isinstance(variant, str):
+        return row
+    try:
+        names = layer_pattern(variant)
+    except ValueError:
+        return row
+    filled = lambda name, given: {**av.spec(name).defaults, **given}  # noqa: E731
+    if not all(name in av.names() for name in names):
+        return row
+    if len(set(names)) == 1 and variant == names[0]:
+        return {**row, "options": filled(variant, options)}
+    each = {name: filled(name, options.get(name) or {}) for name in dict.fromkeys(names)}
+    return {**row, "options": each}
+
+
 def row_key(row: Mapping[str, Any], fields: tuple[str, ...] = KEY_FIELDS) -> str:
     """The resume key of a result row (or of `Cell.fields()`)."""
     return json.dumps({f: row.get(f) for f in fields}, sort_keys=True, default=str)
