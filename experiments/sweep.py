@@ -13,6 +13,9 @@ measured. Lengths ascend, the baselines first at each. A rerun with the same DIR
     lengths;
   - a DIR holding rows of another setting (batch, heads, head dim, dtype, causal, segments,
     model, device) is refused: one DIR, one experiment.
+Several processes may run the same sweep into one DIR at once (one per core or device): each
+claims a cell (DIR/claims/) before measuring it and passes over the cells that another process
+has measured or claimed; a claim left by a process that died is a crash, as above.
 A cell whose compiled memory exceeds the free memory is `oom` without running. A cell whose
 call (extrapolated from shorter lengths) would pass `max_call_s` is only compiled, after the
 timed cells, for its memory; cells that would overrun `time_budget_s` are `skipped`, with the
@@ -50,6 +53,7 @@ from experiments.cells import (
     implementation_of,
     row_key,
 )
+from experiments.claims import Claims
 from experiments.configlib import ConfigError, parse_flags
 from experiments.kinds import KINDS
 from experiments.plan import plan_cells, resolve_dtype, seq_devices
@@ -108,7 +112,8 @@ class Sweep:
         self.config, self.cells, self.workdir, self.out = config, cells, workdir, out
         self.device = jax.devices()[0]
         self.path = workdir / "results.jsonl"
-        self.inflight = workdir / "inflight.json"
+        self.claims = Claims(workdir / "claims")  # cells in flight, this process's or others'
+        self.reuse_stale, self.read = reuse_stale, -1  # bytes of results.jsonl read so far
         self.costs: list[float] = []  # seconds spent per measured cell, for the ETA
         self.common = {
             "device": f"{self.device.platform}:{self.device.device_kind}",
@@ -117,11 +122,21 @@ class Sweep:
         rows = report.load_rows(self.path)
         planned = [{**cell.fields(), **self.common} for cell in cells]
         check_one_setting([*rows, *planned], f"{self.path} and this sweep's cells")
-        version = [self.common[f] for f in VERSION_FIELDS]
-        fresh = [r for r in rows if reuse_stale or [r.get(f) for f in VERSION_FIELDS] == version]
-        self.rows = {row_key(r): r for r in fresh}
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.refresh()
         keys = {row_key(r) for r in rows} - set(self.rows)
         self.stale = sum(cell.key() in keys for cell in cells)  # this sweep's stale cells
+
+    def refresh(self) -> None:
+        """The rows of results.jsonl that this sweep may reuse (measured by this code, or any
+        with `reuse_stale`), read again when it grew: other processes append to it too."""
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size == self.read:
+            return
+        version = [self.common[f] for f in VERSION_FIELDS]
+        same = lambda r: [r.get(f) for f in VERSION_FIELDS] == version  # noqa: E731
+        fresh = [r for r in report.load_rows(self.path) if self.reuse_stale or same(r)]
+        self.rows, self.read = {row_key(r): r for r in fresh}, size
 
     # -- bookkeeping -------------------------------------------------------------------------
     def append(self, row: dict[str, Any]) -> None:
@@ -130,6 +145,7 @@ class Sweep:
             f.flush()
             os.fsync(f.fileno())
         self.rows[row_key(row)] = row
+        self.refresh()  # takes other processes' rows too; this one's is read back
 
     def row(self, cell: Cell, status: str, error: str | None = None, **values: Any):
         row = {**cell.fields(), **dict.fromkeys(RESULT_FIELDS), **self.common}
@@ -137,27 +153,31 @@ class Sweep:
         return row
 
     def recover_crash(self) -> None:
-        """A cell that was running when a previous sweep of the same code and setting died is
-        recorded as `crashed` (unless it has a result by now). A crash of other code gives the
-        cell a fresh try; to retry a crashed cell of the same code, delete its row."""
-        if not self.inflight.exists():
-            return
-        try:
-            cell = json.loads(self.inflight.read_text())
-        except json.JSONDecodeError:  # torn by a power loss: nothing to record
-            cell = {}
-        same_code = all(cell.get(f) == self.common[f] for f in VERSION_FIELDS)
+        """A cell that a process of this sweep (same code and setting) was measuring when it
+        died (its claim is left, and no process has its pid) is recorded as `crashed`, unless it
+        has a result by now. A crash of other code gives the cell a fresh try; to retry a
+        crashed cell of the same code, delete its row. (`inflight.json`: older versions' claim.)"""
+        legacy = self.workdir / "inflight.json"
+        left = [(legacy, {})] if legacy.exists() else []
+        if left:
+            try:
+                left = [(legacy, json.loads(legacy.read_text()))]
+            except json.JSONDecodeError:  # torn by a power loss: nothing to record
+                pass
         planned = {c.key() for c in self.cells}
-        if same_code and row_key(cell) in planned and not self.done_key(row_key(cell)):
-            row = {**cell, **dict.fromkeys(RESULT_FIELDS), **self.common, "status": "crashed"}
-            row["error"] = (
-                "the sweep process died during this cell (killed, e.g. by the host's out-of-"
-                "memory killer); not retried, and longer lengths are skipped"
-            )
-            self.append(row)
-            print(f"recorded a crash: {cell['variant']} T={cell['seq_len']} {cell['mode']}",
-                  file=self.out)  # fmt: skip
-        self.inflight.unlink()
+        for path, cell in [*left, *self.claims.abandoned()]:
+            same_code = all(cell.get(f) == self.common[f] for f in VERSION_FIELDS)
+            if same_code and row_key(cell) in planned and not self.done_key(row_key(cell)):
+                cell = {k: v for k, v in cell.items() if k not in ("pid", "host")}
+                row = {**cell, **dict.fromkeys(RESULT_FIELDS), **self.common, "status": "crashed"}
+                row["error"] = (
+                    "the sweep process died during this cell (killed, e.g. by the host's out-of-"
+                    "memory killer); not retried, and longer lengths are skipped"
+                )
+                self.append(row)
+                print(f"recorded a crash: {cell['variant']} T={cell['seq_len']} {cell['mode']}",
+                      file=self.out)  # fmt: skip
+            path.unlink(missing_ok=True)
 
     def done(self, cell: Cell) -> bool:
         """Measured already (ok, oom, crashed); `error` and `skipped` cells are tried again."""
@@ -320,21 +340,28 @@ class Sweep:
         with bar:
             for phase in (todo, deferred):
                 for cell in phase:
+                    self.refresh()
+                    if self.done(cell) or not self.claims.take(
+                        cell.key(), {**cell.fields(), **self.common}
+                    ):  # measured or being measured by another process
+                        finished.add(cell.key())
+                        bar.update(1)
+                        continue
                     action, reason = self.decide(cell, time.perf_counter() - start)
                     if action == "memory" and phase is todo:
+                        self.claims.release()
                         deferred.append(cell)
                         continue
                     if action == "skip":
                         row = self.row(cell, "skipped", reason)
                     else:
                         bar.set_description(f"{cell.variant} T={cell.seq_len} {cell.mode}")
-                        self.inflight.write_text(json.dumps({**cell.fields(), **self.common}))
                         t0 = time.perf_counter()
                         row = self.measure(cell, gemm, reason)
                         self.costs.append(time.perf_counter() - t0)
                         gc.collect()
                     self.append(row)
-                    self.inflight.unlink(missing_ok=True)
+                    self.claims.release()
                     elapsed = time.perf_counter() - start
                     finished.add(cell.key())
                     eta = self.eta([c for c in todo if c.key() not in finished], elapsed)
@@ -383,7 +410,7 @@ def run(
     try:
         gemm = sweep.run()
     finally:
-        sweep.inflight.unlink(missing_ok=True)
+        sweep.claims.release()
     meta = {
         "command": command,
         "started": started.isoformat(timespec="seconds"),

@@ -4,6 +4,8 @@ crash recovery and config validation (exit code 2 naming the field)."""
 import importlib
 import io
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ import attention_variants as av
 import experiments.kinds as kinds
 from configs import tiny_sweep
 from experiments import bench, cells, plan, provenance, report, sweep
+from experiments.claims import Claims
 from experiments.configlib import ConfigError
 
 ROW_FIELDS = {
@@ -133,15 +136,19 @@ def test_a_crash_during_a_cell_stops_growth_like_an_oom(tmp_path, monkeypatch, n
     monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(lambda cell: 1.0, calls))
     config = tiny(lengths="64,128", modes="fwd")
     killed = sweep.plan_cells(config, "float32")[0]  # xla at T=64
-    inflight = {**killed.fields(), **common(config)}
-    (tmp_path / "inflight.json").write_text(json.dumps(inflight))  # died mid-cell
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process that held the cell's claim and is gone
+    claim = Claims(tmp_path / "claims").path(killed.key())
+    claim.parent.mkdir()
+    record = {**killed.fields(), **common(config), "pid": dead.pid, "host": platform.node()}
+    claim.write_text(json.dumps(record))  # died mid-cell
     rows, _ = run(config, tmp_path)
     assert calls == [("blockwise", 64, "fwd"), ("blockwise", 128, "fwd")]  # xla not retried
     xla = [r for r in rows if r["variant"] == "xla"]
     assert [r["status"] for r in xla] == ["crashed", "skipped"]
-    assert "died" in xla[0]["error"]
+    assert "died" in xla[0]["error"] and "pid" not in xla[0]
     assert xla[1]["error"] == "stopped growing: crashed at T=64"
-    assert not (tmp_path / "inflight.json").exists()
+    assert not claim.exists()
     calls.clear()
     run(config, tmp_path)  # the crashed cell stays done, and its lane stays stopped
     assert calls == []
@@ -536,3 +543,31 @@ def test_bad_model_section_names_the_field(model_changes):
     with pytest.raises(ConfigError) as e:
         plan.plan_cells(config, "float32")
     assert e.value.field == "model"
+
+
+def test_a_cell_claimed_by_a_live_process_is_left_to_it(tmp_path, monkeypatch, no_gemm):
+    calls = []
+    monkeypatch.setattr(sweep.Sweep, "measure", fake_measure(lambda cell: 1.0, calls))
+    config = tiny(lengths="64", modes="fwd")
+    taken = sweep.plan_cells(config, "float32")[0]  # xla at T=64
+    claims = Claims(tmp_path / "claims")
+    claims.take(taken.key(), {**taken.fields(), **common(config)})
+    record = json.loads(claims.held.read_text())
+    claims.held.write_text(json.dumps({**record, "pid": os.getppid()}))  # pytest's parent
+    rows, _ = run(config, tmp_path)
+    assert calls == [("blockwise", 64, "fwd")] and [r["variant"] for r in rows] == ["blockwise"]
+    assert claims.held.exists()  # still that process's
+
+
+def test_two_processes_share_one_sweep(tmp_path):
+    """The same command twice at once, into one folder: every cell is measured once."""
+    cmd = [sys.executable, "-m", "experiments.sweep", "--config=configs/tiny_sweep.py",
+           "--config.lengths=32,64", "--config.gemm_size=64", f"--workdir={tmp_path}"]  # fmt: skip
+    both = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]  # fmt: skip
+    for p in both:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out
+    keys = [cells.row_key(json.loads(line)) for line in lines(tmp_path)]
+    assert len(keys) == len(set(keys)) == 2 * 2 * 2  # variants x lengths x modes, once each
+    assert not list((tmp_path / "claims").glob("*"))
