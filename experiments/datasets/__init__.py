@@ -25,8 +25,10 @@ builder pins a FINGERPRINT of its generator's output next to its VERSION (base.p
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -73,5 +75,12 @@ def prepare(
     into `data_dir` (None: TFDS_DATA_DIR or TFDS's default) when it is not there yet."""
     kwargs = {"config": config} if config is not None else {}
     builder = tfds.builder(name, data_dir=data_dir, **kwargs)
-    builder.download_and_prepare()  # nothing to do once prepared
+    if "://" in str(builder.data_dir):  # a bucket: no local lock
+        builder.download_and_prepare()
+        return builder
+    folder = Path(builder.data_dir)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one writer: processes of one sweep may race here
+        builder.download_and_prepare()  # nothing to do once prepared
     return builder
