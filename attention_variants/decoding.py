@@ -14,6 +14,9 @@ attention output; the cache carries what later tokens still need:
   it skips the tiles outside the mask's band at run time, on accelerators it masks them (a step
   costs O(max_len) there, as a dense row does); `fixed` and `bigbird` prefill the causal band's
   tiles (their sparsity is lost there, not their result).
+* **Block-selection KV cache** (`moba`): the KV cache plus each block's running key sum. A
+  generated token gates every block from its sum and reads only the keys of its top_k blocks
+  (O(max_len / block + top_k * block) per token); a chunk of tokens runs the prefill engine.
 * **Window cache** (masked softmax whose causal mask shows, beyond a document's first
   `Mask.sinks` keys, only keys a bounded distance back: `Mask.band`, as `sliding_window`, with
   or without sinks): the first `sinks` keys and the last `behind`, in order. The new queries
@@ -206,19 +209,17 @@ def selection_cache(name: str, declared: Callable[..., Any]) -> Cache:
                         for c, x in ((cache.k, k), (cache.v, v)))  # fmt: skip
         at = (position + jnp.arange(t)) // sel.block
         sums = cache.sums.at[:, at].add(k.astype(jnp.float32))
+        scale = default_scale(scale, q.shape[-1])
         if t == 1:  # a generated token: its top_k blocks gathered, O(top_k * block) keys
-            out = selection.step_attention(q, keys, values, sums, position, sel,
-                                           scale=default_scale(scale, q.shape[-1]))  # fmt: skip
-            out = jnp.where(position + t > length, jnp.nan, out).astype(out.dtype)
-            return out, BlockKeyValues(keys, values, sums)
-        # Only blocks wholly before a query's own are gated: each holds `block` keys.
-        blocks = jax.tree.map(lambda x: jnp.broadcast_to(x, (B, length)),
-                              selection.uniform_blocks(length, sel.block))  # fmt: skip
-        lay = layout(q, keys, q_offset=position, within_document=True)
-        out = selection.selected_attention(
-            q, keys, values, sel, lay=lay, bl=blocks, means=sums / sel.block,
-            scale=default_scale(scale, q.shape[-1]), chunk=options["chunk"],
-        )  # fmt: skip
+            out = selection.step_attention(q, keys, values, sums, position, sel, scale=scale)
+        else:  # a chunk: the prefill engine over the cache (blocks wholly before are gated)
+            blocks = jax.tree.map(lambda x: jnp.broadcast_to(x, (B, length)),
+                                  selection.uniform_blocks(length, sel.block))  # fmt: skip
+            lay = layout(q, keys, q_offset=position, within_document=True)
+            out = selection.selected_attention(
+                q, keys, values, sel, lay=lay, bl=blocks, means=sums / sel.block,
+                scale=scale, chunk=options["chunk"],
+            )  # fmt: skip
         out = jnp.where(position + t > length, jnp.nan, out).astype(out.dtype)
         return out, BlockKeyValues(keys, values, sums)
 

@@ -310,8 +310,9 @@ def step_attention(q, k, v, sums, position, sel: Selection, *, scale: float):
     gate = jnp.einsum("BKGH,BMKH->BKGM", qf, sums / b)  # the gate of every block, per head
     gate = jnp.where(jnp.arange(M) < own, gate, -jnp.inf)  # only blocks wholly before its own
     top, picked = lax.top_k(gate, min(sel.top_k - 1, M))  # [B, K, G, top_k - 1]
-    picked = jnp.concatenate([picked, jnp.broadcast_to(own, picked.shape[:-1] + (1,))], -1)
-    chosen = jnp.concatenate([top > -jnp.inf, jnp.ones_like(top[..., :1], bool)], -1)
+    mine = jnp.broadcast_to(own, picked.shape[:-1] + (1,))  # the own block, last
+    picked = jnp.concatenate([picked, mine], -1)
+    chosen = jnp.concatenate([top > -jnp.inf, jnp.ones(mine.shape, bool)], -1)
     key_pos = picked[..., None] * b + jnp.arange(b)  # [B, K, G, P, b]
     at = (jnp.arange(B)[:, None, None, None, None], jnp.minimum(key_pos, L - 1),
           jnp.arange(K)[None, :, None, None, None])  # fmt: skip

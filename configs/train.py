@@ -35,10 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 100  # save a checkpoint every this many steps (and at the end)
     c.keep = 3  # checkpoints kept (the newest)
     c.seed = 0  # parameters, data order and dropout
-    # > 0: model.<match_field> (head_dim or mlp_dim) set per model so that its parameter count
-    # comes closest to this budget (transformer/budget.py): variants' own layers differ in size
+    # > 0: model.<match_field> set per model so that its parameter count comes closest to this
+    # budget (transformer/budget.py): variants' own layers differ in size
     c.match_params = 0
-    c.match_field = "head_dim"
+    c.match_field = "head_dim"  # head_dim (with embed_dim unset, the width too) | mlp_dim
     # Devices: data x seq must be the device count (0: what the other axis leaves). Rows split
     # over `data`, positions over `seq`; model.attention="ring" rings over `seq` (README).
     c.mesh = ml_collections.ConfigDict(dict(data=0, seq=1))

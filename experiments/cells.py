@@ -163,6 +163,7 @@ class Built:
     fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # more row fields
     # The index of an argument that fn returns as its second output, donated: each timed call
     # takes over the previous call's (a decoding cache), as a loop would (`bench.chained`).
+    # args[carry] is consumed by the first call: nothing may call fn with `args` again.
     carry: int | None = None
 
 

@@ -75,8 +75,9 @@ def check_batch(
         raise ConfigError("mesh.seq", f"rows of {row} positions do not split over seq={seq}")
     if model is None or seq == 1:
         return
-    towers = [("the encoder", model.encoder()), ("the decoder", model)] if seq2seq else [
-        ("the model", model)]  # fmt: skip
+    towers = [("the model", model)]
+    if seq2seq:  # an EncoderDecoder's decoder is causal whatever `causal` says
+        towers = [("the encoder", model.encoder()), ("the decoder", model.replace(causal=True))]
     for tower, cfg in towers:
         if "ring" not in cfg.pattern:
             continue

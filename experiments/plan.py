@@ -292,7 +292,8 @@ def training_fields(train: Any) -> dict[str, Any]:
             )
     fields = {k: v for k, v in train.to_dict().items() if k not in IGNORED_TRAINING}
     if not fields.get("match_params", 0):  # no budget (added later: older rows lack them)
-        fields.pop("match_params", None), fields.pop("match_field", None)
+        for name in ("match_params", "match_field"):
+            fields.pop(name, None)
     return fields
 
 

@@ -368,8 +368,7 @@ def train_and_evaluate(
         matched = f" (model.{c.match_field}={width}: closest to {c.match_params:,})"
     print(
         f"{c.dataset}: {setup_.model_config.attention_name}, {params:,} parameters{matched}, "
-        f"mesh data="
-        f"{mesh.shape['data']} x seq={mesh.shape['seq']}; "
+        f"mesh data={mesh.shape['data']} x seq={mesh.shape['seq']}; "
         + (f"resuming at step {start}" if start else "from scratch"),
         file=out,
     )

@@ -140,11 +140,14 @@ def test_token_by_token_decoding_equals_the_full_forward(name, opts, cross):
     inputs_ids = jnp.array([[1] * 9 + [0] * 3, [1] * 12])  # the first source padded
     params, full, cache, encoded = prepare_decoding(model, inputs, targets, inputs_ids)
     fed, steps = shift_right(targets), []
-    for t in range(7):
-        logits, cache = extend(model, params, cache, encoded, inputs, fed[:, t : t + 1],
+    for t in range(7):  # after the first step the cross-attention reads its keys from the cache
+        source = encoded if t == 0 else jnp.zeros_like(encoded)
+        logits, cache = extend(model, params, cache, source, inputs, fed[:, t : t + 1],
                                inputs_ids)  # fmt: skip
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, **F32)
+    with pytest.raises(ValueError, match=r"made for a source \[B, S\] = \(2, 12\), not \(2, 9\)"):
+        extend(model, params, cache, encoded[:, :9], inputs[:, :9], fed[:, :1], inputs_ids[:, :9])
 
 
 def test_cross_attention_reads_only_the_source_document_of_each_target():

@@ -108,17 +108,18 @@ def test_the_engine_scores_a_fraction_of_what_blockwise_does():
     assert moba < blockwise / 5, (moba, blockwise)
 
 
-def test_the_cache_keeps_each_blocks_key_sum_and_a_step_reads_its_picks():
+@pytest.mark.parametrize("top_k", [2, 1])
+def test_the_cache_keeps_each_blocks_key_sum_and_a_step_reads_its_picks(top_k):
     """Token by token (each step gathers its top_k blocks) equals the brute force; the cache
     (max_len 15: the last block is partial) holds each block's key sum."""
     q, k, v = inputs(13, N=4, K=2)
-    decoder = av.decoder("moba", block=4, top_k=2)
+    decoder = av.decoder("moba", block=4, top_k=top_k)
     cache, extend = decoder.init(2, 15, 2, 8), jax.jit(decoder.extend)
     outs = []
     for t in range(13):  # one compilation: the position is traced
         out, cache = extend(cache, q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], t)
         outs.append(out)
-    naive = jax.jit(naive_rows, static_argnums=(3, 4, 5))(q, k, v, (13,), 4, 2)
+    naive = jax.jit(naive_rows, static_argnums=(3, 4, 5))(q, k, v, (13,), 4, top_k)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), naive, **F32)
     sums = jnp.pad(k, ((0, 0), (0, 3), (0, 0), (0, 0))).reshape(2, 4, 4, 2, 8).sum(2)
     np.testing.assert_allclose(cache.sums, sums, **F32)

@@ -156,7 +156,8 @@ class CrossAttention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, encoded, segment_ids=None, encoded_segment_ids=None, decode=False):
+    def __call__(self, x, encoded, segment_ids=None, encoded_segment_ids=None, position=None):
+        """`position`: the decoder's cache position when decoding (None: not decoding)."""
         cfg = self.config
         q = heads_projection(cfg, cfg.num_heads, "query")(x)  # [B, T, N, H]
 
@@ -165,18 +166,21 @@ class CrossAttention(nn.Module):
             return tuple(heads_projection(cfg, cfg.num_kv_heads, name)(encoded)
                          for name in ("key", "value"))  # fmt: skip
 
-        if decode and not self.is_initializing():  # projected at the first step, then read
-            if not self.has_variable("cache", "cross_filled"):
-                raise ValueError("decode=True needs a cache (EncoderDecoder's docstring)")
-            filled = self.variable("cache", "cross_filled")
-            k, v = nn.cond(filled.value, cached_keys, project, self, encoded)
-            cache = [self.variable("cache", f"cross_{name}") for name in ("key", "value")]
-            (cache[0].value, cache[1].value), filled.value = (k, v), jnp.asarray(True)
-        else:
+        if position is None or self.is_initializing():
             k, v = project(self, encoded)
-            if decode:  # the cache's shapes (its values come with the first step)
-                for name, value in (("cross_key", k), ("cross_value", v), ("cross_filled", False)):
-                    self.variable("cache", name, jnp.zeros_like, jnp.asarray(value))
+            if position is not None:  # the cache's shapes (its values come with the first step)
+                for name, value in (("cross_key", k), ("cross_value", v)):
+                    self.variable("cache", name, jnp.zeros_like, value)
+        else:  # projected at the first step (position 0), then read from the cache
+            if not self.has_variable("cache", "cross_key"):
+                raise ValueError("decode=True needs a cache (EncoderDecoder's docstring)")
+            cache = [self.variable("cache", f"cross_{name}") for name in ("key", "value")]
+            made = cache[0].value.shape[:2]
+            if made != encoded.shape[:2]:
+                raise ValueError(f"the cache was made for a source [B, S] = {made}, not "
+                                 f"{encoded.shape[:2]}")  # fmt: skip
+            k, v = nn.cond(position == 0, project, cached_keys, self, encoded)
+            cache[0].value, cache[1].value = k, v
         ids = {}
         if encoded_segment_ids is not None:
             if segment_ids is None:
@@ -239,7 +243,7 @@ class Block(nn.Module):
             h = make_norm(cfg, "cross_attention_norm")(x)
             cross = CrossAttention(cfg, name="cross_attention")
             ids = None if decode else segment_ids
-            x = x + drop(cross(h, encoded, ids, encoded_segment_ids, decode))
+            x = x + drop(cross(h, encoded, ids, encoded_segment_ids, position if decode else None))
         if not cfg.mlp_dim:
             return x
         return x + drop(GatedMLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x)))

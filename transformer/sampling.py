@@ -48,19 +48,23 @@ def sample_logits(logits, rng, *, temperature: float = 1.0, top_k: int = 0, top_
 
 
 def check_request(
-    model: TransformerLM, prompt_len: int, max_new_tokens: int, max_len=None, **sampling
+    model: TransformerLM | EncoderDecoder,
+    prompt_len: int,
+    max_new_tokens: int,
+    max_len=None,
+    **sampling,
 ):
     """The cache length to use; ValueError naming the numbers when the request cannot fit or
     a sampling option is out of range (temperature >= 0, 0 <= top_k <= vocab, 0 < top_p <= 1).
-    An EncoderDecoder's prompt is the source (`prompt_len` 0 here): its decoder holds the start
-    token and all new tokens but the last, max_new_tokens positions."""
+    A TransformerLM's prompt and new tokens (the sequence it returns) must fit `max_len`. An
+    EncoderDecoder's prompt is the source (`prompt_len` 0 here); what it returns, the new
+    tokens, must fit (its decoder holds the start token and all new tokens but the last)."""
     cfg = model.config
     least = 0 if isinstance(model, EncoderDecoder) else 1
-    if max_new_tokens < 1 or prompt_len < least:
-        raise ValueError(
-            f"need a prompt of >= 1 token and max_new_tokens >= 1, got {prompt_len} and "
-            f"{max_new_tokens}"
-        )
+    if max_new_tokens < 1:
+        raise ValueError(f"need max_new_tokens >= 1, got {max_new_tokens}")
+    if prompt_len < least:
+        raise ValueError(f"need a prompt of >= 1 token, got {prompt_len}")
     temperature, top_k = sampling.get("temperature", 1.0), sampling.get("top_k", 0)
     top_p = sampling.get("top_p", 1.0)
     if not temperature >= 0:

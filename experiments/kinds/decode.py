@@ -24,9 +24,10 @@ def build_decode(cell: Cell, config: Any) -> Built:
     """`prefill`: the model reads T random tokens into an empty cache in one call (logits at
     the last position only). `decode`: DECODE_STEPS greedy single-token steps in one lax.scan
     (the cache updated in place, as `transformer.generate` does; donated from call to call,
-    so no call copies it) from position T, so each step
-    attends to T + i cached tokens; the cache's contents do not change the work, so it starts
-    empty at position T rather than after a prefill. Rows carry `cache_bytes` (the cache of
+    so no call copies it) from position T, so each step attends to T + i cached tokens. The
+    cache's contents do not change the work, so it starts empty at position T rather than after
+    a prefill, and each call starts at T again (moba's block sums keep growing: the same work
+    with other numbers). Rows carry `cache_bytes` (the cache of
     the whole model, every layer) and `decode_steps` (time per token = time / steps)."""
     steps = DECODE_STEPS if cell.mode == "decode" else 0
     B, T = cell.batch, cell.seq_len

@@ -18,6 +18,7 @@ longer rows).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any, TextIO
@@ -76,7 +77,8 @@ def build_train_eval(cell: Cell, config: Any) -> Built:
     state = train.init_state(setup)
     train_step, _ = train.make_steps(setup)
     cfg = setup.model_config
-    flops = train_step_flops(cell, state["params"], cfg)
+    measured = dataclasses.replace(cell, head_dim=cfg.head_dim)  # a budget may set head_dim
+    flops = train_step_flops(measured, state["params"], cfg)
     if setup.targeted:  # the output layer runs at the weighted positions only
         skipped = cell.batch * (cell.seq_len - setup.targeted)
         flops -= 6.0 * cfg.vocab_size * cfg.width * skipped
