@@ -8,7 +8,8 @@ well-kept fused kernel.
   partial one from its `visible`), which splash keeps as partial blocks (deduplicated: a
   regular pattern has a few, BigBird's random blocks many) and skips where empty. A mask must
   show each query its own position (splash has no empty rows). Packed rows become `SegmentIds`
-  (run ids), GQA runs the MQA kernel per key/value head. "auto" picks it on TPU; elsewhere an
+  (run ids), GQA runs the MQA kernel per key/value head. Soft-capping and learned sinks are
+  splash's own arguments (`attn_logits_soft_cap`, `sinks`, with their gradients); ALiBi is not. "auto" picks it on TPU; elsewhere an
   explicit request runs it in interpret mode (slow: for tests). T and S must be multiples of
   128 (its key tiles are whole lanes).
 * `cudnn`: cuDNN's fused flash kernel through `jax.nn.dot_product_attention`: causal, full and
@@ -147,7 +148,8 @@ def _tile(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _splash_kernel(m: Mask, T: int, S: int, heads: int, mqa: bool, interpret: bool):
+def _splash_kernel(m: Mask, T: int, S: int, heads: int, mqa: bool, interpret: bool,
+                   softcap: float | None = None):  # fmt: skip
     bq, bk = _tile(T), _tile(S)
     sizes = splash.BlockSizes(
         block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
@@ -156,7 +158,8 @@ def _splash_kernel(m: Mask, T: int, S: int, heads: int, mqa: bool, interpret: bo
     masks = splash.MultiHeadMask([splash_mask(m, T, S)] * heads)
     make = splash.make_splash_mqa if mqa else splash.make_splash_mha
     with jax.ensure_compile_time_eval():  # its block tables: constants, cached across traces
-        kernel = make(masks, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+        kernel = make(masks, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret,
+                      attn_logits_soft_cap=softcap)  # fmt: skip
     return jax.tree.map(np.asarray, kernel)  # host arrays: no device or mesh placement
 
 
@@ -187,22 +190,30 @@ def splash_implementation(kernels) -> Implementation:
         (T, N, H), (S, K) = q.shape[1:], k.shape[1:3]
         dtype, q = q.dtype, scaled(q, call["scale"])
         interpret = jax.default_backend() != "tpu"
-        kernel = _splash_kernel(m, T, S, N // K if K < N else N, K < N, interpret)
+        kernel = _splash_kernel(m, T, S, N // K if K < N else N, K < N, interpret,
+                                options.get("softcap"))  # fmt: skip
+        sinks = options.get("sink_logits")  # [N] float32: in the softmax's denominator
+        sinks = None if sinks is None else sinks.astype(jnp.float32)
 
         def rows(q, k, v, q_seg, k_seg):  # [b, ...] rows of one device
             b = q.shape[0]
             ids = None if q_seg is None else splash.SegmentIds(q_seg, k_seg)
             k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [b, K, S, H]
             if K == N:
-                out = jax.vmap(kernel)(q.transpose(0, 2, 1, 3), k, v, ids)  # [b, N, T, H]
-                return out.transpose(0, 2, 1, 3)
+                run = jax.vmap(kernel, in_axes=(0, 0, 0, 0 if ids else None, None))
+                return run(q.transpose(0, 2, 1, 3), k, v, ids, sinks).transpose(0, 2, 1, 3)
             q = q.reshape(b, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [b, K, G, T, H]
-            out = jax.vmap(jax.vmap(kernel, in_axes=(0, 0, 0, None)))(q, k, v, ids)
+            grouped = None if sinks is None else sinks.reshape(K, N // K)  # per K/V head
+            per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None, None if sinks is None else 0))
+            out = jax.vmap(per_head, in_axes=(0, 0, 0, 0 if ids else None, None))(
+                q, k, v, ids, grouped
+            )
             return out.transpose(0, 3, 1, 2, 4).reshape(b, T, N, H)
 
         return _per_device(rows, q, k, v, lay.q_seg, lay.k_seg).astype(dtype)
 
-    return Implementation(fn, supports=supports, auto=("tpu",))
+    return Implementation(fn, supports=supports, auto=("tpu",),
+                          modifiers=("softcap", "sink_logits"))  # fmt: skip
 
 
 # The ring's steps call splash's backward kernels, which its public API does not export, with

@@ -74,7 +74,8 @@ class MaskedSoftmax:
     with causal=False then raises NotImplementedError naming the variant).
 
     Every variant also takes score modifiers (served by the tiled engine and the reference; the
-    other rows of the table refuse them, naming them): options `bias="alibi"` (ALiBi, Press
+    other rows of the table serve those of their `Implementation.modifiers` and refuse the
+    others, naming them): options `bias="alibi"` (ALiBi, Press
     et al. 2022: -m_h |i - j| added to the scaled scores, m_h = 2^(-8(h+1)/N)) and `softcap=c`
     (Gemma 2: the scaled score s becomes c tanh(s / c), after the bias, before the mask), and
     the call argument `sink_logits` [N] (learned sinks, as gpt-oss: one value-less logit per
@@ -208,21 +209,23 @@ def check_sinks(q, sink_logits) -> None:
         )
 
 
-def modifiers_used(call_and_options: Mapping[str, Any]) -> str | None:
-    """The score modifiers a call asks for, as a phrase (None: none)."""
-    used = [f"{n}={call_and_options[n]!r}" for n in MODIFIERS if call_and_options.get(n)]
+def modifiers_used(call_and_options: Mapping[str, Any]) -> dict[str, str]:
+    """The score modifiers a call asks for: {name: as written}."""
+    used = {n: f"{n}={call_and_options[n]!r}" for n in MODIFIERS if call_and_options.get(n)}
     if call_and_options.get("sink_logits") is not None:
-        used.append("sink_logits")
-    return ", ".join(used) or None
+        used["sink_logits"] = "sink_logits"
+    return used
 
 
 def refusing_modifiers(impl: Implementation) -> Implementation:
-    """`impl`, refusing calls with score modifiers (the tiled engine and the reference serve
-    them)."""
+    """`impl`, refusing calls with the score modifiers it does not serve (`impl.modifiers`;
+    the tiled engine and the reference serve them all)."""
 
     def supports(q, k, v, **kw):
-        used = modifiers_used(kw)
-        return f"{used} (the 'jax' engine serves them)" if used else impl.supports(q, k, v, **kw)
+        unserved = [text for n, text in modifiers_used(kw).items() if n not in impl.modifiers]
+        if unserved:
+            return f"{', '.join(unserved)} (the 'jax' engine serves them)"
+        return impl.supports(q, k, v, **kw)
 
     return dataclasses.replace(impl, supports=supports)
 

@@ -47,6 +47,8 @@ class Implementation:
     NotImplementedError naming that. auto: where "auto" may pick it (None: its `backends`), e.g.
     a Pallas TPU kernel that runs elsewhere only in (slow) interpret mode. measured: "auto" times
     it against the other measured rows that serve the same call and keeps the fastest.
+    modifiers: the masked-softmax score modifiers it serves ("softcap", "sink_logits", "bias";
+    the family refuses calls with the others).
     """
 
     fn: Kernel
@@ -54,6 +56,7 @@ class Implementation:
     supports: Callable[..., str | None] = lambda *args, **kwargs: None
     auto: tuple[str, ...] | None = None
     measured: bool = False
+    modifiers: tuple[str, ...] = ()
 
     def picked_on(self, backend: str) -> bool:
         return backend in (self.backends if self.auto is None else self.auto)

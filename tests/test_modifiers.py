@@ -117,3 +117,26 @@ def test_bad_modifiers_are_named(options, call, error, needle):
     name = "xla" if options.get("implementation") == "xla" else "blockwise"
     with pytest.raises(error, match=needle):
         av.get(name, **options)(q, k, v, **call)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_splash_serves_soft_capping_and_learned_sinks(kv_heads):
+    """JAX's splash kernel (interpret mode here) with its own soft cap and sinks, forward and
+    gradients, against the plain definition; ALiBi stays the engine's (splash has no bias)."""
+    q, k, v, sinks = inputs(4, B=1, T=128, N=2, K=kv_heads, H=8)
+    kernel = av.get("blockwise", implementation="splash", softcap=2.0)
+    visible = jnp.tril(jnp.ones((1, 128, 128), bool))
+
+    def loss(fn, q, k, v, s):
+        out = fn(q, k, v, s)
+        return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
+
+    ours = lambda q, k, v, s: kernel(q, k, v, sink_logits=s)  # noqa: E731
+    theirs = lambda q, k, v, s: plain(q, k, v, visible, softcap=2.0, sinks=s)  # noqa: E731
+    np.testing.assert_allclose(ours(q, k, v, sinks), theirs(q, k, v, sinks), **F32)
+    grads = [jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3))(q, k, v, sinks)
+             for fn in (ours, theirs)]  # fmt: skip
+    for a, b, what in zip(*grads, ("dq", "dk", "dv", "d sink_logits"), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=what)
+    with pytest.raises(NotImplementedError, match="bias='alibi'"):
+        av.get("blockwise", implementation="splash", bias="alibi")(q, k, v)
