@@ -9,9 +9,9 @@ well-kept fused kernel.
   regular pattern has a few, BigBird's random blocks many) and skips where empty. A mask must
   show each query its own position (splash has no empty rows). Packed rows become `SegmentIds`
   (run ids), GQA runs the MQA kernel per key/value head. Soft-capping and learned sinks are
-  splash's own arguments (`attn_logits_soft_cap`, `sinks`, with their gradients); ALiBi is not. "auto" picks it on TPU; elsewhere an
-  explicit request runs it in interpret mode (slow: for tests). T and S must be multiples of
-  128 (its key tiles are whole lanes).
+  splash's own arguments (`attn_logits_soft_cap`, `sinks`, with their gradients); ALiBi is
+  not. "auto" picks it on TPU; elsewhere an explicit request runs it in interpret mode (slow:
+  for tests). T and S must be multiples of 128 (its key tiles are whole lanes).
 * `cudnn`: cuDNN's fused flash kernel through `jax.nn.dot_product_attention`: causal, full and
   causal-window masks, GQA, bfloat16/float16. A window is always passed with the causal flag: a
   window without it attends to the future in cuDNN (jax PR #39576), so a window that reaches
