@@ -12,6 +12,13 @@ from experiments.configlib import ConfigError
 from tests.test_report import make_row
 
 
+@pytest.fixture(autouse=True)
+def no_full_collection(monkeypatch):
+    """The runner's gc.collect after each cell frees a large cell's memory; in a test worker's
+    heap, grown by hundreds of tests, one takes seconds, and these cells are small."""
+    monkeypatch.setattr(sweep.gc, "collect", lambda *a, **k: 0)
+
+
 def tiny(data_dir, **changes):
     config = ablation_mqar.get_config()
     config.update(dict(variants="dense,linear", lengths="32", num_pairs="2,16", batch=8))

@@ -97,9 +97,12 @@ def fake_measure(ms_of_cell, calls):
 
 @pytest.fixture
 def no_gemm(monkeypatch):
-    """No reference GEMM and no plot: these tests are about the runner."""
+    """No reference GEMM, no plot and no full garbage collection after each cell (in a test
+    worker's heap, grown by hundreds of tests, one takes seconds): these tests are about the
+    runner."""
     monkeypatch.setattr(bench, "gemm_gflops", lambda *a, **k: 100.0)
     monkeypatch.setattr(report, "plot", lambda rows, path: None)
+    monkeypatch.setattr(sweep.gc, "collect", lambda *a, **k: 0)
 
 
 def test_resume_measures_only_missing_cells(tmp_path, monkeypatch, no_gemm):
