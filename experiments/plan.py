@@ -11,6 +11,7 @@ import attention_variants as av
 from experiments.cells import TRAIN_STEP_FIELDS, Cell, mesh_aware
 from experiments.configlib import ConfigError, csv_field, field, float_field, int_field
 from experiments.kinds import KINDS, MODES
+from transformer.budget import MATCH_FIELDS
 
 # train_eval config fields (comma-separated) swept like lengths: MQAR's pairs, ListOps' bounds
 TASK_AXES = ("num_pairs", "min_len", "max_len")
@@ -291,7 +292,12 @@ def training_fields(train: Any) -> dict[str, Any]:
                 f"train.{name}", f"is set per cell (--config.{axis.get(name, 'data')}); remove it"
             )
     fields = {k: v for k, v in train.to_dict().items() if k not in IGNORED_TRAINING}
-    if not fields.get("match_params", 0):  # no budget (added later: older rows lack them)
+    budget, width = fields.get("match_params", 0), fields.get("match_field", "head_dim")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ConfigError("train.match_params", f"must be an int >= 0, got {budget!r}")
+    if width not in MATCH_FIELDS:
+        raise ConfigError("train.match_field", f"must be one of {MATCH_FIELDS}, got {width!r}")
+    if not budget:  # no budget (added later: older rows lack them)
         for name in ("match_params", "match_field"):
             fields.pop(name, None)
     return fields

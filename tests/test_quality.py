@@ -48,6 +48,9 @@ def test_the_planner_leaves_out_pairs_that_do_not_fit(tmp_path):
     assert "match_params" not in plan.plan_cells(budget, "float32")[0].training["train"]
     budget.train.match_params = 60_000
     assert plan.plan_cells(budget, "float32")[0].training["train"]["match_params"] == 60_000
+    budget.train.match_field = "num_heads"  # one error before any cell, not an error per cell
+    with pytest.raises(ConfigError, match="train.match_field: must be one of"):
+        plan.plan_cells(budget, "float32")
 
 
 def test_train_eval_cells_report_quality_beside_cost(tmp_path):
