@@ -6,6 +6,11 @@ step time and memory of the cell.
         [--config.variants=dense,linear] [--config.learning_rates=3e-4,1e-3,3e-3] \
         [--config.seeds=0,1,2] [--config.lengths=128,512 --config.min_len=L/8]
 
+A cell takes about 4 minutes on one core here, so the protocol's grid (6 variants x 3 rates x 3
+seeds, 54 cells) is about 3.5 hours: give it `--config.time_budget_s=0` (the 30-minute budget
+of configs/ablation_mqar.py would skip most cells; a rerun measures the skipped ones) and run
+the command once per core into the same --workdir (the processes share the cells).
+
 An edit of configs/ablation_mqar.py (the `train_eval` cell kind): ListOps' classification rows
 (`listops` with `classification`, expressions of `min_len` to `max_len` tokens, both an int or
 `L/k`, in rows of each length L), a 2-layer encoder of width 64 with an MLP and mean pooling,
