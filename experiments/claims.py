@@ -37,6 +37,16 @@ def alive(record: dict[str, Any]) -> bool:
     return True
 
 
+def read_claim(path: Path) -> dict[str, Any] | None:
+    """A claim's record; {} for a file torn by a power loss, None when it is gone."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        return {}
+
+
 class Claims:
     """The claims folder of one results folder; `held` is this process's claim (or None)."""
 
@@ -72,12 +82,7 @@ class Claims:
         """Claims whose process is gone, with their records ({} for a torn file)."""
         found = []
         for path in sorted(self.folder.glob("*.json")):
-            try:
-                record = json.loads(path.read_text())
-            except FileNotFoundError:  # released meanwhile
-                continue
-            except json.JSONDecodeError:  # torn by a power loss
-                record = {}
-            if not alive(record):
+            record = read_claim(path)
+            if record is not None and not alive(record):  # None: released meanwhile
                 found.append((path, record))
         return found

@@ -53,7 +53,7 @@ from experiments.cells import (
     implementation_of,
     row_key,
 )
-from experiments.claims import Claims
+from experiments.claims import Claims, read_claim
 from experiments.configlib import ConfigError, parse_flags
 from experiments.kinds import KINDS
 from experiments.plan import plan_cells, resolve_dtype, seq_devices
@@ -144,8 +144,7 @@ class Sweep:
             f.write(json.dumps(row, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.rows[row_key(row)] = row
-        self.refresh()  # takes other processes' rows too; this one's is read back
+        self.rows[row_key(row)] = row  # other processes' rows: `refresh` before each cell
 
     def row(self, cell: Cell, status: str, error: str | None = None, **values: Any):
         row = {**cell.fields(), **dict.fromkeys(RESULT_FIELDS), **self.common}
@@ -158,12 +157,7 @@ class Sweep:
         has a result by now. A crash of other code gives the cell a fresh try; to retry a
         crashed cell of the same code, delete its row. (`inflight.json`: older versions' claim.)"""
         legacy = self.workdir / "inflight.json"
-        left = [(legacy, {})] if legacy.exists() else []
-        if left:
-            try:
-                left = [(legacy, json.loads(legacy.read_text()))]
-            except json.JSONDecodeError:  # torn by a power loss: nothing to record
-                pass
+        left = [(legacy, read_claim(legacy) or {})] if legacy.exists() else []
         planned = {c.key() for c in self.cells}
         for path, cell in [*left, *self.claims.abandoned()]:
             same_code = all(cell.get(f) == self.common[f] for f in VERSION_FIELDS)
