@@ -17,15 +17,18 @@ well-kept fused kernel.
   window without it attends to the future in cuDNN (jax PR #39576), so a window that reaches
   ahead is not served.
 * `tokamax`: the Pallas GPU kernels of tokamax (`pip install '.[gpu]'`; Mosaic GPU, then
-  Triton): causal, full and window masks (either side), GQA.
+  Triton): causal, full and window masks (either side), GQA, and packed rows (`segment_ids`):
+  each query's document, cut to its window, is a key range [k_start, k_end), which tokamax's
+  mask takes per query, so a packed training row stays on the fused kernel.
 
 cuDNN and tokamax need an NVIDIA GPU. On GPU "auto" times `cudnn` against `tokamax` for each
-call signature and keeps the faster (`registry.fastest`; a rival that fails there is dropped).
-None of them takes kv_segment_ids, decoding offsets, T != S or return_lse: "auto" falls back to
-the portable "jax" engine there, and an explicit request raises NotImplementedError naming the
-missing feature. Under a current mesh of several devices (`jax.set_mesh`) each runs per device
-in a `shard_map` over the mesh axes that split the batch: XLA cannot partition a Pallas or
-cuDNN call by itself.
+call signature and keeps the faster (`registry.fastest`; a rival that fails there is dropped);
+packed rows go to tokamax, as JAX's public cuDNN call takes no segment ids. None of them takes
+kv_segment_ids, decoding offsets, T != S or return_lse: "auto" falls back to the portable "jax"
+engine there, and an explicit request raises NotImplementedError naming the missing feature.
+Under a current mesh of several devices (`jax.set_mesh`) each runs per device in a `shard_map`
+over the mesh axes that split the batch: XLA cannot partition a Pallas or cuDNN
+call by itself.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from attention_variants.common import (
     beyond_self_attention,
     contract,
     placed,
+    run_starts,
     widened,
 )
 from attention_variants.masks import Causal, Mask, Window
@@ -367,8 +371,8 @@ def _fused(kernels, library: str, supports_more) -> Implementation:
         missing = _unplain(q, k, call) or _nvidia()
         if missing:
             return missing
-        if call.get("segment_ids") is not None:
-            return f"segment_ids ({library}'s public API has none)"
+        if call.get("segment_ids") is not None and library == "cudnn":
+            return "segment_ids (cudnn's public API has none)"
         m = _mask(kernels, q, k, call)
         if _band_of(m) is None:
             return f"the {type(m).__name__} pattern ({library} takes causal and window masks)"
@@ -378,19 +382,65 @@ def _fused(kernels, library: str, supports_more) -> Implementation:
     def fn(q, k, v, call, options):
         is_causal, window = _band_of(_mask(kernels, q, k, {**call, **options}))
         kw = dict(scale=call["scale"], is_causal=is_causal, local_window_size=window)
+        ids = call.get("segment_ids")
         if library == "cudnn":
             attention = jax.nn.dot_product_attention
             kw["implementation"] = KERNELS["cudnn"]
-        else:
-            if not flags.FLAGS.is_parsed():  # tokamax reads its absl flags, parsing sys.argv
-                flags.FLAGS.mark_as_parsed()  # if no app did: keep their defaults instead
-            import tokamax
-
-            attention = tokamax.dot_product_attention
+        elif ids is None:
+            attention = _tokamax().dot_product_attention
             kw["implementation"] = KERNELS["tokamax"]
+        else:
+            attention = functools.partial(_tokamax_packed, **kw)
+            return _per_device(attention, q, k, v, ids).astype(q.dtype)
         return _per_device(functools.partial(attention, **kw), q, k, v).astype(q.dtype)
 
     return Implementation(fn, ("gpu",), supports, measured=True)
+
+
+def _tokamax():
+    if not flags.FLAGS.is_parsed():  # tokamax reads its absl flags, parsing sys.argv if no
+        flags.FLAGS.mark_as_parsed()  # app did: keep their defaults instead
+    import tokamax
+
+    return tokamax
+
+
+def key_ranges(ids, is_causal: bool, window: tuple[int, int] | None):
+    """[B, T] segment ids -> (k_start, k_end) [B, T] int32: the keys query i may see form the
+    range [k_start, k_end) of its document (a contiguous run of ids), cut to the window
+    (left, right) where there is one; k_end is None for causal calls (the flag cuts it)."""
+    index = jnp.arange(ids.shape[1], dtype=jnp.int32)
+    start = run_starts(ids)
+    end = ids.shape[1] - jnp.flip(run_starts(jnp.flip(ids, 1)), 1)  # exclusive: the next run
+    if window is not None:
+        start = jnp.maximum(start, index - window[0])
+        end = jnp.minimum(end, index + window[1] + 1)
+    return start, None if is_causal else end
+
+
+def _tokamax_packed(q, k, v, ids, *, scale, is_causal, local_window_size):
+    """tokamax's attention over packed rows: its mask takes a key range per query (`k_start`,
+    `k_end`), which its public function does not expose, so this builds the mask and tries its
+    kernels in turn as that function does (tokamax's internal API, pinned in setup.cfg)."""
+    _tokamax()
+    from tokamax._src.ops.attention import api, base
+
+    start, end = key_ranges(ids, is_causal, local_window_size)
+    mask = base.Mask(
+        k_start=start[:, None], k_end=None if end is None else end[:, None], is_causal=is_causal
+    )
+    scale, errors = base.AUTO if scale is None else scale, []
+    for name in KERNELS["tokamax"]:
+        if name == "mosaic":
+            name = "mosaic_gpu" if "NVIDIA" in jax.devices()[0].device_kind else "mosaic_tpu"
+        if name not in api.IMPLEMENTATIONS:
+            errors.append(NotImplementedError(f"tokamax's {name} kernel (not in this version)"))
+            continue
+        try:
+            return api.IMPLEMENTATIONS[name](q, k, v, mask=mask, logits_scale=scale)
+        except NotImplementedError as e:
+            errors.append(e)
+    raise ExceptionGroup("tokamax: no kernel served the packed call", errors)
 
 
 def _hopper_or_later() -> bool:

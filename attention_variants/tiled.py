@@ -56,8 +56,15 @@ class BlockSizes:
 
 
 def block_sizes(mask: Mask, segmented: bool, block_q=None, block_k=None) -> BlockSizes:
-    """The tile sizes given, the mask's preferred ones (`Mask.preferred_tiles`) where None."""
+    """The tile sizes given, the mask's preferred ones (`Mask.preferred_tiles`) where None.
+
+    The preferences are CPU measurements; on an accelerator (GPU, TPU) a preferred size is
+    rounded up to what its matrix units take whole: a multiple of 128, or of 64 for a pattern
+    that prefers 64 or less (a narrow window, BigBird's blocks), so that a 16-wide key tile
+    does not run a matmul mostly of padding. Sizes given are kept as given."""
     preferred = mask.preferred_tiles(segmented) or dataclasses.astuple(BlockSizes())
+    if jax.default_backend() != "cpu":
+        preferred = [-(-p // unit) * unit for p in preferred for unit in [64 if p <= 64 else 128]]
     return BlockSizes(*(p if t is None else t for t, p in zip((block_q, block_k), preferred,
                                                                 strict=True)))  # fmt: skip
 

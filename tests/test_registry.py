@@ -190,6 +190,7 @@ def test_auto_prefers_splash_on_tpu_and_falls_back_for_what_it_cannot_serve(monk
         ("fixed", "splash", dict(segments=True), "segment_ids with the Fixed pattern"),
         ("blockwise", "cudnn", dict(dtype=jnp.float32), "float32 inputs"),
         ("blockwise", "cudnn", dict(segments=True), "segment_ids (cudnn's public API has none)"),
+        ("blockwise", "tokamax", dict(segments=True, return_lse=True), "return_lse"),
         ("blockwise", "cudnn", dict(H=264), "head dim H=264"),
         ("sliding_window", "cudnn", dict(causal=False, window=(8, 4)), "a window reaching 4 keys"),
         ("bigbird", "cudnn", {}, "the BigBird pattern"),
@@ -263,6 +264,49 @@ def test_fused_paths_hand_the_variants_mask_to_the_library(
     assert accelerators.KERNELS[implementation] in ("cudnn", ("mosaic", "triton"))
     want = spec.bound_reference(**opts)(q, k, v, causal=causal, scale=0.3)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,opts,causal",
+    [
+        ("blockwise", {}, True),
+        ("blockwise", {}, False),
+        ("sliding_window", {"window": 9}, True),
+        ("sliding_window", {"window": (7, 3)}, False),
+    ],
+)
+def test_tokamax_serves_packed_rows_as_key_ranges(monkeypatch, name, opts, causal):
+    """Packed rows on tokamax: each query's document (cut to its window) as a key range of
+    tokamax's mask, through tokamax's XLA kernel here, against the variant's reference with the
+    segment ids; cuDNN still refuses them."""
+    from attention_variants import accelerators
+
+    monkeypatch.setattr(accelerators, "KERNELS", {**accelerators.KERNELS, "tokamax": ("xla",)})
+    q, k, v = random_qkv(45, T=48, N=4, K=2)
+    ids = jnp.array([[0] * 5 + [1] * 30 + [2] * 13, [3] * 20 + [0] * 28], jnp.int32)
+    spec = av.spec(name)
+    options = {n: x for n, x in spec.options(**opts).items() if n != "implementation"}
+    call = dict(causal=causal, segment_ids=ids, **options)
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    assert spec.implementations["tokamax"].supports(*bf16, **call) is None
+    assert "segment_ids" in spec.implementations["cudnn"].supports(*bf16, **call)
+    out = spec.implementations["tokamax"].fn(q, k, v, scale=0.3, **call)
+    want = spec.bound_reference(**opts)(q, k, v, causal=causal, segment_ids=ids, scale=0.3)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_key_ranges_are_the_documents_cut_to_the_window():
+    from attention_variants.accelerators import key_ranges
+
+    ids = jnp.array([[7, 7, 7, 2, 2, 9, 9, 9, 9]])
+    start, end = key_ranges(ids, is_causal=False, window=None)
+    assert start.tolist() == [[0, 0, 0, 3, 3, 5, 5, 5, 5]]
+    assert end.tolist() == [[3, 3, 3, 5, 5, 9, 9, 9, 9]]
+    start, end = key_ranges(ids, is_causal=True, window=(1, 0))
+    assert start.tolist() == [[0, 0, 1, 3, 3, 5, 5, 6, 7]] and end is None
+    start, end = key_ranges(ids, is_causal=False, window=(1, 2))
+    assert start.tolist() == [[0, 0, 1, 3, 3, 5, 5, 6, 7]]
+    assert end.tolist() == [[3, 3, 3, 5, 5, 8, 9, 9, 9]]
 
 
 def test_auto_times_measured_rows_and_keeps_the_fastest(monkeypatch):

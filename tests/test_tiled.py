@@ -15,6 +15,7 @@ from attention_variants.masks import Causal, Fixed, Mask, Window
 from attention_variants.tiled import (
     BlockSizes,
     attend_tiles,
+    block_sizes,
     make_schedule,
     plan,
     steps,
@@ -195,3 +196,22 @@ def test_steps_never_put_two_pairs_of_one_query_tile_in_a_forward_step():
         rows = [qi for qi, _ in step if qi != 8]
         assert len(rows) == len(set(rows))
     assert len(packed) <= -(-len(pairs) // 4) + 1  # hardly any padding
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_tile_defaults_per_backend(monkeypatch, backend):
+    """CPU keeps the masks' measured preferences; accelerators get tiles their matrix units
+    take whole (multiples of 128, or 64 for patterns that prefer 64 or less); sizes given are
+    kept on every backend."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    cases = [  # mask, segmented, CPU preference, accelerators'
+        (Window(64, 0), False, (64, 64), (64, 64)),
+        (Window(16, 0), False, (32, 32), (64, 64)),
+        (Fixed(128, 16), False, (128, 16), (128, 64)),
+        (Fixed(96, 8), False, (96, 8), (128, 64)),
+        (Causal(), False, (512, 512), (512, 512)),
+    ]
+    for mask, segmented, cpu, accelerator in cases:
+        want = cpu if backend == "cpu" else accelerator
+        assert dataclasses.astuple(block_sizes(mask, segmented)) == want, mask
+        assert dataclasses.astuple(block_sizes(mask, segmented, 16, None))[0] == 16
