@@ -8,12 +8,14 @@ a feature product phi(q).phi(k), so that
 is computed from running sums of phi(k_s) v_s^T instead of a [T, S] score matrix. The causal
 form runs chunk by chunk (the chunkwise-parallel form, e.g. Hua et al. 2022 "Transformer Quality
 in Linear Time"): quadratic inside a chunk of C positions, plus a float32 state [B, K, F, H+1]
-carried between chunks by `lax.scan`. A column of ones appended to V makes the last state column
-the normaliser sum_s phi(k_s). Time is O(T (C F + F H)) per head. The forward holds one chunk's
-[C, C] scores at a time: memory O(T) for inputs and outputs plus O(C^2 + F H). The backward is
-the scan's own autodiff, which keeps every chunk's incoming state and scores for the reverse
-pass: O(T/C F H + T C) per head, still linear in T (about the size of q, k and v themselves at
-C = F = H = 64), not O(C^2 + F H).
+carried between chunks by `lax.scan` on CPU. On accelerators the chunks run at once instead
+(`_in_parallel`): each chunk's own state, a prefix over the chunks (`lax.associative_scan`),
+then every chunk's output from the state before it. A column of ones appended to V makes the
+last state column the normaliser sum_s phi(k_s). Time is O(T (C F + F H)) per head. The CPU's
+forward holds one chunk's [C, C] scores at a time: memory O(T) for inputs and outputs plus
+O(C^2 + F H). The backward is the scan's own autodiff, which keeps every chunk's incoming state
+and scores for the reverse pass: O(T/C F H + T C) per head, still linear in T (about the size
+of q, k and v themselves at C = F = H = 64), not O(C^2 + F H).
 
 Features arrive computed: qf [B, T, N, F], kf [B, S, K, F] (non-negative, float32). Performer's
 exponential features also pass `log_scale` m [B, S, K]: the true key feature is kf * exp(m).
@@ -107,14 +109,15 @@ def _chunks(x, C: int, fill=0.0):
 
 
 def _chunk_step(strict: bool, G: int, m_given: bool, seg_given: bool):
-    """One scan step: (state, one chunk) -> (state after it, the chunk's sums).
+    """A chunk's two halves: output(state, chunk) -> its sums (acc, Mt), from the keys before
+    it (the state) and its own; update(state, chunk) -> the state after it.
 
     Chunk: q [B, K, Q, F] (Q = G*C rows ordered (g, c)), k [B, K, C, F], v [B, K, C, H+1],
     m [B, K, C], seg [B, C]. State: S [B, K, F, H+1]; M [B, K], the running max of m it is
     relative to; prev [B], the segment it belongs to.
     """
 
-    def step(carry, chunk):
+    def output(carry, chunk):
         S, M, prev = carry
         q, k, v, m, seg = chunk
         C = k.shape[2]
@@ -137,8 +140,12 @@ def _chunk_step(strict: bool, G: int, m_given: bool, seg_given: bool):
             scores, Mt = jnp.where(vis, scores, 0.0), None
             if seg_given:
                 read = jnp.where(cont[..., None], read, 0.0)
-        acc = _einsum("BKQD,BKDH->BKQH", scores, v) + read
+        return _einsum("BKQD,BKDH->BKQH", scores, v) + read, Mt
+
+    def update(carry, chunk):
         # The state after the chunk holds the keys of the chunk's last segment only.
+        S, M, prev = carry
+        _, k, v, m, seg = chunk
         if seg_given:
             last = seg[:, -1]
             keep = (seg == last[:, None])[:, None]  # [B, 1, C]
@@ -153,10 +160,43 @@ def _chunk_step(strict: bool, G: int, m_given: bool, seg_given: bool):
             S, M = S * jnp.exp(M - M_new)[..., None, None], M_new
         elif seg_given:
             k = jnp.where(keep[..., None], k, 0.0)
-        S = S + _einsum("BKDF,BKDH->BKFH", k, v)
-        return (S, M, prev), (acc, Mt)
+        return S + _einsum("BKDF,BKDH->BKFH", k, v), M, prev
 
-    return step
+    return output, update
+
+
+def _then(a, b):
+    """The state after the keys of `a` then those of `b` (states stacked on a leading axis, as
+    `lax.associative_scan` combines them): b's reset flag drops a. Associative."""
+    (S1, M1, r1), (S2, M2, r2) = a, b
+    cut = r2[..., None, None, None]
+    if M1 is None:
+        return jnp.where(cut, S2, S1 + S2), None, r1 | r2
+    M = jnp.maximum(M1, M2)  # both weights <= 1, so neither branch overflows (or its gradient)
+    S = S1 * jnp.exp(M1 - M)[..., None, None] + S2 * jnp.exp(M2 - M)[..., None, None]
+    return jnp.where(cut, S2, S), jnp.where(r2[..., None], M2, M), r1 | r2
+
+
+def _in_parallel(output, update, carry, xs):
+    """`lax.scan` of (update, output) over the chunks without its sequential dependency, for
+    accelerators: each chunk's own sums from an empty state (all chunks at once), a prefix
+    over them (`lax.associative_scan`; a chunk whose last segment starts in it resets what came
+    before), then every chunk's output from the state before it (all at once). Holds every
+    chunk's state: O(T/C F H) memory, as the scan's backward does."""
+    S0, M0, prev0 = carry
+    seg = xs[4]
+    n = xs[1].shape[0]
+    last = jnp.broadcast_to(prev0, (n, *prev0.shape)) if seg is None else seg[:, :, -1]
+    prev = jnp.concatenate([prev0[None], last[:-1]])  # [n, B]: the segment each chunk follows
+    empty = (jnp.zeros_like(S0), None if M0 is None else jnp.full_like(M0, NEG))
+    own_S, own_M, _ = jax.vmap(lambda chunk, p: update((*empty, p), chunk))(xs, last)
+    first = (S0[None], None if M0 is None else M0[None], jnp.zeros((1, *prev0.shape), bool))
+    own = (own_S, own_M, last != prev)
+    S, M, _ = lax.associative_scan(_then, jax.tree.map(lambda a, b: jnp.concatenate([a, b]),
+                                                       first, own))  # fmt: skip
+    before = (S[:-1], None if M is None else M[:-1], prev)
+    acc, Mt = jax.vmap(output)(before, xs)
+    return (S[-1], None if M is None else M[-1], last[-1]), (acc, Mt)
 
 
 def causal_sums(
@@ -184,8 +224,13 @@ def causal_sums(
     if state is None:
         state = init_state(B, K, F, v1.shape[-1] - 1, stabilised=m is not None)
     prev0 = jnp.zeros((B,), jnp.int32) if seg is None else seg[0, :, 0]
-    step = _chunk_step(strict, G, m is not None, seg is not None)
-    (S, M, _), (acc, Mt) = lax.scan(step, (*state, prev0), (q, k, v, m, seg))
+    output, update = _chunk_step(strict, G, m is not None, seg is not None)
+    carry, xs = (*state, prev0), (q, k, v, m, seg)
+    if jax.default_backend() == "cpu":  # one chunk after another: the fastest here
+        step = lambda carry, chunk: (update(carry, chunk), output(carry, chunk))  # noqa: E731
+        (S, M, _), (acc, Mt) = lax.scan(step, carry, xs)
+    else:
+        (S, M, _), (acc, Mt) = _in_parallel(output, update, carry, xs)
     Mt = None if Mt is None else _unchunk(Mt[..., None], G, T)[..., 0]
     return _unchunk(acc, G, T), Mt, State(S, M)
 

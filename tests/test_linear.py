@@ -13,6 +13,7 @@ import pytest
 from conftest import packed_segments, random_qkv
 
 import attention_variants as av
+from attention_variants import chunked
 from attention_variants.common import softmax_attention
 from attention_variants.performer import random_features
 
@@ -124,3 +125,30 @@ def test_decode_options_are_validated():
         av.decoder("performer", num_featurs=16)
     with pytest.raises(ValueError, match="num_features"):
         av.decoder("performer", num_features=0)
+
+
+@pytest.mark.parametrize(
+    "scaled,causal,segmented",
+    [(False, True, False), (False, True, True), (True, True, True), (True, False, True)],
+)
+def test_accelerators_run_the_chunks_in_parallel(monkeypatch, scaled, causal, segmented):
+    """On GPU and TPU the chunks are summed at once and joined by a prefix over their states
+    (no scan over T / C chunks); checked here on CPU by taking that path: the program has no
+    scan, and its outputs and gradients equal the CPU's scan (with performer's log scales too)."""
+    q, k, v = random_qkv(24, T=45, N=4, K=2)
+    qf, kf = jax.nn.softplus(q), jax.nn.softplus(k)
+    log_scale = 3 * k[..., 0] if scaled else None
+    seg = packed_segments(25, 2, 45, max_segments=4) if segmented else None
+    kw = dict(causal=causal, segment_ids=seg, log_scale=log_scale, chunk=8)
+
+    def run():  # a new function each time: make_jaxpr caches traces per function
+        def loss(qf, kf, v):
+            return jnp.sum(jnp.sin(chunked.linear_attention(qf, kf, v, **kw)))
+
+        assert ("scan" in str(jax.make_jaxpr(loss)(qf, kf, v))) == (jax.default_backend() == "cpu")
+        return jax.value_and_grad(loss, (0, 1, 2))(qf, kf, v)
+
+    want = run()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for got, ref in zip(jax.tree.leaves(run()), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(got, ref, **F32)
