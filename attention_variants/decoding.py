@@ -12,8 +12,10 @@ attention output; the cache carries what later tokens still need:
   ValueError when the position is concrete, and gives NaN outputs when it is traced. The
   position is traced in the model, so the kernel schedules every key tile of the cache: on CPU
   it skips the tiles outside the mask's band at run time, on accelerators it masks them (a step
-  costs O(max_len) there, as a dense row does); `fixed` and `bigbird` prefill the causal band's
-  tiles (their sparsity is lost there, not their result).
+  costs O(max_len) there, as a dense row does). A single token of a block pattern (`fixed`,
+  `bigbird`) instead gathers the key tiles that the pattern's static schedule lists for its
+  query tile and attends to those only (`scheduled_step`): O(visible keys) per token, constant
+  in max_len for BigBird. Chunks of several tokens run the kernel as above.
 * **Block-selection KV cache** (`moba`): the KV cache plus each block's running key sum. A
   generated token gates every block from its sum and reads only the keys of its top_k blocks
   (O(max_len / block + top_k * block) per token); a chunk of tokens runs the prefill engine.
@@ -44,9 +46,16 @@ import numpy as np
 from jax import lax
 
 from attention_variants import chunked, registry, selection
-from attention_variants.common import Layout, check_inputs, default_scale, layout
+from attention_variants.common import (
+    Layout,
+    alibi_bias,
+    check_inputs,
+    default_scale,
+    layout,
+    softmax_attention,
+)
 from attention_variants.masks import GRID
-from attention_variants.tiled import block_sizes, tiled_attention
+from attention_variants.tiled import block_sizes, make_schedule, tiled_attention
 
 
 class KeyValues(NamedTuple):
@@ -114,8 +123,11 @@ def serving(name: str, options: dict[str, Any], q, k, v, **call) -> dict[str, An
     return options
 
 
-def masked_softmax_cache(name: str, mask: Callable[..., Any]) -> Cache:
-    """The KV or window cache of a masked-softmax variant (`mask(causal, **options)`)."""
+def masked_softmax_cache(name: str, mask: Callable[..., Any], prepare=None, tiles=None) -> Cache:
+    """The KV or window cache of a masked-softmax variant (`mask(causal, **options)`). With the
+    family's `prepare` (the call's sized mask and layout) and `tiles(**options)` (its engine's
+    tile sizes), a one-token step of a block pattern reads only the key tiles its schedule
+    lists for the token's query tile (`scheduled_step`)."""
 
     def kept(options) -> tuple[int, int] | None:
         """(sinks, behind): the first keys and the last ones that the causal mask can still
@@ -144,8 +156,14 @@ def masked_softmax_cache(name: str, mask: Callable[..., Any]) -> Cache:
             keys = lax.dynamic_update_slice_in_dim(cache.k, k, position, axis=1)
             values = lax.dynamic_update_slice_in_dim(cache.v, v, position, axis=1)
             call = dict(causal=True, q_offset=position, scale=scale)
-            options = serving(name, options, q, keys, values, **call)
-            out = kernel(q, keys, values, **call, **options)
+            out = None
+            if t == 1 and tiles is not None:
+                plain = dict(segment_ids=None, kv_segment_ids=None, return_lse=False)
+                m, lay = prepare(q, keys, values, {**call, **plain}, options)
+                out = scheduled_step(m, lay, tiles(**options), q, keys, values, scale, options)
+            if out is None:
+                options = serving(name, options, q, keys, values, **call)
+                out = kernel(q, keys, values, **call, **options)
             # Past max_len the write would land on earlier slots: NaN, never a wrong number.
             out = jnp.where(position + t > length, jnp.nan, out).astype(out.dtype)
             return out, KeyValues(keys, values)
@@ -153,6 +171,37 @@ def masked_softmax_cache(name: str, mask: Callable[..., Any]) -> Cache:
                            scale, options)  # fmt: skip
 
     return Cache(kind, init, extend)
+
+
+def scheduled_step(m, lay: Layout, sizes, q, keys, values, scale, options):
+    """One token (at `lay`'s query position, traced or not) through the KV cache keys, values
+    [B, L, K, H]: the static tile schedule of `m` over L positions (as a prefill of the whole
+    cache would run it) lists, for each query tile, the key tiles it may see; the token reads
+    those of its own tile only, gathered from the cache, and attends under the mask per element
+    (with the score modifiers). For the fixed pattern that is the own block and one summary
+    tile per earlier block, for BigBird the global, window and random blocks: O(visible keys)
+    per token instead of every cached key. None where the schedule skips no key tile (the
+    engine's path is as cheap then)."""
+    B, L = keys.shape[:2]
+    bq, bk = min(sizes.block_q, L), min(sizes.block_k, L)
+    schedule = make_schedule(m, L, L, bq, bk, segmented=False)
+    width = schedule.kv.shape[1]
+    if width * bk >= L:
+        return None
+    position = lay.q_abs[:, 0]  # [B|1]
+    row = jnp.asarray(schedule.kv, jnp.int32)[position // bq]  # [B|1, width]
+    listed = jnp.arange(width) < jnp.asarray(schedule.count, jnp.int32)[position // bq][:, None]
+    key_pos = (row[..., None] * bk + jnp.arange(bk)).reshape(row.shape[0], -1)  # [B|1, P]
+    at = jnp.minimum(key_pos, L - 1)
+    shown = (jnp.repeat(listed, bk, axis=1) & (key_pos < L))[:, None]  # [B|1, 1, P]
+    shown = shown & m.visible(lay.q_pos[:, :, None], at[:, None, :])
+    gather = jax.vmap(lambda x, i: x[i]) if at.shape[0] == B else (lambda x, i: x[:, i[0]])
+    picked = [gather(x, at) for x in (keys, values)]  # [B, P, K, H]: only the listed tiles
+    near = lay._replace(k_pos=at)
+    bias = alibi_bias(near, q.shape[2]) if options.get("bias") == "alibi" else None
+    return softmax_attention(q, *picked, visible=shown, scale=scale, bias=bias,
+                             softcap=options.get("softcap"),
+                             sink_logits=options.get("sink_logits"))  # fmt: skip
 
 
 def window_step(m, kept: tuple[int, int], cache: KeyValues, q, k, v, position, scale, options):

@@ -159,6 +159,11 @@ class MaskedSoftmax:
                 **{n: options.get(n) for n in ("bias", "softcap", "sink_logits")},
             )  # fmt: skip
 
+        def decode_tiles(**options) -> BlockSizes:
+            return block_sizes(
+                mask(True, **options), False, *(options.get(t) for t in tile_defaults)
+            )
+
         def flops(B, T, S, N, H, *, causal=True, **options) -> float:
             return softmax_flops(B, N, H, mask(causal, **options).pairs(T, S))
 
@@ -179,7 +184,9 @@ class MaskedSoftmax:
             check=check,
             implementations=table,
             mask=mask,
-            decode=masked_softmax_cache(name, mask),
+            decode=masked_softmax_cache(
+                name, mask, prepare, decode_tiles if tile_defaults else None
+            ),
             causal_only=causal_only,
         )
 

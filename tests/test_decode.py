@@ -13,7 +13,7 @@ import pytest
 from conftest import random_qkv, small_cases, variant_cases
 
 import attention_variants as av
-from attention_variants import registry
+from attention_variants import decoding, registry
 from attention_variants.families import MaskedSoftmax
 from attention_variants.masks import Mask, Sinks, Window, causal_or_full
 
@@ -279,3 +279,29 @@ def test_writing_past_the_kv_cache_raises_or_gives_nan():
     assert np.isnan(out).all()
     out, _ = extend(cache, q[:, :2], k[:, :2], v[:, :2], jnp.int32(2))
     assert np.isfinite(out).all()
+
+
+def test_a_token_of_a_block_pattern_reads_only_its_scheduled_key_tiles(monkeypatch):
+    """A generated token of `fixed` or `bigbird` reads only the key tiles that the static
+    schedule lists for its query tile (the own block and summaries; global, window and random
+    blocks), not every cached key, and equals the full forward's row; `blockwise`, whose
+    schedule lists every earlier tile, keeps the engine."""
+    read = []
+    attend = decoding.softmax_attention
+
+    def counted(q, k, v, **kw):
+        read.append(k.shape[1])
+        return attend(q, k, v, **kw)
+
+    monkeypatch.setattr(decoding, "softmax_attention", counted)
+    L, at = 1024, 1000
+    q, k, v = random_qkv(30, B=1, T=L, N=2, K=1, H=16)
+    for name, most in (("fixed", (8 + 7) * 16), ("bigbird", L // 2), ("blockwise", None)):
+        read.clear()
+        decoder = av.decoder(name)
+        cache = decoder.init(1, L, 1, 16, q.dtype)
+        _, cache = decoder.extend(cache, q[:, :at], k[:, :at], v[:, :at], jnp.int32(0))
+        new = slice(at, at + 1)
+        out, _ = decoder.extend(cache, q[:, new], k[:, new], v[:, new], jnp.int32(at))
+        np.testing.assert_allclose(out, av.get(name)(q, k, v, causal=True)[:, new], **F32)
+        assert len(read) == (0 if most is None else 1) and all(n <= most for n in read), name
