@@ -14,9 +14,8 @@ attention output; the cache carries what later tokens still need:
   it skips the tiles outside the mask's band at run time, on accelerators it masks them (a step
   costs O(max_len) there, as a dense row does). A single token of a block pattern (`fixed`,
   `bigbird`) instead gathers the key tiles that the pattern's static schedule lists for its
-  query tile and attends to those only (`single_token_step`): O(visible keys) per token,
-  constant in max_len for BigBird; a causal one reads the cache as it is (no re-tiling). Chunks
-  of several tokens run the kernel as above.
+  query tile and attends to those only (`scheduled_step`): O(visible keys) per token, constant
+  in max_len for BigBird. Chunks of several tokens run the kernel as above.
 * **Block-selection KV cache** (`moba`): the KV cache plus each block's running key sum. A
   generated token gates every block from its sum and reads only the keys of its top_k blocks
   (O(max_len / block + top_k * block) per token); a chunk of tokens runs the prefill engine.
@@ -127,8 +126,8 @@ def serving(name: str, options: dict[str, Any], q, k, v, **call) -> dict[str, An
 def masked_softmax_cache(name: str, mask: Callable[..., Any], prepare=None, tiles=None) -> Cache:
     """The KV or window cache of a masked-softmax variant (`mask(causal, **options)`). With the
     family's `prepare` (the call's sized mask and layout) and `tiles(**options)` (its engine's
-    tile sizes), a one-token step reads the cache directly, and for a block pattern only the
-    key tiles its schedule lists for the token's query tile (`single_token_step`)."""
+    tile sizes), a one-token step of a block pattern reads only the key tiles its schedule
+    lists for the token's query tile (`scheduled_step`)."""
 
     def kept(options) -> tuple[int, int] | None:
         """(sinks, behind): the first keys and the last ones that the causal mask can still
@@ -157,11 +156,12 @@ def masked_softmax_cache(name: str, mask: Callable[..., Any], prepare=None, tile
             keys = lax.dynamic_update_slice_in_dim(cache.k, k, position, axis=1)
             values = lax.dynamic_update_slice_in_dim(cache.v, v, position, axis=1)
             call = dict(causal=True, q_offset=position, scale=scale)
+            out = None
             if t == 1 and tiles is not None:
                 plain = dict(segment_ids=None, kv_segment_ids=None, return_lse=False)
                 m, lay = prepare(q, keys, values, {**call, **plain}, options)
-                out = single_token_step(m, lay, tiles(**options), q, keys, values, scale, options)
-            else:
+                out = scheduled_step(m, lay, tiles(**options), q, keys, values, scale, options)
+            if out is None:
                 options = serving(name, options, q, keys, values, **call)
                 out = kernel(q, keys, values, **call, **options)
             # Past max_len the write would land on earlier slots: NaN, never a wrong number.
@@ -173,34 +173,33 @@ def masked_softmax_cache(name: str, mask: Callable[..., Any], prepare=None, tile
     return Cache(kind, init, extend)
 
 
-def single_token_step(m, lay: Layout, sizes, q, keys, values, scale, options):
+def scheduled_step(m, lay: Layout, sizes, q, keys, values, scale, options):
     """One token (at `lay`'s query position, traced or not) through the KV cache keys, values
-    [B, L, K, H], attending under the mask per element (with the score modifiers). The static
-    tile schedule of `m` over L positions (as a prefill of the whole cache would run it) lists,
-    for each query tile, the key tiles it may see. Where it skips some, the token gathers those
-    of its own query tile only: for the fixed pattern the own block and one summary tile per
-    earlier block, for BigBird the global, window and random blocks (O(visible keys) per token,
-    not O(L)). Where it lists them all (causal), the token reads the cache as it is: one row of
-    scores over L keys, without re-tiling the whole cache as the engine's call would."""
+    [B, L, K, H]: the static tile schedule of `m` over L positions (as a prefill of the whole
+    cache would run it) lists, for each query tile, the key tiles it may see; the token reads
+    those of its own tile only, gathered from the cache, and attends under the mask per element
+    (with the score modifiers). For the fixed pattern that is the own block and one summary
+    tile per earlier block, for BigBird the global, window and random blocks: O(visible keys)
+    per token instead of every cached key. None where the schedule skips no key tile (the
+    engine's path is as cheap then)."""
     B, L = keys.shape[:2]
     bq, bk = min(sizes.block_q, L), min(sizes.block_k, L)
     schedule = make_schedule(m, L, L, bq, bk, segmented=False)
     width = schedule.kv.shape[1]
-    if width * bk < L:
-        tile = lay.q_abs[:, 0] // bq  # [B|1]: the token's query tile
-        row = jnp.asarray(schedule.kv, jnp.int32)[tile]  # [B|1, width]
-        listed = jnp.arange(width) < jnp.asarray(schedule.count, jnp.int32)[tile][:, None]
-        key_pos = (row[..., None] * bk + jnp.arange(bk)).reshape(row.shape[0], -1)  # [B|1, P]
-        at = jnp.minimum(key_pos, L - 1)
-        shown = (jnp.repeat(listed, bk, axis=1) & (key_pos < L))[:, None]  # [B|1, 1, P]
-        gather = jax.vmap(lambda x, i: x[i]) if at.shape[0] == B else (lambda x, i: x[:, i[0]])
-        keys, values = (gather(x, at) for x in (keys, values))  # [B, P, K, H]: listed tiles
-    else:
-        at, shown = jnp.arange(L, dtype=jnp.int32)[None], True
+    if width * bk >= L:
+        return None
+    position = lay.q_abs[:, 0]  # [B|1]
+    row = jnp.asarray(schedule.kv, jnp.int32)[position // bq]  # [B|1, width]
+    listed = jnp.arange(width) < jnp.asarray(schedule.count, jnp.int32)[position // bq][:, None]
+    key_pos = (row[..., None] * bk + jnp.arange(bk)).reshape(row.shape[0], -1)  # [B|1, P]
+    at = jnp.minimum(key_pos, L - 1)
+    shown = (jnp.repeat(listed, bk, axis=1) & (key_pos < L))[:, None]  # [B|1, 1, P]
     shown = shown & m.visible(lay.q_pos[:, :, None], at[:, None, :])
+    gather = jax.vmap(lambda x, i: x[i]) if at.shape[0] == B else (lambda x, i: x[:, i[0]])
+    picked = [gather(x, at) for x in (keys, values)]  # [B, P, K, H]: only the listed tiles
     near = lay._replace(k_pos=at)
     bias = alibi_bias(near, q.shape[2]) if options.get("bias") == "alibi" else None
-    return softmax_attention(q, keys, values, visible=shown, scale=scale, bias=bias,
+    return softmax_attention(q, *picked, visible=shown, scale=scale, bias=bias,
                              softcap=options.get("softcap"),
                              sink_logits=options.get("sink_logits"))  # fmt: skip
 
