@@ -17,9 +17,11 @@ well-kept fused kernel.
   window without it attends to the future in cuDNN (jax PR #39576), so a window that reaches
   ahead is not served.
 * `tokamax`: the Pallas GPU kernels of tokamax (`pip install '.[gpu]'`; Mosaic GPU, then
-  Triton): causal, full and window masks (either side), GQA, and packed rows (`segment_ids`):
-  each query's document, cut to its window, is a key range [k_start, k_end), which tokamax's
-  mask takes per query, so a packed training row stays on the fused kernel.
+  Triton): causal, full and window masks (either side), GQA, and packed rows (`segment_ids`)
+  in bfloat16/float16 from Hopper on: each query's document, cut to its window, is a key range
+  [k_start, k_end), which tokamax's mask takes per query, so a packed training row stays on
+  the fused kernel (Mosaic; elsewhere tokamax runs Triton, whose backward would build a dense
+  [B, T, S] mask from the ranges, so packed rows fall back to the engine there).
 
 cuDNN and tokamax need an NVIDIA GPU. On GPU "auto" times `cudnn` against `tokamax` for each
 call signature and keeps the faster (`registry.fastest`; a rival that fails there is dropped);
@@ -371,12 +373,10 @@ def _fused(kernels, library: str, supports_more) -> Implementation:
         missing = _unplain(q, k, call) or _nvidia()
         if missing:
             return missing
-        if call.get("segment_ids") is not None and library == "cudnn":
-            return "segment_ids (cudnn's public API has none)"
         m = _mask(kernels, q, k, call)
         if _band_of(m) is None:
             return f"the {type(m).__name__} pattern ({library} takes causal and window masks)"
-        return supports_more(q, m)
+        return supports_more(q, m, call.get("segment_ids") is not None)
 
     @contract
     def fn(q, k, v, call, options):
@@ -421,7 +421,8 @@ def key_ranges(ids, is_causal: bool, window: tuple[int, int] | None):
 def _tokamax_packed(q, k, v, ids, *, scale, is_causal, local_window_size):
     """tokamax's attention over packed rows: its mask takes a key range per query (`k_start`,
     `k_end`), which its public function does not expose, so this builds the mask and tries its
-    kernels in turn as that function does (tokamax's internal API, pinned in setup.cfg)."""
+    kernels in turn as that function does (tokamax's internal API: `supports` checks that it
+    is there, so a tokamax without it falls back to the engine)."""
     _tokamax()
     from tokamax._src.ops.attention import api, base
 
@@ -449,7 +450,9 @@ def _hopper_or_later() -> bool:
 
 
 def cudnn_implementation(kernels) -> Implementation:
-    def supports_more(q, m):
+    def supports_more(q, m, packed: bool):
+        if packed:
+            return "segment_ids (cudnn's public API has none)"
         if type(m) is Window and m.right:
             return (
                 f"a window reaching {m.right} keys ahead (cuDNN's window without the causal flag "
@@ -470,9 +473,29 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+@functools.cache
+def _tokamax_internals() -> bool:
+    """Whether this tokamax has the internal mask API that packed rows use."""
+    try:
+        from tokamax._src.ops.attention import api, base
+
+        return hasattr(api, "IMPLEMENTATIONS") and hasattr(base, "Mask")
+    except ImportError:
+        return False
+
+
 def tokamax_implementation(kernels) -> Implementation:
-    def supports_more(q, m):
-        return None if _installed("tokamax") else "tokamax (not installed: pip install '.[gpu]')"
+    def supports_more(q, m, packed: bool):
+        if not _installed("tokamax"):
+            return "tokamax (not installed: pip install '.[gpu]')"
+        if packed and not _tokamax_internals():
+            return "segment_ids (this tokamax lacks the internal mask API they use)"
+        if packed and not (_hopper_or_later() and q.dtype in (jnp.bfloat16, jnp.float16)):
+            return (
+                f"segment_ids with {q.dtype} inputs before Hopper or in float32 (there tokamax "
+                "runs Triton, whose backward builds a dense [B, T, S] mask from them)"
+            )
+        return None
 
     return _fused(kernels, "tokamax", supports_more)
 

@@ -13,7 +13,7 @@ carried between chunks by `lax.scan` on CPU. On accelerators the chunks run at o
 then every chunk's output from the state before it. A column of ones appended to V makes the
 last state column the normaliser sum_s phi(k_s). Time is O(T (C F + F H)) per head. The CPU's
 forward holds one chunk's [C, C] scores at a time: memory O(T) for inputs and outputs plus
-O(C^2 + F H). The backward is the scan's own autodiff, which keeps every chunk's incoming state
+O(C^2 + F H). Its backward is the scan's own autodiff, which keeps every chunk's incoming state
 and scores for the reverse pass: O(T/C F H + T C) per head, still linear in T (about the size
 of q, k and v themselves at C = F = H = 64), not O(C^2 + F H).
 
@@ -182,7 +182,8 @@ def _in_parallel(output, update, carry, xs):
     accelerators: each chunk's own sums from an empty state (all chunks at once), a prefix
     over them (`lax.associative_scan`; a chunk whose last segment starts in it resets what came
     before), then every chunk's output from the state before it (all at once). Holds every
-    chunk's state: O(T/C F H) memory, as the scan's backward does."""
+    chunk's state and scores at once, O(T/C F H + T C G) per key/value head (the scan's
+    backward keeps as much; its forward one chunk's)."""
     S0, M0, prev0 = carry
     seg = xs[4]
     n = xs[1].shape[0]

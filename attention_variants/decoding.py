@@ -179,14 +179,15 @@ def scheduled_step(m, lay: Layout, sizes, q, keys, values, scale, options):
     cache would run it) lists, for each query tile, the key tiles it may see; the token reads
     those of its own tile only, gathered from the cache, and attends under the mask per element
     (with the score modifiers). For the fixed pattern that is the own block and one summary
-    tile per earlier block, for BigBird the global, window and random blocks: O(visible keys)
-    per token instead of every cached key. None where the schedule skips no key tile (the
-    engine's path is as cheap then)."""
+    tile per earlier block, for BigBird the global, window and random blocks. The gather is as
+    wide as the widest row of the schedule (static shapes), so a token costs O(that row's keys)
+    wherever it sits, instead of every cached key. None where that row holds more than half of
+    the cache (the engine's path is as cheap then)."""
     B, L = keys.shape[:2]
     bq, bk = min(sizes.block_q, L), min(sizes.block_k, L)
     schedule = make_schedule(m, L, L, bq, bk, segmented=False)
     width = schedule.kv.shape[1]
-    if width * bk >= L:
+    if 2 * width * bk > L:  # most of the cache anyway: the engine is as fast
         return None
     position = lay.q_abs[:, 0]  # [B|1]
     row = jnp.asarray(schedule.kv, jnp.int32)[position // bq]  # [B|1, width]

@@ -16,6 +16,7 @@ import attention_variants as av
 from attention_variants import decoding, registry
 from attention_variants.families import MaskedSoftmax
 from attention_variants.masks import Mask, Sinks, Window, causal_or_full
+from attention_variants.tiled import block_sizes
 
 CASES = variant_cases()
 SMALL = small_cases()
@@ -283,9 +284,10 @@ def test_writing_past_the_kv_cache_raises_or_gives_nan():
 
 def test_a_token_of_a_block_pattern_reads_only_its_scheduled_key_tiles(monkeypatch):
     """A generated token of `fixed` or `bigbird` reads only the key tiles that the static
-    schedule lists for its query tile (the own block and summaries; global, window and random
-    blocks), not every cached key, and equals the full forward's row; `blockwise`, whose
-    schedule lists every earlier tile, keeps the engine."""
+    schedule lists for a query tile (the own block and summaries; global, window and random
+    blocks), not every cached key, and equals the full forward's row, with score modifiers and
+    either kind of position; `blockwise`, whose schedule lists every earlier tile, keeps the
+    engine."""
     read = []
     attend = decoding.softmax_attention
 
@@ -295,13 +297,19 @@ def test_a_token_of_a_block_pattern_reads_only_its_scheduled_key_tiles(monkeypat
 
     monkeypatch.setattr(decoding, "softmax_attention", counted)
     L, at = 1024, 1000
-    q, k, v = random_qkv(30, B=1, T=L, N=2, K=1, H=16)
-    for name, most in (("fixed", (8 + 7) * 16), ("bigbird", L // 2), ("blockwise", None)):
+    q, k, v = random_qkv(30, B=2, T=L, N=2, K=1, H=16)
+    bk = block_sizes(av.spec("fixed").mask(True), False).block_k  # 16 on CPU, 64 elsewhere
+    fixed_reads = (128 // bk + L // 128 - 1) * bk  # own block, and a summary tile per block
+    cases = [("fixed", {}, fixed_reads), ("bigbird", {}, L // 2), ("blockwise", {}, None),
+             ("fixed", {"bias": "alibi", "softcap": 2.0}, fixed_reads)]  # fmt: skip
+    for name, opts, most in cases:
         read.clear()
-        decoder = av.decoder(name)
-        cache = decoder.init(1, L, 1, 16, q.dtype)
+        decoder = av.decoder(name, **opts)
+        cache = decoder.init(2, L, 1, 16, q.dtype)
         _, cache = decoder.extend(cache, q[:, :at], k[:, :at], v[:, :at], jnp.int32(0))
         new = slice(at, at + 1)
-        out, _ = decoder.extend(cache, q[:, new], k[:, new], v[:, new], jnp.int32(at))
-        np.testing.assert_allclose(out, av.get(name)(q, k, v, causal=True)[:, new], **F32)
+        position = at if opts else jnp.int32(at)  # a Python int is one position for all rows
+        out, _ = decoder.extend(cache, q[:, new], k[:, new], v[:, new], position)
+        want = av.get(name, **opts)(q, k, v, causal=True)[:, new]
+        np.testing.assert_allclose(out, want, **F32, err_msg=name)
         assert len(read) == (0 if most is None else 1) and all(n <= most for n in read), name

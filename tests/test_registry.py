@@ -288,7 +288,11 @@ def test_tokamax_serves_packed_rows_as_key_ranges(monkeypatch, name, opts, causa
     options = {n: x for n, x in spec.options(**opts).items() if n != "implementation"}
     call = dict(causal=causal, segment_ids=ids, **options)
     bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-    assert spec.implementations["tokamax"].supports(*bf16, **call) is None
+    tokamax = spec.implementations["tokamax"]
+    assert "before Hopper" in tokamax.supports(*bf16, **call)  # Triton there: a dense mask
+    monkeypatch.setattr(accelerators, "_hopper_or_later", lambda: True)
+    assert tokamax.supports(*bf16, **call) is None
+    assert "float32" in tokamax.supports(q, k, v, **call)
     assert "segment_ids" in spec.implementations["cudnn"].supports(*bf16, **call)
     out = spec.implementations["tokamax"].fn(q, k, v, scale=0.3, **call)
     want = spec.bound_reference(**opts)(q, k, v, causal=causal, segment_ids=ids, scale=0.3)
