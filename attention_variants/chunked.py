@@ -9,13 +9,14 @@ is computed from running sums of phi(k_s) v_s^T instead of a [T, S] score matrix
 form runs chunk by chunk (the chunkwise-parallel form, e.g. Hua et al. 2022 "Transformer Quality
 in Linear Time"): quadratic inside a chunk of C positions, plus a float32 state [B, K, F, H+1]
 carried between chunks by `lax.scan` on CPU. On accelerators the chunks run at once instead
-(`_in_parallel`): each chunk's own state, a prefix over the chunks (`lax.associative_scan`),
-then every chunk's output from the state before it. A column of ones appended to V makes the
-last state column the normaliser sum_s phi(k_s). Time is O(T (C F + F H)) per head. The CPU's
-forward holds one chunk's [C, C] scores at a time: memory O(T) for inputs and outputs plus
-O(C^2 + F H). Its backward is the scan's own autodiff, which keeps every chunk's incoming state
-and scores for the reverse pass: O(T/C F H + T C) per head, still linear in T (about the size
-of q, k and v themselves at C = F = H = 64), not O(C^2 + F H).
+(`_in_parallel`, in groups of chunks that fit a working set): each chunk's own state, a prefix
+over the chunks (`lax.associative_scan`), then every chunk's output from the state before it.
+A column of ones appended to V makes the last state column the normaliser sum_s phi(k_s).
+Time is O(T (C F + F H)) per head. The CPU's forward holds one chunk's [C, C] scores at a
+time: memory O(T) for inputs and outputs plus O(C^2 + F H). Its backward is the scan's own
+autodiff, which keeps every chunk's incoming state and scores for the reverse pass: O(T/C F H +
+T C) per head, still linear in T (about the size of q, k and v themselves at C = F = H = 64),
+not O(C^2 + F H).
 
 Features arrive computed: qf [B, T, N, F], kf [B, S, K, F] (non-negative, float32). Performer's
 exponential features also pass `log_scale` m [B, S, K]: the true key feature is kf * exp(m).
@@ -200,6 +201,30 @@ def _in_parallel(output, update, carry, xs):
     return (S[-1], None if M is None else M[-1], last[-1]), (acc, Mt)
 
 
+WORKING_SET = 1 << 28  # bytes of chunk scores and states the accelerators' form holds at once
+
+
+def _in_groups(output, update, carry, xs):
+    """`_in_parallel` over groups of chunks that fit WORKING_SET, one group after another (a
+    scan carrying the state between groups; one group when all fit). The chunks are padded to
+    whole groups with empty ones (no keys: the state passes through)."""
+    q, k, v, m, seg = xs
+    n, B, K, Q, F = q.shape
+    C, H1 = k.shape[3], v.shape[-1]
+    group = max(1, WORKING_SET // (4 * B * K * (Q * C + Q * H1 + F * H1)))
+    if group >= n:
+        return _in_parallel(output, update, carry, xs)
+    pad = -n % group
+
+    def fill(x, **how):  # pad the chunk axis
+        return None if x is None else jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), **how)
+
+    padded = (fill(q), fill(k), fill(v), fill(m, constant_values=NEG), fill(seg, mode="edge"))
+    grouped = jax.tree.map(lambda x: x.reshape(-1, group, *x.shape[1:]), padded)
+    carry, ys = lax.scan(lambda c, x: _in_parallel(output, update, c, x), carry, grouped)
+    return carry, jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:])[:n], ys)
+
+
 def causal_sums(
     qf, kf, v1, *, log_scale=None, segment_ids=None, chunk: int, strict=False, state=None
 ):
@@ -231,7 +256,7 @@ def causal_sums(
         step = lambda carry, chunk: (update(carry, chunk), output(carry, chunk))  # noqa: E731
         (S, M, _), (acc, Mt) = lax.scan(step, carry, xs)
     else:
-        (S, M, _), (acc, Mt) = _in_parallel(output, update, carry, xs)
+        (S, M, _), (acc, Mt) = _in_groups(output, update, carry, xs)
     Mt = None if Mt is None else _unchunk(Mt[..., None], G, T)[..., 0]
     return _unchunk(acc, G, T), Mt, State(S, M)
 

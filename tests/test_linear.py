@@ -154,3 +154,8 @@ def test_accelerators_run_the_chunks_in_parallel(monkeypatch, scaled, causal, se
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     for got, ref in zip(jax.tree.leaves(run()), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(got, ref, **F32)
+    # Groups of chunks in turn when all would not fit: 4 of the 6 chunks' here, padded to 8.
+    monkeypatch.setattr(chunked, "WORKING_SET", 45_000)
+    grads = jax.grad(lambda *a: jnp.sum(jnp.sin(chunked.linear_attention(*a, **kw))), (0, 1, 2))
+    for got, ref in zip(grads(qf, kf, v), want[1], strict=True):
+        np.testing.assert_allclose(got, ref, **F32)
