@@ -29,8 +29,7 @@ packed rows go to tokamax, as JAX's public cuDNN call takes no segment ids. None
 kv_segment_ids, decoding offsets, T != S or return_lse: "auto" falls back to the portable "jax"
 engine there, and an explicit request raises NotImplementedError naming the missing feature.
 Under a current mesh of several devices (`jax.set_mesh`) each runs per device in a `shard_map`
-over the mesh axes that split the batch: XLA cannot partition a Pallas or cuDNN
-call by itself.
+over the mesh axes that split the batch: XLA cannot partition a Pallas or cuDNN call itself.
 """
 
 from __future__ import annotations
@@ -423,9 +422,7 @@ def _tokamax_packed(q, k, v, ids, *, scale, is_causal, local_window_size):
     `k_end`), which its public function does not expose, so this builds the mask and tries its
     kernels in turn as that function does (tokamax's internal API: `supports` checks that it
     is there, so a tokamax without it falls back to the engine)."""
-    _tokamax()
-    from tokamax._src.ops.attention import api, base
-
+    api, base = _tokamax_internals()
     start, end = key_ranges(ids, is_causal, local_window_size)
     mask = base.Mask(
         k_start=start[:, None], k_end=None if end is None else end[:, None], is_causal=is_causal
@@ -474,21 +471,22 @@ def _installed(module: str) -> bool:
 
 
 @functools.cache
-def _tokamax_internals() -> bool:
-    """Whether this tokamax has the internal mask API that packed rows use."""
+def _tokamax_internals():
+    """tokamax's internal attention modules (api, base) that packed rows use, or None where
+    this tokamax lacks them."""
+    _tokamax()
     try:
         from tokamax._src.ops.attention import api, base
-
-        return hasattr(api, "IMPLEMENTATIONS") and hasattr(base, "Mask")
     except ImportError:
-        return False
+        return None
+    return (api, base) if hasattr(api, "IMPLEMENTATIONS") and hasattr(base, "Mask") else None
 
 
 def tokamax_implementation(kernels) -> Implementation:
     def supports_more(q, m, packed: bool):
         if not _installed("tokamax"):
             return "tokamax (not installed: pip install '.[gpu]')"
-        if packed and not _tokamax_internals():
+        if packed and _tokamax_internals() is None:
             return "segment_ids (this tokamax lacks the internal mask API they use)"
         if packed and not (_hopper_or_later() and q.dtype in (jnp.bfloat16, jnp.float16)):
             return (

@@ -14,8 +14,9 @@ attention output; the cache carries what later tokens still need:
   it skips the tiles outside the mask's band at run time, on accelerators it masks them (a step
   costs O(max_len) there, as a dense row does). A single token of a block pattern (`fixed`,
   `bigbird`) instead gathers the key tiles that the pattern's static schedule lists for its
-  query tile and attends to those only (`scheduled_step`): O(visible keys) per token, constant
-  in max_len for BigBird. Chunks of several tokens run the kernel as above.
+  query tile and attends to those only (`scheduled_step`): O(keys of the schedule's widest
+  row) per token, constant in max_len for BigBird. Chunks of several tokens run the kernel as
+  above.
 * **Block-selection KV cache** (`moba`): the KV cache plus each block's running key sum. A
   generated token gates every block from its sum and reads only the keys of its top_k blocks
   (O(max_len / block + top_k * block) per token); a chunk of tokens runs the prefill engine.
@@ -189,15 +190,15 @@ def scheduled_step(m, lay: Layout, sizes, q, keys, values, scale, options):
     width = schedule.kv.shape[1]
     if 2 * width * bk > L:  # most of the cache anyway: the engine is as fast
         return None
-    position = lay.q_abs[:, 0]  # [B|1]
-    row = jnp.asarray(schedule.kv, jnp.int32)[position // bq]  # [B|1, width]
-    listed = jnp.arange(width) < jnp.asarray(schedule.count, jnp.int32)[position // bq][:, None]
+    tile = lay.q_abs[:, 0] // bq  # [B|1]: the token's query tile
+    row = jnp.asarray(schedule.kv, jnp.int32)[tile]  # [B|1, width]
+    listed = jnp.arange(width) < jnp.asarray(schedule.count, jnp.int32)[tile][:, None]
     key_pos = (row[..., None] * bk + jnp.arange(bk)).reshape(row.shape[0], -1)  # [B|1, P]
     at = jnp.minimum(key_pos, L - 1)
     shown = (jnp.repeat(listed, bk, axis=1) & (key_pos < L))[:, None]  # [B|1, 1, P]
     shown = shown & m.visible(lay.q_pos[:, :, None], at[:, None, :])
-    gather = jax.vmap(lambda x, i: x[i]) if at.shape[0] == B else (lambda x, i: x[:, i[0]])
-    picked = [gather(x, at) for x in (keys, values)]  # [B, P, K, H]: only the listed tiles
+    rows = jnp.broadcast_to(at, (B, at.shape[1]))
+    picked = [jax.vmap(lambda x, i: x[i])(x, rows) for x in (keys, values)]  # [B, P, K, H]
     near = lay._replace(k_pos=at)
     bias = alibi_bias(near, q.shape[2]) if options.get("bias") == "alibi" else None
     return softmax_attention(q, *picked, visible=shown, scale=scale, bias=bias,
