@@ -95,10 +95,34 @@ KEY_FIELDS = ("variant", "options", "seq_len", "mode", "task", "devices", "seed"
 KEY_FIELDS += SETTING_FIELDS[:-1]
 
 
-def with_new_options(row: dict[str, Any]) -> dict[str, Any]:
+# Model fields that training configs gained after rows were written: each one's default keeps
+# the old behaviour, so a `train_eval` row without one reads as that default. A new field of
+# configs/train.py's `model` is added here (tests/test_quality.py reads such a row).
+ADDED_MODEL_FIELDS = ("variant_layer", "attention_sinks", "causal", "num_classes", "pooling")
+
+
+def with_new_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """A row written before its variant gained options or the training model gained fields
+    (ADDED_MODEL_FIELDS), with those at their defaults, so it keeps its cell's key and setting."""
+    return _with_new_model_fields(_with_new_options(row))
+
+
+def _with_new_model_fields(row: dict[str, Any]) -> dict[str, Any]:
+    from transformer import ModelConfig
+
+    training = row.get("training")
+    model = training.get("train", {}).get("model") if isinstance(training, dict) else None
+    if not isinstance(model, dict) or all(name in model for name in ADDED_MODEL_FIELDS):
+        return row
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    model = {**{name: defaults[name] for name in ADDED_MODEL_FIELDS}, **model}
+    return {**row, "training": {**training, "train": {**training["train"], "model": model}}}
+
+
+def _with_new_options(row: dict[str, Any]) -> dict[str, Any]:
     """A row measured before its variant gained options, with those options at their defaults
-    (a new option's default keeps the old behaviour), so it keeps its cell's key. A hybrid's
-    options are per variant; rows of variants no longer registered stay as they are."""
+    (a new option's default keeps the old behaviour). A hybrid's options are per variant; rows
+    of variants no longer registered stay as they are."""
     from transformer.config import layer_pattern
 
     options, variant = row.get("options"), row.get("variant")

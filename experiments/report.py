@@ -30,7 +30,7 @@ from experiments.cells import (
     check_one_setting,
     row_key,
     setting,
-    with_new_options,
+    with_new_fields,
 )
 from experiments.plots import save_figure
 from experiments.quality_report import quality_section
@@ -59,7 +59,7 @@ def load_rows(path: str | Path) -> list[Row]:
         return []
     for line in path.read_text().splitlines():
         try:
-            row = with_new_options(json.loads(line))
+            row = with_new_fields(json.loads(line))
         except json.JSONDecodeError:
             continue
         rows.pop(row_key(row), None)

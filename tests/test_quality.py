@@ -7,7 +7,7 @@ import json
 import pytest
 
 from configs import ablation_listops, ablation_mqar
-from experiments import plan, quality_report, report, sweep
+from experiments import cells, plan, quality_report, report, sweep
 from experiments.configlib import ConfigError
 from tests.test_report import make_row
 
@@ -101,6 +101,11 @@ def test_another_seed_is_a_new_cell_and_the_measured_ones_are_kept(tmp_path):
     (row,) = report.load_rows(tmp_path / "run")
     assert set(row["extrapolation"]) == {"64"} and 0 <= row["extrapolation"]["64"] <= 1
     assert "at T=64" in (tmp_path / "run" / "report.md").read_text()
+    path = tmp_path / "run" / "results.jsonl"
+    (written,) = (json.loads(line) for line in path.read_text().splitlines())
+    for name in cells.ADDED_MODEL_FIELDS:  # as rows were written before these fields existed
+        del written["training"]["train"]["model"][name]
+    path.write_text(json.dumps(written) + "\n")
     out = io.StringIO()
     config.seeds = "0,1"
     assert sweep.run(config, tmp_path / "run", "test", out=out) == 2
