@@ -48,6 +48,7 @@ def get_config():
     c.model.mlp_dim = 0  # no MLP
     c.model.positions = "rope"  # rope | learned | sinusoidal | none
     c.model.param_dtype = "float32"  # parameters and optimizer state
+    c.model.variant_layer = True  # each variant's own layer (False: plain projections for all)
     c.data = ml_collections.ConfigDict()  # the dataset of every cell (length and N per cell)
     c.data.dataset = "mqar"  # the TFDS builder
     c.data.vocab = 512  # V > L (Zoology: 8192; 512 keeps the logits affordable on a CPU)

@@ -102,6 +102,8 @@ def _model(config: Any) -> dict[str, Any]:
         ModelConfig(num_heads=1, num_kv_heads=1, head_dim=8, max_len=8, **fields)
     except (TypeError, ValueError) as e:
         raise ConfigError("model", str(e)) from None
+    if fields.get("variant_layer") is True:  # the default (added later: older rows lack it)
+        del fields["variant_layer"]
     return fields
 
 

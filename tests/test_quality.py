@@ -44,6 +44,10 @@ def test_the_planner_leaves_out_pairs_that_do_not_fit(tmp_path):
     ]  # fmt: skip
     labels = {(c.seq_len, report._task(c.fields())) for c in planned}  # as written in the config
     assert (128, " num_pairs=L/16") in labels and (128, " num_pairs=8") not in labels
+    plain = tiny(str(tmp_path))  # the default layer: the setting of rows made before the field
+    assert "variant_layer" not in plan.plan_cells(plain, "float32")[0].model
+    plain.model.variant_layer = False  # every variant with the plain projections
+    assert plan.plan_cells(plain, "float32")[0].model["variant_layer"] is False
     budget = tiny(str(tmp_path))  # no budget: the cells' setting is that of rows made before it
     assert "match_params" not in plan.plan_cells(budget, "float32")[0].training["train"]
     budget.train.match_params = 60_000
