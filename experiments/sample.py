@@ -7,7 +7,8 @@ The workdir's config.json rebuilds the model (its attention variant decodes thro
 cache: KV, window or recurrent); the parameters come from the newest checkpoint. Text models
 (byte-level, e.g. `pystdlib`) take and print text; task models (MQAR, ListOps) take and print
 comma-separated token ids; an encoder-decoder (trained on `reversal`) takes the source's ids
-and prints what its decoder writes. A classifier has nothing to generate and is refused.
+and prints what its decoder writes, up to its end token. A classifier has nothing to generate
+and is refused.
 Prints the samples, then the compile time and tokens/s.
 """
 
@@ -25,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import checkpoints, datasets
-from experiments.datasets.base import TaskBuilder
+from experiments.datasets.base import TaskBuilder, TaskConfig
 from transformer import EncoderDecoder, ModelConfig, TransformerLM
 from transformer.sampling import check_request, generate_tokens, write_targets
 
@@ -34,12 +35,26 @@ class NoModel(ValueError):
     """The workdir holds no trained model."""
 
 
-def is_seq2seq(saved: dict) -> bool:
-    """Whether the run trained an EncoderDecoder (its dataset's rows are source-target pairs)."""
+def _task_config(saved: dict) -> TaskConfig | None:
+    """The run's dataset config, where it is a task's (text datasets have none)."""
     name, _, config = saved["dataset"].partition("/")
     configs = datasets.builder_class(name).BUILDER_CONFIGS
-    named = [c for c in configs if c.name == config]
-    return bool(named) and hasattr(named[0], "is_seq2seq") and named[0].is_seq2seq()
+    named = [c for c in configs if c.name == config and isinstance(c, TaskConfig)]
+    return named[0] if named else None
+
+
+def is_seq2seq(saved: dict) -> bool:
+    """Whether the run trained an EncoderDecoder (its dataset's rows are source-target pairs)."""
+    config = _task_config(saved)
+    return config is not None and config.is_seq2seq()
+
+
+def until_end(row: np.ndarray, saved: dict) -> np.ndarray:
+    """A decoder's output up to and including its first end token (all of it without one)."""
+    config = _task_config(saved)
+    end = config.end_token() if config is not None else None
+    ends = np.flatnonzero(row == end) if end is not None else []
+    return row[: ends[0] + 1] if len(ends) else row
 
 
 def load(workdir: Path, out: TextIO = sys.stdout) -> tuple[dict, TransformerLM, dict, int]:
@@ -129,6 +144,8 @@ def sample(
     start = time.perf_counter()
     result = np.asarray(jax.block_until_ready(run()))
     seconds = time.perf_counter() - start
+    if isinstance(model, EncoderDecoder):  # a translation ends at its end token
+        result = [until_end(row, saved) for row in result]
     samples = [decode(row, text) for row in result]
     for i, s in enumerate(samples):
         print(f"--- sample {i} ({model.config.attention_name}, step {step}) ---\n{s}", file=out)

@@ -107,6 +107,10 @@ class TaskConfig(tfds.core.BuilderConfig):
         """Whether rows are a source and its translation (module docstring)."""
         return False
 
+    def end_token(self) -> int | None:
+        """The token that ends a translation (seq2seq rows), after which a decoder is done."""
+        return None
+
 
 def classification_row(inputs: np.ndarray, length: int, label: int) -> dict[str, np.ndarray]:
     """A classification row: `inputs` whose first `length` tokens are real, and their label."""

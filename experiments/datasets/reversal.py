@@ -57,6 +57,9 @@ class ReversalConfig(TaskConfig):
     def is_seq2seq(self) -> bool:
         return True
 
+    def end_token(self) -> int:
+        return END
+
     def translation(self) -> np.ndarray:
         """The bijection: int [vocab_size], source word id -> target word id (others 0)."""
         order = np.random.default_rng([self.mapping_seed, 7]).permutation(self.alphabet)
