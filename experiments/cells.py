@@ -91,6 +91,8 @@ class Cell:
 # (the axes of the tables) may differ. `device` is added by the runner.
 SETTING_FIELDS = ("batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "segments")
 SETTING_FIELDS += ("model", "training", "device")
+# A cell with a row of one of these statuses was measured; `error` and `skipped` ones are not.
+MEASURED = ("ok", "oom", "crashed")
 KEY_FIELDS = ("variant", "options", "seq_len", "mode", "task", "devices", "seed", "learning_rate")
 KEY_FIELDS += SETTING_FIELDS[:-1]
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from experiments.cells import (
     KEY_FIELDS,
+    MEASURED,
     SETTING_FIELDS,
     MixedRows,
     check_one_setting,
@@ -50,8 +51,10 @@ LEGEND = (
 
 
 def load_rows(path: str | Path) -> list[Row]:
-    """Rows of a results.jsonl (a workdir also works); the last row of each cell wins.
-    A torn last line (a crash mid-write) is ignored."""
+    """Rows of a results.jsonl (a workdir also works); the last row of each cell wins, but a
+    `skipped` row (nothing measured) never hides a measured one (ok, oom, crashed), e.g. of
+    older code that a later sweep's budget left unmeasured. A torn last line (a crash
+    mid-write) is ignored."""
     path = Path(path)
     path = path / "results.jsonl" if path.is_dir() else path
     rows: dict[str, Row] = {}
@@ -62,8 +65,11 @@ def load_rows(path: str | Path) -> list[Row]:
             row = with_new_fields(json.loads(line))
         except json.JSONDecodeError:
             continue
-        rows.pop(row_key(row), None)
-        rows[row_key(row)] = row
+        key = row_key(row)
+        if row.get("status") == "skipped" and rows.get(key, {}).get("status") in MEASURED:
+            continue
+        rows.pop(key, None)
+        rows[key] = row
     return list(rows.values())
 
 

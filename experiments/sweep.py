@@ -47,6 +47,7 @@ from ml_collections import config_flags
 from experiments import bench, distributed, provenance, report
 from experiments.cells import (
     KEY_FIELDS,
+    MEASURED,
     Cell,
     MixedRows,
     check_one_setting,
@@ -178,7 +179,7 @@ class Sweep:
         return self.done_key(cell.key())
 
     def done_key(self, key: str) -> bool:
-        return self.rows.get(key, {}).get("status") in ("ok", *STOPS_GROWTH)
+        return self.rows.get(key, {}).get("status") in MEASURED
 
     # -- planning ------------------------------------------------------------------------------
     def lane(self, cell: Cell) -> list[dict[str, Any]]:

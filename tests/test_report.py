@@ -166,6 +166,21 @@ def test_load_rows_last_row_wins_and_torn_line_is_ignored(tmp_path):
     assert len(rows) == 1 and rows[0]["time_ms_median"] == 2.0
 
 
+def test_a_skipped_row_never_hides_a_measured_one(tmp_path):
+    """A later sweep's budget that skips a cell of older code leaves its measurement shown;
+    an error row is the newest news and wins, a measurement wins over an earlier skip."""
+    skip = make_row("a", 512, status="skipped", git_commit="new")
+    cases = [
+        ([make_row("a", 512, ms=3.0, git_commit="old"), skip], "ok"),
+        ([make_row("a", 512, status="oom"), skip], "oom"),
+        ([skip, make_row("a", 512, ms=3.0)], "ok"),
+        ([make_row("a", 512, ms=3.0), make_row("a", 512, status="error")], "error"),
+    ]
+    for written, status in cases:
+        (row,) = report.load_rows(write_jsonl(tmp_path / "r.jsonl", written))
+        assert row["status"] == status, written
+
+
 @pytest.mark.parametrize(
     "factor, new_status, threshold, code",
     [
