@@ -9,7 +9,9 @@ The workdir's config rebuilds the model at each length (RoPE, sinusoidal or no p
 extend; learned positions cannot pass the `max_len` they were trained with) and its newest
 readable checkpoint gives the parameters. The held-out split is read at each length:
 - text (a `text` feature, e.g. pystdlib): documents packed into rows of the length, on a budget
-  of `max_tokens` held-out tokens drawn across many files (pipeline.eval_subset);
+  of `max_tokens` held-out tokens drawn across many files (pipeline.eval_subset) in windows of
+  max(PER_DOCUMENT, length) tokens per file, so every length up to PER_DOCUMENT scores the same
+  tokens and a longer one has windows that fill its rows (its positions all occur);
 - tasks (mqar, passkey, listops): the test split built anew at the length, with the fields
   that grow with the row (MQAR's num_pairs: more pairs in longer rows, as Zoology's
   `ar_extrapolate`) scaled by length / training length (`--no_scale` keeps them).
@@ -105,13 +107,21 @@ def fields_at(
     return fields, False
 
 
-def examples_at(saved: dict[str, Any], fields: dict[str, Any], text: bool, args: Any) -> list:
+def per_document(length: int) -> int:
+    """Most scored tokens of one file in the text evaluation at `length`: a window as long as
+    the row, so positions up to length - 1 occur, and never under pipeline.PER_DOCUMENT."""
+    return max(pipeline.PER_DOCUMENT, length)
+
+
+def examples_at(
+    saved: dict[str, Any], fields: dict[str, Any], text: bool, length: int, args: Any
+) -> list:
     """The held-out examples: a text budget drawn across the run's eval split, or the test
     split of the task built with `fields` (once; TFDS keeps it)."""
     data_dir = saved.get("data_dir") or None
     if text:
         source = datasets.prepare(saved["dataset"], data_dir).as_data_source()[saved["eval_split"]]
-        return pipeline.eval_subset(source, max_tokens=args.max_tokens)
+        return pipeline.eval_subset(source, args.max_tokens, per_document=per_document(length))
     name = saved["dataset"].split("/")[0]
     builder = datasets.prepare(name, data_dir, datasets.config_for(name, **fields))
     return list(builder.as_data_source()["test"])
@@ -197,15 +207,16 @@ def evaluate(workdir: Path, args: Args, out: TextIO = sys.stdout) -> list[dict[s
         model = model_at(saved, length)
         fields, text = fields_at(saved, length, args, depth)
         key = {"step": step, "length": length, "data": fields, **versions}
-        key["max_tokens" if text else "max_examples"] = (
-            args.max_tokens if text else args.max_examples
-        )
+        if text:
+            key.update(max_tokens=args.max_tokens, per_document=per_document(length))
+        else:
+            key["max_examples"] = args.max_examples
         old = [r for r in done if all(r.get(k) == v for k, v in key.items())]
         if old:
             rows.append(old[-1])
             print(f"length {length}: reused the row of step {step}", file=out)
             continue
-        examples = examples_at(saved, fields, text, args)  # built only when measured
+        examples = examples_at(saved, fields, text, length, args)  # built only when measured
         batch_rows = max(1, args.batch_tokens // length)
         row = {**key, "train_length": train_length, "attention": saved["model"]["attention"]}
         row.update(evaluate_length(model, params, examples, text, length, batch_rows, out))

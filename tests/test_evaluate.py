@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import evaluate, train
+from experiments.datasets import pipeline
 from tests.test_train import ROOT
 from tests.test_train import tiny as train_tiny
 
@@ -25,7 +26,8 @@ def tiny(data_dir, **changes):
     return train_tiny(data_dir, **{**short, **changes})
 
 
-def test_a_text_model_is_evaluated_at_twice_its_training_length(data_dir, tmp_path):
+def test_a_text_model_is_evaluated_at_twice_its_training_length(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "PER_DOCUMENT", 16)  # windows of 16 tokens per file, at least
     config = tiny(data_dir, dataset="pystdlib/small", eval_split="validation", seq_len=32)
     config.model.vocab_size = 256
     train.train(config, tmp_path, out=io.StringIO())
@@ -38,7 +40,10 @@ def test_a_text_model_is_evaluated_at_twice_its_training_length(data_dir, tmp_pa
         assert 0 < row["tokens"] <= 512 and all(
             math.isfinite(v) for v in row["position_loss"].values()
         )
-    assert "32-63" in rows[1]["position_loss"] and "32-63" not in rows[0]["position_loss"]
+    # Each length's windows fill its rows: its last positions occur, beyond PER_DOCUMENT.
+    assert [r["per_document"] for r in rows] == [32, 64]
+    assert "16-31" in rows[0]["position_loss"] and "32-63" not in rows[0]["position_loss"]
+    assert "32-63" in rows[1]["position_loss"]
     saved = [json.loads(line) for line in (tmp_path / "evaluation.jsonl").open()]
     assert [r["length"] for r in saved] == [32, 64] and saved[0]["step"] == 6
     assert "| 64 | 2 |" in out.getvalue()
