@@ -1,7 +1,7 @@
 """Evaluate a trained model at other context lengths, beyond the one it was trained at.
 
     python -m experiments.evaluate --workdir=runs/lm --lengths=256,512,1024,2048 \
-        [--max_tokens=65536] [--max_examples=1000] [--batch_tokens=8192]
+        [--max_tokens=65536] [--per_document=2048] [--max_examples=1000] [--batch_tokens=8192]
     python -m experiments.evaluate --workdir=runs/passkey --lengths=128,256,512,1024 \
         --depths=0,0.25,0.5,0.75,1      # needle in a haystack: accuracy per length x depth
 
@@ -10,8 +10,9 @@ extend; learned positions cannot pass the `max_len` they were trained with) and 
 readable checkpoint gives the parameters. The held-out split is read at each length:
 - text (a `text` feature, e.g. pystdlib): documents packed into rows of the length, on a budget
   of `max_tokens` held-out tokens drawn across many files (pipeline.eval_subset) in windows of
-  max(PER_DOCUMENT, length) tokens per file, so every length up to PER_DOCUMENT scores the same
-  tokens and a longer one has windows that fill its rows (its positions all occur);
+  at most `per_document` tokens per file (default: the longest length, at least
+  pipeline.PER_DOCUMENT), so every length of one call scores the same tokens and the longest
+  length's positions all occur;
 - tasks (mqar, passkey, listops): the test split built anew at the length, with the fields
   that grow with the row (MQAR's num_pairs: more pairs in longer rows, as Zoology's
   `ar_extrapolate`) scaled by length / training length (`--no_scale` keeps them).
@@ -107,21 +108,19 @@ def fields_at(
     return fields, False
 
 
-def per_document(length: int) -> int:
-    """Most scored tokens of one file in the text evaluation at `length`: a window as long as
-    the row, so positions up to length - 1 occur, and never under pipeline.PER_DOCUMENT."""
-    return max(pipeline.PER_DOCUMENT, length)
+def per_document(args: Any) -> int:
+    """Most scored tokens of one file in a text evaluation: `args.per_document`, by default the
+    longest length (at least pipeline.PER_DOCUMENT), so its rows are filled by one file."""
+    return args.per_document or max(pipeline.PER_DOCUMENT, *args.lengths)
 
 
-def examples_at(
-    saved: dict[str, Any], fields: dict[str, Any], text: bool, length: int, args: Any
-) -> list:
+def examples_at(saved: dict[str, Any], fields: dict[str, Any], text: bool, args: Any) -> list:
     """The held-out examples: a text budget drawn across the run's eval split, or the test
     split of the task built with `fields` (once; TFDS keeps it)."""
     data_dir = saved.get("data_dir") or None
     if text:
         source = datasets.prepare(saved["dataset"], data_dir).as_data_source()[saved["eval_split"]]
-        return pipeline.eval_subset(source, args.max_tokens, per_document=per_document(length))
+        return pipeline.eval_subset(source, args.max_tokens, per_document=per_document(args))
     name = saved["dataset"].split("/")[0]
     builder = datasets.prepare(name, data_dir, datasets.config_for(name, **fields))
     return list(builder.as_data_source()["test"])
@@ -191,6 +190,7 @@ class Args:
     batch_tokens: int = 8192  # tokens per evaluation batch (rows = batch_tokens // length)
     scale: bool = True  # tasks: scale LENGTH_SCALED fields with the length
     depths: list[float] | None = None  # passkey: one cell per (length, needle depth)
+    per_document: int | None = None  # text: most tokens from one file (None: per_document())
 
 
 def evaluate(workdir: Path, args: Args, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
@@ -208,7 +208,7 @@ def evaluate(workdir: Path, args: Args, out: TextIO = sys.stdout) -> list[dict[s
         fields, text = fields_at(saved, length, args, depth)
         key = {"step": step, "length": length, "data": fields, **versions}
         if text:
-            key.update(max_tokens=args.max_tokens, per_document=per_document(length))
+            key.update(max_tokens=args.max_tokens, per_document=per_document(args))
         else:
             key["max_examples"] = args.max_examples
         old = [r for r in done if all(r.get(k) == v for k, v in key.items())]
@@ -216,7 +216,7 @@ def evaluate(workdir: Path, args: Args, out: TextIO = sys.stdout) -> list[dict[s
             rows.append(old[-1])
             print(f"length {length}: reused the row of step {step}", file=out)
             continue
-        examples = examples_at(saved, fields, text, length, args)  # built only when measured
+        examples = examples_at(saved, fields, text, args)  # built only when measured
         batch_rows = max(1, args.batch_tokens // length)
         row = {**key, "train_length": train_length, "attention": saved["model"]["attention"]}
         row.update(evaluate_length(model, params, examples, text, length, batch_rows, out))
@@ -289,6 +289,9 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "a training workdir (config.json and checkpoints/)")
     flags.DEFINE_list("lengths", None, "context lengths to evaluate at, e.g. 256,512,1024")
     flags.DEFINE_integer("max_tokens", Args.max_tokens, "text: held-out tokens per length")
+    flags.DEFINE_integer(
+        "per_document", None, "text: most tokens from one file (default: the longest length)"
+    )
     flags.DEFINE_integer("max_examples", Args.max_examples, "tasks: test rows per length")
     flags.DEFINE_integer("batch_tokens", Args.batch_tokens, "tokens per evaluation batch")
     flags.DEFINE_bool("scale", True, "tasks: scale num_pairs etc. with the length")
@@ -307,7 +310,8 @@ def main(argv: list[str]) -> None:
     except ValueError:
         print(f"--lengths must be ints, --depths numbers: {f.lengths}, {f.depths}", file=sys.stderr)
         sys.exit(2)
-    args = Args(lengths, f.max_tokens, f.max_examples, f.batch_tokens, f.scale, depths)
+    args = Args(lengths, f.max_tokens, f.max_examples, f.batch_tokens, f.scale, depths,
+                f.per_document)  # fmt: skip
     try:
         evaluate(Path(f.workdir), args)
     except CannotEvaluate as e:

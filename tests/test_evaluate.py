@@ -40,8 +40,9 @@ def test_a_text_model_is_evaluated_at_twice_its_training_length(data_dir, tmp_pa
         assert 0 < row["tokens"] <= 512 and all(
             math.isfinite(v) for v in row["position_loss"].values()
         )
-    # Each length's windows fill its rows: its last positions occur, beyond PER_DOCUMENT.
-    assert [r["per_document"] for r in rows] == [32, 64]
+    # Windows as long as the longest length, past PER_DOCUMENT: its positions all occur, and
+    # every length scores the same tokens.
+    assert [r["per_document"] for r in rows] == [64, 64] and rows[0]["tokens"] == rows[1]["tokens"]
     assert "16-31" in rows[0]["position_loss"] and "32-63" not in rows[0]["position_loss"]
     assert "32-63" in rows[1]["position_loss"]
     saved = [json.loads(line) for line in (tmp_path / "evaluation.jsonl").open()]
