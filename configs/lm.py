@@ -9,7 +9,8 @@ ids, so no byte attends across files; evaluation reports loss, perplexity and bi
 experiments.datasets.pipeline.eval_subset). The sparse variants' options are sized to the
 256-byte rows (each sees about a quarter of a row in its local pattern), so that swapping
 `model.attention` compares patterns that differ at this length. 1000 steps of 4096 bytes took
-9-16 minutes per variant on a 2-core CPU (see docs/quality.md for the measured table).
+13-23 minutes per variant on one core of a 2-core CPU with the other core busy (781-1393 s;
+see docs/quality.md for the measured table).
 """
 
 from configs import train
