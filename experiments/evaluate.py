@@ -202,7 +202,7 @@ def evaluate(workdir: Path, args: Args, out: TextIO = sys.stdout) -> list[dict[s
     path = workdir / "evaluation.jsonl"
     done = read_jsonl(path)
     versions = provenance.versions()
-    rows = []
+    rows, examples = [], None
     for length, depth in [(n, d) for n in args.lengths for d in args.depths or [None]]:
         model = model_at(saved, length)
         fields, text = fields_at(saved, length, args, depth)
@@ -216,7 +216,8 @@ def evaluate(workdir: Path, args: Args, out: TextIO = sys.stdout) -> list[dict[s
             rows.append(old[-1])
             print(f"length {length}: reused the row of step {step}", file=out)
             continue
-        examples = examples_at(saved, fields, text, args)  # built only when measured
+        if not (text and examples):  # built only when measured; text: once for every length
+            examples = examples_at(saved, fields, text, args)
         batch_rows = max(1, args.batch_tokens // length)
         row = {**key, "train_length": train_length, "attention": saved["model"]["attention"]}
         row.update(evaluate_length(model, params, examples, text, length, batch_rows, out))
