@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from configs import ablation_listops, ablation_mqar
+from configs import ablation_listops, ablation_mqar, ablation_passkey
 from experiments import cells, plan, quality_report, report, sweep
 from experiments.configlib import ConfigError
 from tests.test_report import make_row
@@ -97,6 +97,29 @@ def test_a_classification_task_trains_encoder_cells_scored_over_rows(tmp_path):
     config.causal = True  # the sweep's direction must be the model's
     with pytest.raises(ConfigError, match="causal"):
         plan.plan_cells(config, "float32")
+
+
+def test_passkey_cells_train_the_passkey_model_and_score_the_digits(tmp_path):
+    """configs/ablation_passkey.py: no task axis, configs/passkey.py's model and training, a
+    hybrid layer pattern as a variant, accuracy over the key's digits of the test rows."""
+    config = ablation_passkey.get_config()
+    planned = plan.plan_cells(config, "float32")
+    assert [(c.variant, c.seq_len) for c in planned] == [
+        (v, 256) for v in ("dense", "sliding_window", "moba", "linear")
+    ]
+    assert all(c.task == {} for c in planned)  # no task axis
+    assert planned[0].training["train"]["num_steps"] == 2000 and planned[0].batch == 32
+    config.update(dict(variants="sliding_window+dense", lengths="32", batch=4, cell_budget_s=0.05,
+                       min_repeats=1, max_repeats=1, gemm_size=64))  # fmt: skip
+    config.options.sliding_window.update(dict(window=8, block_q=8, block_k=8))
+    config.data.update(dict(num_train=32, num_test=16))
+    config.train.update(dict(num_steps=2, warmup_steps=1, data_dir=str(tmp_path / "tfds"),
+                             eval_every=2))  # fmt: skip
+    assert sweep.run(config, tmp_path / "run", "test", out=io.StringIO()) == 1
+    (row,) = report.load_rows(tmp_path / "run")
+    assert row["status"] == "ok", row["error"]
+    assert row["variant"] == "sliding_window+dense" and row["params"] == 34_816  # passkey.py's
+    assert row["accuracy"] in {k / 80 for k in range(81)}  # 16 test rows x 5 digits
 
 
 def test_another_seed_is_a_new_cell_and_the_measured_ones_are_kept(tmp_path):
