@@ -79,11 +79,9 @@ def test_train_eval_cells_report_quality_beside_cost(tmp_path):
     assert "accuracy" in out.getvalue()
 
 
-def test_a_classification_task_trains_encoder_cells_scored_over_rows(tmp_path):
-    """ListOps' classification rows (LRA's protocol): the planner sizes the expressions per
-    length, each cell trains a bidirectional encoder classifier, accuracy counts the rows."""
-    config = ablation_listops.get_config()
-    config.update(dict(variants="sliding_window", lengths="32", batch=8, cell_budget_s=0.05,
+def one_tiny_cell(config, variant, tmp_path):
+    """The row of one cell of `config` shrunk to rows of 32 tokens and 4 training steps."""
+    config.update(dict(variants=variant, lengths="32", batch=8, cell_budget_s=0.05,
                        min_repeats=1, max_repeats=1, gemm_size=64))  # fmt: skip
     config.data.update(dict(num_train=64, num_test=16))
     config.train.update(dict(num_steps=4, warmup_steps=1, data_dir=str(tmp_path / "tfds"),
@@ -91,6 +89,14 @@ def test_a_classification_task_trains_encoder_cells_scored_over_rows(tmp_path):
     assert sweep.run(config, tmp_path / "run", "test", out=io.StringIO()) == 1
     (row,) = report.load_rows(tmp_path / "run")
     assert row["status"] == "ok", row["error"]
+    return row
+
+
+def test_a_classification_task_trains_encoder_cells_scored_over_rows(tmp_path):
+    """ListOps' classification rows (LRA's protocol): the planner sizes the expressions per
+    length, each cell trains a bidirectional encoder classifier, accuracy counts the rows."""
+    config = ablation_listops.get_config()
+    row = one_tiny_cell(config, "sliding_window", tmp_path)
     assert row["task"] == {"min_len": 4, "max_len": 32} and row["model"]["causal"] is False
     assert row["accuracy"] in {k / 16 for k in range(17)}  # 16 test rows, one label each
     assert row["causal"] is False  # the row records the direction its attention ran
@@ -109,15 +115,8 @@ def test_passkey_cells_train_the_passkey_model_and_score_the_digits(tmp_path):
     ]
     assert all(c.task == {} for c in planned)  # no task axis
     assert planned[0].training["train"]["num_steps"] == 2000 and planned[0].batch == 32
-    config.update(dict(variants="sliding_window+dense", lengths="32", batch=4, cell_budget_s=0.05,
-                       min_repeats=1, max_repeats=1, gemm_size=64))  # fmt: skip
     config.options.sliding_window.update(dict(window=8, block_q=8, block_k=8))
-    config.data.update(dict(num_train=32, num_test=16))
-    config.train.update(dict(num_steps=2, warmup_steps=1, data_dir=str(tmp_path / "tfds"),
-                             eval_every=2))  # fmt: skip
-    assert sweep.run(config, tmp_path / "run", "test", out=io.StringIO()) == 1
-    (row,) = report.load_rows(tmp_path / "run")
-    assert row["status"] == "ok", row["error"]
+    row = one_tiny_cell(config, "sliding_window+dense", tmp_path)
     assert row["variant"] == "sliding_window+dense" and row["params"] == 34_816  # passkey.py's
     assert row["accuracy"] in {k / 80 for k in range(81)}  # 16 test rows x 5 digits
 
