@@ -6,7 +6,7 @@ time and memory of the cell.
         [--config.variants=dense,sliding_window,moba] [--config.learning_rates=1e-3,3e-3] \
         [--config.seeds=0,1,2] [--config.train.threshold=0.99] [--config.lengths=256]
 
-A cell is up to 2000 steps of 32 rows of 256 tokens: 5-15 minutes on one core here, so the
+A cell is up to 2000 steps of 32 rows of 256 tokens: 4-17 minutes on one core here, so the
 protocol's grid takes hours. Give it `--config.time_budget_s=0` (the 30-minute budget would
 skip most cells; a rerun measures the skipped ones) and run the command once per core into the
 same --workdir (the processes share the cells). The needle's depth is random per row; the
@@ -29,6 +29,11 @@ def get_config():
     c.variants = "dense,sliding_window,moba,linear"
     c.lengths = "256"  # row lengths L (passkey/short's)
     c.batch = single.batch_size  # rows per training step
+    c.heads = single.model.num_heads  # configs/passkey.py's model
+    c.kv_heads = single.model.num_kv_heads
+    c.head_dim = single.model.head_dim
+    for name in ("num_layers", "mlp_dim", "positions"):
+        c.model[name] = single.model[name]
     c.options.sliding_window.window = 64  # two layers reach 126 tokens back
     c.options.sliding_window.block_q = 32  # tiles of the window's size
     c.options.sliding_window.block_k = 32

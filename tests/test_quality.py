@@ -19,12 +19,18 @@ def no_full_collection(monkeypatch):
     monkeypatch.setattr(sweep.gc, "collect", lambda *a, **k: 0)
 
 
-def tiny(data_dir, **changes):
-    config = ablation_mqar.get_config()
-    config.update(dict(variants="dense,linear", lengths="32", num_pairs="2,16", batch=8))
-    config.update(dict(cell_budget_s=0.05, min_repeats=1, max_repeats=1, gemm_size=64))
+def shrink(config, data_dir):
+    """`config` at rows of 32 tokens, 64 training rows, 4 steps, one timed repeat."""
+    config.update(dict(lengths="32", batch=8, cell_budget_s=0.05, min_repeats=1, max_repeats=1,
+                       gemm_size=64))  # fmt: skip
     config.data.update(dict(num_train=64, num_test=16))
     config.train.update(dict(num_steps=4, warmup_steps=1, data_dir=data_dir, eval_every=2))
+    return config
+
+
+def tiny(data_dir, **changes):
+    config = shrink(ablation_mqar.get_config(), data_dir)
+    config.update(dict(variants="dense,linear", num_pairs="2,16"))
     config.update(changes)
     return config
 
@@ -80,12 +86,8 @@ def test_train_eval_cells_report_quality_beside_cost(tmp_path):
 
 
 def one_tiny_cell(config, variant, tmp_path):
-    """The row of one cell of `config` shrunk to rows of 32 tokens and 4 training steps."""
-    config.update(dict(variants=variant, lengths="32", batch=8, cell_budget_s=0.05,
-                       min_repeats=1, max_repeats=1, gemm_size=64))  # fmt: skip
-    config.data.update(dict(num_train=64, num_test=16))
-    config.train.update(dict(num_steps=4, warmup_steps=1, data_dir=str(tmp_path / "tfds"),
-                             eval_every=4))  # fmt: skip
+    """The row of one cell of `config` (shrunk) for `variant`."""
+    shrink(config, str(tmp_path / "tfds")).variants = variant
     assert sweep.run(config, tmp_path / "run", "test", out=io.StringIO()) == 1
     (row,) = report.load_rows(tmp_path / "run")
     assert row["status"] == "ok", row["error"]
