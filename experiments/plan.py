@@ -170,7 +170,9 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
         rates = _numbers(config, "learning_rates", float, 0.0)
     shape = (batch, heads, kv_heads, head_dim, dtype)
     devices = _seq_devices(config, kind)
-    tasks_at = {T: _tasks(config, T) if kind == "train_eval" else [(None, None)] for T in lengths}
+    tasks_at = {T: [(None, None)] for T in lengths}
+    if kind == "train_eval":
+        tasks_at = _buildable(config, {T: _tasks(config, T) for T in lengths})
     return [
         Cell(
             kind,
@@ -196,7 +198,6 @@ def plan_cells(config: Any, dtype: str) -> list[Cell]:
         for rate in rates
         for seed in seeds
         for mode in modes
-        if task is None or _fits(config, T, task)
     ]
 
 
@@ -305,14 +306,21 @@ def training_fields(train: Any) -> dict[str, Any]:
     return fields
 
 
-def _fits(config: Any, seq_len: int, task: dict[str, Any]) -> bool:
-    """Whether the task's dataset can be built at this length (e.g. MQAR needs 4N <= L)."""
+def _buildable(config: Any, tasks_at: dict[int, list]) -> dict[int, list]:
+    """The tasks whose dataset can be built at each length (e.g. MQAR needs 4N <= L: the
+    others are left out); a grid where none can raises ConfigError with the dataset's reason."""
     from experiments import datasets
 
-    fields = {**config.data.to_dict(), **task, "seq_len": seq_len}
-    dataset_config = datasets.config_for(fields.pop("dataset"), **fields)
-    try:
-        dataset_config.check()
-    except ValueError:
-        return False
-    return True
+    kept, reasons = {}, []
+    for T, tasks in tasks_at.items():
+        kept[T] = []
+        for task, spec in tasks:
+            fields = {**config.data.to_dict(), **task, "seq_len": T}
+            try:
+                datasets.config_for(fields.pop("dataset"), **fields).check()
+                kept[T].append((task, spec))
+            except ValueError as e:
+                reasons.append(f"at L={T}: {e}")
+    if not any(kept.values()):
+        raise ConfigError("lengths", f"no cell's dataset can be built ({'; '.join(reasons)})")
+    return kept

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ from experiments.workdir import current_config, read_jsonl, read_metrics, read_s
 QUALITY = ("eval/bits_per_token", "eval/accuracy")  # the first a run logged is its score
 CSV_FIELDS = ("run", "dataset", "attention", "params", "learning_rate", "seed", "step", "score")
 CSV_FIELDS += ("final", "converged", "steps_to_threshold", "by_length")
+# Config fields that do not change what a run learns (with its seed and learning rate, the
+# axes of the protocol table): runs equal in every other field share a setting.
+NOT_SETTING = ("seed", "learning_rate", "versions", "params", "data_dir", "keep", "log_every")
+NOT_SETTING += ("checkpoint_every", "eval_every", "mesh")
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -50,6 +55,7 @@ def run_row(workdir: Path, root: Path) -> dict[str, Any]:
         "converged": summary.get("converged"),
         "steps_to_threshold": summary.get("steps_to_threshold"),
         "curve": [[s, e[score]] for s, e in sorted(evals.items()) if score in e],
+        "setting": {k: v for k, v in config.items() if k not in NOT_SETTING},
     }
     evaluated = read_jsonl(workdir / "evaluation.jsonl")  # the newest row per length (depth)
     if evaluated:
@@ -89,6 +95,7 @@ def write_runs_report(root: str | Path, save: Callable[..., bool]) -> Path:
         "",
         "T=n: the score evaluated at length n (experiments.evaluate); n@d: at needle depth d.",
     ]
+    md += protocol_table(rows, lengths)
     if save(runs_figure, rows, root / "runs.png"):
         md += ["", "![runs](runs.png)"]
     with open(root / "runs.csv", "w", newline="") as f:
@@ -98,6 +105,77 @@ def write_runs_report(root: str | Path, save: Callable[..., bool]) -> Path:
     path = root / "runs.md"
     path.write_text("\n".join(md) + "\n")
     return path
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config as dotted keys and JSON values."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = json.dumps(value)
+    return out
+
+
+def _same_task(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (a["dataset"], a["attention"]) == (b["dataset"], b["attention"])
+
+
+def _apart(setting: dict[str, str], peers: list[dict[str, str]]) -> str:
+    """` (field=value, ...)`: where `setting` differs from any of its peers ('' if nowhere)."""
+    apart = [
+        f"{name}={value}"
+        for name, value in setting.items()
+        if name not in ("dataset", "model.attention", "model.attention_options")
+        and any(p.get(name) != value for p in peers)
+    ]
+    return f" ({', '.join(apart)})" if apart else ""
+
+
+def protocol_table(rows: list[dict[str, Any]], lengths: list[str]) -> list[str]:
+    """Markdown: the runs of each setting (equal configs but for seed and learning rate) by
+    learning rate, the seeds' final scores (mean [min-max], std) and their evaluations at other
+    lengths; the best rate by the mean (lowest bits per token, highest accuracy) in bold, ◂ when
+    it is the edge of the rates run (a better one may lie beyond). A setting is named by its
+    attention and the fields that set it apart from the other settings of that attention."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["final"] is not None:
+            groups.setdefault(json.dumps(r["setting"], sort_keys=True), []).append(r)
+    if not groups:
+        return []
+    flat = {key: _flat(runs[0]["setting"]) for key, runs in groups.items()}
+    md = ["", "## Learning rates and seeds", "", "| dataset | setting | lr | seeds | final "]
+    md[-1] += "(mean [min-max]) | std | " + " | ".join(f"T={n}" for n in lengths) + " |"
+    md.append("|---" * (6 + len(lengths)) + "|")
+    for key, runs in groups.items():
+        first = runs[0]
+        peers = [flat[k] for k in groups if _same_task(groups[k][0], first)]
+        label = first["attention"] + _apart(flat[key], peers)
+        by_rate: dict[Any, list[dict[str, Any]]] = {}
+        for r in runs:
+            by_rate.setdefault(r["learning_rate"], []).append(r)
+        sign = 1 if first["score"] == "eval/accuracy" else -1  # bits: lower is better
+        means = {lr: statistics.fmean(r["final"] for r in rs) for lr, rs in by_rate.items()}
+        best = max(means, key=lambda lr: sign * means[lr])
+        rates = sorted(by_rate)
+        for lr in rates:
+            finals = [r["final"] for r in by_rate[lr]]
+            rate = (
+                f"**{lr:g}**" + ("◂" if lr in (rates[0], rates[-1]) else "")
+                if lr == best
+                else f"{lr:g}"
+            )
+            spread = f" [{min(finals):.4f}-{max(finals):.4f}]" if len(finals) > 1 else ""
+            std = f"{statistics.stdev(finals):.4f}" if len(finals) > 1 else "-"
+            at = []
+            for n in lengths:
+                values = [r["by_length"][n] for r in by_rate[lr] if n in r.get("by_length", {})]
+                at.append(f"{statistics.fmean(values):.4f} ({len(values)})" if values else "")
+            cells = [first["dataset"], label, rate, len(finals), f"{means[lr]:.4f}{spread}", std]
+            md.append("| " + " | ".join(map(str, [*cells, *at])) + " |")
+    return md
 
 
 def runs_figure(rows: list[dict[str, Any]]) -> Any:

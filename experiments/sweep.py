@@ -304,7 +304,7 @@ class Sweep:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.recover_crash()
         start = time.perf_counter()
-        dtype = jax.numpy.dtype(self.cells[0].dtype) if self.cells else jax.numpy.float32
+        dtype = jax.numpy.dtype(self.cells[0].dtype if self.cells else jax.numpy.float32)
         size = self.config.gemm_size or (2048 if self.device.platform == "cpu" else 8192)
         gemm = bench.gemm_gflops(size, dtype, device=self.device)
         print(

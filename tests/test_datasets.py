@@ -192,6 +192,15 @@ def test_pathfinder_labels_follow_from_the_drawing(data_dir):
     assert 0.3 < np.mean(labels) < 0.7  # both kinds, about as often
 
 
+def test_pathfinder_says_when_its_paths_cannot_fit(monkeypatch):
+    from experiments.datasets import pathfinder
+
+    monkeypatch.setattr(pathfinder, "RESTARTS", 3)  # (1000 in a build)
+    config = pathfinder.PathfinderConfig(name="x", size=8, seq_len=64, distractors=3)
+    with pytest.raises(ValueError, match="5 paths of 5 dashes .* in a 8 x 8 image: make"):
+        pathfinder.pathfinder_example(config, np.random.default_rng(0))
+
+
 def test_pystdlib_is_the_stdlib_split_by_group(data_dir):
     data = splits("pystdlib/small", data_dir)
     names = {s: [r["path"].decode() for r in rows] for s, rows in data.items()}

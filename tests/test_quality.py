@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from configs import ablation_listops, ablation_mqar, ablation_passkey
+from configs import ablation_listops, ablation_mqar, ablation_passkey, ablation_pathfinder
 from experiments import cells, plan, quality_report, report, sweep
 from experiments.configlib import ConfigError
 from tests.test_report import make_row
@@ -85,9 +85,9 @@ def test_train_eval_cells_report_quality_beside_cost(tmp_path):
     assert "accuracy" in out.getvalue()
 
 
-def one_tiny_cell(config, variant, tmp_path):
-    """The row of one cell of `config` (shrunk) for `variant`."""
-    shrink(config, str(tmp_path / "tfds")).variants = variant
+def one_tiny_cell(config, variant, tmp_path, **changes):
+    """The row of one cell of `config` (shrunk, then `changes` made) for `variant`."""
+    shrink(config, str(tmp_path / "tfds")).update(dict(variants=variant, **changes))
     assert sweep.run(config, tmp_path / "run", "test", out=io.StringIO()) == 1
     (row,) = report.load_rows(tmp_path / "run")
     assert row["status"] == "ok", row["error"]
@@ -121,6 +121,19 @@ def test_passkey_cells_train_the_passkey_model_and_score_the_digits(tmp_path):
     row = one_tiny_cell(config, "sliding_window+dense", tmp_path)
     assert row["variant"] == "sliding_window+dense" and row["params"] == 34_816  # passkey.py's
     assert row["accuracy"] in {k / 80 for k in range(81)}  # 16 test rows x 5 digits
+
+
+def test_pathfinder_cells_classify_images_of_the_cells_length(tmp_path):
+    """configs/ablation_pathfinder.py: LRA's image task as a classification cell; a row is the
+    flattened image, so the cell's length must be the image's size squared."""
+    config = ablation_pathfinder.get_config()
+    planned = plan.plan_cells(config, "float32")
+    assert {(c.seq_len, c.model["causal"]) for c in planned} == {(256, False)}  # 16 x 16
+    shrink(config, str(tmp_path / "tfds"))
+    with pytest.raises(ConfigError, match=r"lengths: .*\(at L=32: seq_len=32 must be size \*\* 2"):
+        plan.plan_cells(config, "float32")  # shrink's rows of 32 pixels are no 16 x 16 image
+    row = one_tiny_cell(config, "sliding_window", tmp_path, lengths="256")
+    assert row["accuracy"] in {k / 16 for k in range(17)}  # 16 test images, one label each
 
 
 def test_another_seed_is_a_new_cell_and_the_measured_ones_are_kept(tmp_path):

@@ -29,6 +29,7 @@ PATH, DOT = 128, 255  # pixel values
 SEPARATION = 4  # fewest pixels (Chebyshev) between two paths: > 2 + 1, so widening by one
 # pixel (3 x 3) closes a path's 1-pixel gaps and never touches another path
 TRIES = 200  # draws of one path before the image is started again
+RESTARTS = 1000  # images started before the drawing gives up (the paths cannot fit)
 
 
 @dataclasses.dataclass
@@ -100,7 +101,7 @@ def footprint(pixels: np.ndarray, dots: list[np.ndarray]) -> np.ndarray:
 def pathfinder_example(config: PathfinderConfig, rng: np.random.Generator) -> dict:
     """One image drawn from `rng` (see the module docstring), as a classification row."""
     connected = bool(rng.integers(2))
-    while True:
+    for _ in range(RESTARTS):
         paths: list[np.ndarray] = []
         taken = np.zeros((config.size, config.size), bool)  # too close to a placed path
         for index in range(2 + config.distractors):
@@ -120,6 +121,12 @@ def pathfinder_example(config: PathfinderConfig, rng: np.random.Generator) -> di
                 break  # no room for this path: start the image again
         if len(paths) == 2 + config.distractors:
             break
+    else:
+        raise ValueError(
+            f"{2 + config.distractors} paths of {config.segments} dashes (and their dots) do "
+            f"not fit {SEPARATION} pixels apart in a {config.size} x {config.size} image: "
+            "make `size` larger or `segments` or `distractors` smaller"
+        )
     image = np.zeros((config.size, config.size), np.int32)
     for drawn in paths:
         image[drawn[:, 0], drawn[:, 1]] = PATH
