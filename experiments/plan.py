@@ -308,19 +308,20 @@ def training_fields(train: Any) -> dict[str, Any]:
 
 def _buildable(config: Any, tasks_at: dict[int, list]) -> dict[int, list]:
     """The tasks whose dataset can be built at each length (e.g. MQAR needs 4N <= L: the
-    others are left out); a grid where none can raises ConfigError with the dataset's reason."""
+    others are left out); a length where none can raises ConfigError with the dataset's reason."""
     from experiments import datasets
 
-    kept, reasons = {}, []
+    kept = {}
     for T, tasks in tasks_at.items():
-        kept[T] = []
+        kept[T], reasons = [], []
         for task, spec in tasks:
             fields = {**config.data.to_dict(), **task, "seq_len": T}
             try:
                 datasets.config_for(fields.pop("dataset"), **fields).check()
                 kept[T].append((task, spec))
             except ValueError as e:
-                reasons.append(f"at L={T}: {e}")
-    if not any(kept.values()):
-        raise ConfigError("lengths", f"no cell's dataset can be built ({'; '.join(reasons)})")
+                reasons.append(str(e))
+        if not kept[T]:
+            raise ConfigError("lengths", f"no cell's dataset can be built at L={T} "
+                              f"({'; '.join(dict.fromkeys(reasons))})")  # fmt: skip
     return kept

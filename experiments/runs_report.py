@@ -20,9 +20,10 @@ QUALITY = ("eval/bits_per_token", "eval/accuracy")  # the first a run logged is 
 CSV_FIELDS = ("run", "dataset", "attention", "params", "learning_rate", "seed", "step", "score")
 CSV_FIELDS += ("final", "converged", "steps_to_threshold", "by_length")
 # Config fields that do not change what a run learns (with its seed and learning rate, the
-# axes of the protocol table): runs equal in every other field share a setting.
+# axes of the protocol table): runs equal in every other field share a setting. `options`
+# holds every registered variant's options; a setting keeps only those of its own variants.
 NOT_SETTING = ("seed", "learning_rate", "versions", "params", "data_dir", "keep", "log_every")
-NOT_SETTING += ("checkpoint_every", "eval_every", "mesh")
+NOT_SETTING += ("checkpoint_every", "mesh", "options")
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -45,7 +46,7 @@ def run_row(workdir: Path, root: Path) -> dict[str, Any]:
     row = {
         "run": workdir.relative_to(root).as_posix() or ".",
         "dataset": config.get("dataset"),
-        "attention": (config.get("model") or {}).get("attention"),
+        "attention": attention_name((config.get("model") or {}).get("attention")),
         "params": config.get("params"),
         "learning_rate": config.get("learning_rate"),
         "seed": config.get("seed"),
@@ -53,9 +54,10 @@ def run_row(workdir: Path, root: Path) -> dict[str, Any]:
         "score": score,
         "final": last.get(score) if score else None,
         "converged": summary.get("converged"),
+        "finished": bool(summary),  # summary.json is written when a run ends
         "steps_to_threshold": summary.get("steps_to_threshold"),
         "curve": [[s, e[score]] for s, e in sorted(evals.items()) if score in e],
-        "setting": {k: v for k, v in config.items() if k not in NOT_SETTING},
+        "setting": setting(config),
     }
     evaluated = read_jsonl(workdir / "evaluation.jsonl")  # the newest row per length (depth)
     if evaluated:
@@ -64,6 +66,36 @@ def run_row(workdir: Path, root: Path) -> dict[str, Any]:
             sorted(by.items(), key=lambda kv: [float(x) for x in kv[0].split("@")])
         )
     return row
+
+
+def attention_name(attention: str | list[str] | None) -> str | None:
+    """A hybrid's layer pattern as text, repeats folded: sliding_window*3+dense."""
+    if not isinstance(attention, list):
+        return attention
+    runs: list[list[Any]] = []
+    for name in attention:
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    return "+".join(name if n == 1 else f"{name}*{n}" for name, n in runs)
+
+
+def setting(config: dict[str, Any]) -> dict[str, Any]:
+    """What a run learned from: its config less NOT_SETTING, with the options of its own
+    variants as `options` (from `model.attention_options`, where the run recorded them)."""
+    kept = {k: v for k, v in config.items() if k not in NOT_SETTING}
+    model = dict(kept.get("model") or {})
+    attention = model.get("attention")
+    names = list(dict.fromkeys(attention if isinstance(attention, list) else [attention]))
+    recorded = model.pop("attention_options", None)
+    if recorded is None:
+        used = {n: (config.get("options") or {}).get(n) for n in names}
+    elif isinstance(attention, list):  # a hybrid's: [[variant, [[option, value], ...]], ...]
+        used = {n: dict(pairs) for n, pairs in recorded}
+    else:
+        used = {attention: dict(recorded)}
+    return {**kept, "model": model, "options": used}
 
 
 def _at(row: dict[str, Any]) -> str:
@@ -118,63 +150,74 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _same_task(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return (a["dataset"], a["attention"]) == (b["dataset"], b["attention"])
-
-
 def _apart(setting: dict[str, str], peers: list[dict[str, str]]) -> str:
     """` (field=value, ...)`: where `setting` differs from any of its peers ('' if nowhere)."""
     apart = [
         f"{name}={value}"
         for name, value in setting.items()
-        if name not in ("dataset", "model.attention", "model.attention_options")
-        and any(p.get(name) != value for p in peers)
+        if name not in ("dataset", "model.attention") and any(p.get(name) != value for p in peers)
     ]
     return f" ({', '.join(apart)})" if apart else ""
 
 
+def _rate(lr: float | None, best: float | None, rates: list[float | None]) -> str:
+    """A rate as text: the best in bold, ◂ when it is the smallest or largest run."""
+    text = "-" if lr is None else f"{lr:g}"
+    if lr != best:
+        return text
+    return f"**{text}**" + ("◂" if lr in (rates[0], rates[-1]) else "")
+
+
+def _mean(values: list[float], with_count: bool = False) -> str:
+    """`mean [min-max]` (one value: itself), or `mean (n)`."""
+    if with_count:
+        return f"{statistics.fmean(values):.4f} ({len(values)})"
+    spread = f" [{min(values):.4f}-{max(values):.4f}]" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):.4f}{spread}"
+
+
 def protocol_table(rows: list[dict[str, Any]], lengths: list[str]) -> list[str]:
-    """Markdown: the runs of each setting (equal configs but for seed and learning rate) by
-    learning rate, the seeds' final scores (mean [min-max], std) and their evaluations at other
-    lengths; the best rate by the mean (lowest bits per token, highest accuracy) in bold, ◂ when
-    it is the edge of the rates run (a better one may lie beyond). A setting is named by its
-    attention and the fields that set it apart from the other settings of that attention."""
+    """Markdown: the finished runs of each setting (equal configs but for seed and learning
+    rate, one metric) by learning rate: the seeds' final scores (mean [min-max], std) and their mean
+    evaluations at other lengths; the best rate by the mean (lowest bits per token, highest
+    accuracy; ties: the smaller rate) in bold, ◂ when it is the edge of the rates run (a better
+    one may lie beyond). A setting is named by its attention and the fields that set it apart
+    from the other settings of that dataset and attention."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        if r["final"] is not None:
-            groups.setdefault(json.dumps(r["setting"], sort_keys=True), []).append(r)
+        if r["finished"] and r["final"] is not None:
+            key = json.dumps([r["score"], r["setting"]], sort_keys=True)
+            groups.setdefault(key, []).append(r)
     if not groups:
         return []
     flat = {key: _flat(runs[0]["setting"]) for key, runs in groups.items()}
-    md = ["", "## Learning rates and seeds", "", "| dataset | setting | lr | seeds | final "]
-    md[-1] += "(mean [min-max]) | std | " + " | ".join(f"T={n}" for n in lengths) + " |"
-    md.append("|---" * (6 + len(lengths)) + "|")
+    head = ["dataset", "setting", "metric", "lr", "seeds", "final (mean [min-max])", "std"]
+    head += [f"T={n}" for n in lengths]
+    md = ["", "## Learning rates and seeds", "", "| " + " | ".join(head) + " |"]
+    md.append("|---" * len(head) + "|")
     for key, runs in groups.items():
         first = runs[0]
-        peers = [flat[k] for k in groups if _same_task(groups[k][0], first)]
-        label = first["attention"] + _apart(flat[key], peers)
-        by_rate: dict[Any, list[dict[str, Any]]] = {}
+        task = (first["dataset"], first["attention"])
+        peers = [
+            flat[k] for k in groups if (groups[k][0]["dataset"], groups[k][0]["attention"]) == task
+        ]
+        label = f"{first['attention']}{_apart(flat[key], peers)}"
+        by_rate: dict[float | None, list[float]] = {}
         for r in runs:
             by_rate.setdefault(r["learning_rate"], []).append(r)
+        rates = sorted(by_rate, key=lambda lr: (lr is not None, lr or 0.0))
         sign = 1 if first["score"] == "eval/accuracy" else -1  # bits: lower is better
-        means = {lr: statistics.fmean(r["final"] for r in rs) for lr, rs in by_rate.items()}
-        best = max(means, key=lambda lr: sign * means[lr])
-        rates = sorted(by_rate)
+        means = {lr: statistics.fmean(r["final"] for r in by_rate[lr]) for lr in rates}
+        best = max(rates, key=lambda lr: (sign * means[lr], -(lr or 0.0)))
         for lr in rates:
             finals = [r["final"] for r in by_rate[lr]]
-            rate = (
-                f"**{lr:g}**" + ("◂" if lr in (rates[0], rates[-1]) else "")
-                if lr == best
-                else f"{lr:g}"
-            )
-            spread = f" [{min(finals):.4f}-{max(finals):.4f}]" if len(finals) > 1 else ""
             std = f"{statistics.stdev(finals):.4f}" if len(finals) > 1 else "-"
-            at = []
+            cells = [*task[:1], label, first["score"], _rate(lr, best, rates), len(finals)]
+            cells += [_mean(finals), std]
             for n in lengths:
-                values = [r["by_length"][n] for r in by_rate[lr] if n in r.get("by_length", {})]
-                at.append(f"{statistics.fmean(values):.4f} ({len(values)})" if values else "")
-            cells = [first["dataset"], label, rate, len(finals), f"{means[lr]:.4f}{spread}", std]
-            md.append("| " + " | ".join(map(str, [*cells, *at])) + " |")
+                at = [r["by_length"][n] for r in by_rate[lr] if n in r.get("by_length", {})]
+                cells.append(_mean(at, with_count=True) if at else "")
+            md.append("| " + " | ".join(map(str, cells)) + " |")
     return md
 
 

@@ -84,9 +84,16 @@ def test_positions_restart_at_each_document():
 def test_the_report_tabulates_the_training_runs_it_finds(data_dir, tmp_path):
     from experiments import report
 
-    for name in ("dense", "linear"):
-        config = tiny(data_dir)
-        config.model.attention = name
+    runs = {
+        "dense": {},
+        "linear": {},
+        "dense-s1": dict(seed=1),
+        "dense-lr": dict(learning_rate=1e-2),
+    }
+    runs["hybrid"] = dict(model=dict(attention="dense,linear", num_layers=2))
+    for name, changes in runs.items():
+        config = tiny(data_dir, **{k: v for k, v in changes.items() if k != "model"})
+        config.model.update({"attention": name.split("-")[0], **changes.get("model", {})})
         train.train(config, tmp_path / "runs" / name, out=io.StringIO())
     (row,) = evaluate.evaluate(tmp_path / "runs" / "linear", evaluate.Args([64]), io.StringIO())
     assert report.main([str(tmp_path / "runs")]) == 0
@@ -100,6 +107,19 @@ def test_the_report_tabulates_the_training_runs_it_finds(data_dir, tmp_path):
     assert "T=64" in text and (tmp_path / "runs" / "runs.png").exists()
     header = (tmp_path / "runs" / "runs.csv").read_text().splitlines()[0]
     assert header.endswith("by_length")  # though the first run was not evaluated
+    # The protocol table: the dense runs are one setting, over two seeds and two rates.
+    acc = {
+        name: json.loads((tmp_path / "runs" / name / "summary.json").read_text())["metrics"][
+            "eval/accuracy"
+        ]
+        for name in runs
+    }
+    low = [acc["dense"], acc["dense-s1"]]  # rate 1e-3
+    best = "0.001" if sum(low) / 2 >= acc["dense-lr"] else "0.01"  # ties: the smaller
+    lines = [line for line in text.splitlines() if "| mqar/small | dense | eval/acc" in line]
+    assert len(lines) == 2 and f"| 2 | {sum(low) / 2:.4f} [{min(low):.4f}-" in lines[0]
+    assert f"| **{best}**◂ |" in "\n".join(lines)  # both rates are the grid's edges
+    assert "| mqar/small | dense+linear | eval/accuracy | **0.001**◂ | 1 |" in text
 
 
 def test_passkey_is_evaluated_on_a_length_by_depth_grid(data_dir, tmp_path):

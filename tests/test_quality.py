@@ -130,7 +130,7 @@ def test_pathfinder_cells_classify_images_of_the_cells_length(tmp_path):
     planned = plan.plan_cells(config, "float32")
     assert {(c.seq_len, c.model["causal"]) for c in planned} == {(256, False)}  # 16 x 16
     shrink(config, str(tmp_path / "tfds"))
-    with pytest.raises(ConfigError, match=r"lengths: .*\(at L=32: seq_len=32 must be size \*\* 2"):
+    with pytest.raises(ConfigError, match=r"lengths: .* at L=32 \(seq_len=32 must be size \*\* 2"):
         plan.plan_cells(config, "float32")  # shrink's rows of 32 pixels are no 16 x 16 image
     row = one_tiny_cell(config, "sliding_window", tmp_path, lengths="256")
     assert row["accuracy"] in {k / 16 for k in range(17)}  # 16 test images, one label each

@@ -245,22 +245,26 @@ def test_compare_rejects_an_empty_file(tmp_path):
 
 
 def test_training_runs_are_grouped_by_setting_with_the_best_rate_over_seeds():
-    """runs.md's protocol table: runs equal but for seed and rate form a setting; the rate with
-    the lowest mean bits is bold, flagged at the grid's edge; another bias is its own setting."""
-    from experiments.runs_report import protocol_table
+    """runs.md's protocol table: runs equal but for seed and rate form a setting (the options
+    of variants a run does not use do not split it); the rate with the lowest mean bits is
+    bold, flagged at the grid's edge; another bias is its own setting, named by it."""
+    from experiments.runs_report import protocol_table, setting
 
-    def run(rate, seed, final, bias=None, at_512=None):
-        setting = {"dataset": "bytes", "model": {"attention": "dense"}}
-        setting["options"] = {"dense": {"bias": bias}}
+    def run(rate, seed, final, bias=None, at_512=None, window=64):
+        options = {"dense": {"bias": bias}, "sliding_window": {"window": window}}
+        config = {"dataset": "bytes", "seed": seed, "learning_rate": rate, "options": options}
+        config["model"] = {"attention": "dense", "attention_options": [["bias", bias]]}
+        by_length = {"512": at_512} if at_512 else {}
         return {"dataset": "bytes", "attention": "dense", "score": "eval/bits_per_token",
-                "learning_rate": rate, "seed": seed, "final": final, "setting": setting,
-                "by_length": {} if at_512 is None else {"512": at_512}}  # fmt: skip
+                "learning_rate": rate, "seed": seed, "final": final, "finished": True,
+                "setting": setting(config), "by_length": by_length}  # fmt: skip
 
-    rows = [run(1e-3, 0, 2.4), run(1e-3, 1, 2.6), run(2e-3, 0, 2.1, at_512=2.5)]
+    rows = [run(1e-3, 0, 2.4), run(1e-3, 1, 2.6, window=32), run(2e-3, 0, 2.1, at_512=2.5)]
     rows += [run(2e-3, 1, 2.3, at_512=2.7), run(4e-3, 0, 2.3), run(2e-3, 0, 2.0, bias="alibi")]
+    rows += [{**run(4e-3, 1, 1.0), "finished": False}]  # still training: left out
     text = "\n".join(protocol_table(rows, ["512"]))
-    plain = "| bytes | dense (options.dense.bias=null) |"
+    plain = "| bytes | dense (options.dense.bias=null) | eval/bits_per_token |"
     assert f"{plain} 0.001 | 2 | 2.5000 [2.4000-2.6000] |" in text
     assert "| **0.002** | 2 | 2.2000 [2.1000-2.3000] | 0.1414 | 2.6000 (2) |" in text  # interior
     assert "| 0.004 | 1 | 2.3000 | - |" in text
-    assert '| dense (options.dense.bias="alibi") | **0.002**◂ | 1 | 2.0000 | - |' in text
+    assert '(options.dense.bias="alibi") | eval/bits_per_token | **0.002**◂ | 1 |' in text
