@@ -62,9 +62,7 @@ def run_row(workdir: Path, root: Path) -> dict[str, Any]:
     evaluated = read_jsonl(workdir / "evaluation.jsonl")  # the newest row per length (depth)
     if evaluated:
         by = {_at(r): r.get("bits_per_token", r.get("accuracy")) for r in evaluated}
-        row["by_length"] = dict(
-            sorted(by.items(), key=lambda kv: [float(x) for x in kv[0].split("@")])
-        )
+        row["by_length"] = dict(sorted(by.items(), key=lambda kv: _place(kv[0])))
     return row
 
 
@@ -99,9 +97,20 @@ def setting(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _at(row: dict[str, Any]) -> str:
-    """An evaluation's place: its length, and `@depth` for a passkey needle depth."""
+    """An evaluation's place: its length; `/window` when text was read in longer windows per
+    file (each call of experiments.evaluate scores the same tokens at all its lengths, so only
+    scores of one window compare); `@depth` for a passkey needle depth."""
     depth = (row.get("data") or {}).get("depth")
-    return f"{row['length']}" + (f"@{depth:g}" if depth is not None else "")
+    window = row.get("per_document")
+    text = f"{row['length']}" + (f"/{window}" if window and window != row["length"] else "")
+    return text + (f"@{depth:g}" if depth is not None else "")
+
+
+def _place(at: str) -> tuple[int, int, float]:
+    """(window, length, depth) of an `_at` text, for sorting and plotting."""
+    rest, _, depth = at.partition("@")
+    length, _, window = rest.partition("/")
+    return int(window or length), int(length), float(depth or 0)
 
 
 def write_runs_report(root: str | Path, save: Callable[..., bool]) -> Path:
@@ -110,7 +119,7 @@ def write_runs_report(root: str | Path, save: Callable[..., bool]) -> Path:
     rows = [run_row(w, root) for w in find_runs(root)]
     if not rows:
         raise ValueError(f"no training workdir (config.json and metrics.csv) under {root}")
-    lengths = list(dict.fromkeys(n for r in rows for n in r.get("by_length", {})))
+    lengths = sorted({n for r in rows for n in r.get("by_length", {})}, key=_place)
     head = ["run", "dataset", "attention", "params", "lr", "seed", "step", "metric", "final"]
     head += ["converged", "steps to threshold", *(f"T={n}" for n in lengths)]
     md = [f"# Training runs under {root}", "", "| " + " | ".join(head) + " |"]
@@ -125,7 +134,8 @@ def write_runs_report(root: str | Path, save: Callable[..., bool]) -> Path:
         md.append("| " + " | ".join(map(str, cells)) + " |")
     md += [
         "",
-        "T=n: the score evaluated at length n (experiments.evaluate); n@d: at needle depth d.",
+        "T=n: the score evaluated at length n (experiments.evaluate); n/w: at length n in "
+        "windows of w tokens per file (compare scores of one w); n@d: at needle depth d.",
     ]
     md += protocol_table(rows, lengths)
     if save(runs_figure, rows, root / "runs.png"):
@@ -230,10 +240,14 @@ def runs_figure(rows: list[dict[str, Any]]) -> Any:
         colour = f"C{i % 10}"
         if r["curve"]:
             curves.plot(*zip(*r["curve"], strict=True), color=colour, label=r["run"])
-        if r.get("by_length"):
-            points = [(int(k), v) for k, v in r["by_length"].items() if "@" not in k]
-            if points:
-                lengths.plot(*zip(*points, strict=True), marker="o", color=colour, label=r["run"])
+        windows: dict[int, list[tuple[int, float]]] = {}
+        for at, value in (r.get("by_length") or {}).items():
+            window, length, _ = _place(at)
+            if "@" not in at:
+                windows.setdefault(window, []).append((length, value))
+        if windows:  # the evaluation with the most lengths (ties: the longest windows)
+            points = max(windows.items(), key=lambda kv: (len(kv[1]), kv[0]))[1]
+            lengths.plot(*zip(*points, strict=True), marker="o", color=colour, label=r["run"])
     metric = next((r["score"] for r in rows if r["score"]), "score")
     curves.set(xlabel="step", ylabel=metric, title="evaluation during training")
     lengths.set(xlabel="context length", ylabel=metric, title="at other lengths")

@@ -268,3 +268,16 @@ def test_training_runs_are_grouped_by_setting_with_the_best_rate_over_seeds():
     assert "| **0.002** | 2 | 2.2000 [2.1000-2.3000] | 0.1414 | 2.6000 (2) |" in text  # interior
     assert "| 0.004 | 1 | 2.3000 | - |" in text
     assert '(options.dense.bias="alibi") | eval/bits_per_token | **0.002**◂ | 1 |' in text
+
+
+def test_evaluations_in_other_windows_are_other_columns():
+    """Each experiments.evaluate call scores the same tokens at all its lengths (windows of its
+    longest length per file); a score read in other windows is another column, not the same."""
+    from experiments.runs_report import _at, _place
+
+    calls = [{"length": n, "per_document": 1024} for n in (256, 512, 1024)]
+    calls += [{"length": n, "per_document": 2048} for n in (256, 2048)]
+    calls += [{"length": 256, "data": {"depth": 0.5}}]  # a task's rows: no windows
+    places = [_at(row) for row in calls]
+    assert places == ["256/1024", "512/1024", "1024", "256/2048", "2048", "256@0.5"]
+    assert sorted(places, key=_place)[:3] == ["256@0.5", "256/1024", "512/1024"]
