@@ -65,6 +65,12 @@ class Best:
         return ("◂" if self.edge else "") + ("~" if self.converged < len(self.rows) else "")
 
 
+def best_rate(means: dict[float | None, float], higher_is_better: bool = True) -> float | None:
+    """The learning rate of the best mean score (ties: the smaller rate)."""
+    sign = 1 if higher_is_better else -1
+    return max(means, key=lambda lr: (sign * means[lr], -(lr or 0.0)))
+
+
 def best_rates(rows: Sequence[Row], label: Callable[[Row], str]) -> list[Best]:
     """The best learning rate of every (label, length) among the `ok` train_eval rows, by the
     mean over seeds of the final accuracy (ties: the smaller rate)."""
@@ -77,7 +83,7 @@ def best_rates(rows: Sequence[Row], label: Callable[[Row], str]) -> list[Best]:
     for (name, T), by_rate in groups.items():
         rates = tuple(sorted(lr for lr in by_rate if lr is not None))
         means = {lr: statistics.fmean(r["accuracy"] for r in rs) for lr, rs in by_rate.items()}
-        best = max(means, key=lambda lr: (means[lr], -(lr or 0.0)))
+        best = best_rate(means)
         chosen = tuple(sorted(by_rate[best], key=lambda r: r.get("seed") or 0))
         spec = chosen[0].get("task_spec") or chosen[0].get("task") or {}
         task = " ".join(f"{k}={v}" for k, v in spec.items())

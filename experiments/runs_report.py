@@ -14,7 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from experiments.quality_report import best_rate
 from experiments.workdir import current_config, read_jsonl, read_metrics, read_summary
+from transformer.config import pattern_name
 
 QUALITY = ("eval/bits_per_token", "eval/accuracy")  # the first a run logged is its score
 CSV_FIELDS = ("run", "dataset", "attention", "params", "learning_rate", "seed", "step", "score")
@@ -67,16 +69,8 @@ def run_row(workdir: Path, root: Path) -> dict[str, Any]:
 
 
 def attention_name(attention: str | list[str] | None) -> str | None:
-    """A hybrid's layer pattern as text, repeats folded: sliding_window*3+dense."""
-    if not isinstance(attention, list):
-        return attention
-    runs: list[list[Any]] = []
-    for name in attention:
-        if runs and runs[-1][0] == name:
-            runs[-1][1] += 1
-        else:
-            runs.append([name, 1])
-    return "+".join(name if n == 1 else f"{name}*{n}" for name, n in runs)
+    """A hybrid's layer pattern (a list in config.json) as text: sliding_window*3+dense."""
+    return pattern_name(attention) if isinstance(attention, list) else attention
 
 
 def setting(config: dict[str, Any]) -> dict[str, Any]:
@@ -216,9 +210,8 @@ def protocol_table(rows: list[dict[str, Any]], lengths: list[str]) -> list[str]:
         for r in runs:
             by_rate.setdefault(r["learning_rate"], []).append(r)
         rates = sorted(by_rate, key=lambda lr: (lr is not None, lr or 0.0))
-        sign = 1 if first["score"] == "eval/accuracy" else -1  # bits: lower is better
         means = {lr: statistics.fmean(r["final"] for r in by_rate[lr]) for lr in rates}
-        best = max(rates, key=lambda lr: (sign * means[lr], -(lr or 0.0)))
+        best = best_rate(means, higher_is_better=first["score"] == "eval/accuracy")  # or bits
         for lr in rates:
             finals = [r["final"] for r in by_rate[lr]]
             std = f"{statistics.stdev(finals):.4f}" if len(finals) > 1 else "-"

@@ -45,6 +45,12 @@ def layer_pattern(attention) -> tuple[str, ...]:
     return tuple(names)
 
 
+def pattern_name(pattern: tuple[str, ...] | list[str]) -> str:
+    """A layer pattern as written on the command line, repeats folded: sliding_window*3+dense."""
+    runs = [(name, len(list(run))) for name, run in itertools.groupby(pattern)]
+    return "+".join(name if n == 1 else f"{name}*{n}" for name, n in runs)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A Transformer: a decoder-only language model, a bidirectional encoder (`causal=False`), a
@@ -198,8 +204,7 @@ class ModelConfig:
     @property
     def attention_name(self) -> str:
         """The pattern as written on the command line ("sliding_window*3+dense")."""
-        runs = [(name, len(list(run))) for name, run in itertools.groupby(self.pattern)]
-        return "+".join(name if n == 1 else f"{name}*{n}" for name, n in runs)
+        return pattern_name(self.pattern)
 
     @property
     def variants(self) -> tuple[str, ...]:
