@@ -235,24 +235,30 @@ def window_step(m, kept: tuple[int, int], cache: KeyValues, q, k, v, position, s
 
 
 class BlockKeyValues(NamedTuple):
-    """A KV cache [B, L, K, H] with each block's key sum [B, ceil(L / block), K, H] float32."""
+    """A KV cache [B, L, K, H] with each block's key sum [B, ceil(L / block), K, H] float32, and
+    for NSA's compressed branch each block's value sum (else [B, 0, K, H])."""
 
     k: jax.Array
     v: jax.Array
     sums: jax.Array
+    value_sums: jax.Array
 
 
 def selection_cache(name: str, declared: Callable[..., Any]) -> Cache:
     """The KV cache of a block-selection variant: keys, values and each block's running key
-    sum, so a step gates the cached blocks from their sums and reads only the selected ones."""
+    sum (and value sum, NSA), so a step scores the cached blocks from their sums and reads only
+    the selected ones (and NSA's window)."""
 
     def init(batch, max_len, kv_heads, head_dim, dtype=jnp.float32, **options):
+        sel = declared(options)
         zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
-        blocks = -(-max_len // declared(options).block)
-        return BlockKeyValues(zeros, zeros, jnp.zeros((batch, blocks, kv_heads, head_dim)))
+        blocks = -(-max_len // sel.block)
+        sums = jnp.zeros((batch, blocks, kv_heads, head_dim))
+        return BlockKeyValues(zeros, zeros, sums, sums[:, : blocks if sel.branches else 0])
 
     def extend(cache: BlockKeyValues, q, k, v, position, *, scale=None, **options):
         _check_step(q, k, v)
+        gates = {g: options.pop(g) for g in ("branch_gates",) if g in options}
         sel, (B, t), length = declared(options), q.shape[:2], cache.k.shape[1]
         if not isinstance(position, jax.core.Tracer) and int(position) + t > length:
             raise ValueError(full_message(length, int(position), t))
@@ -260,19 +266,23 @@ def selection_cache(name: str, declared: Callable[..., Any]) -> Cache:
                         for c, x in ((cache.k, k), (cache.v, v)))  # fmt: skip
         at = (position + jnp.arange(t)) // sel.block
         sums = cache.sums.at[:, at].add(k.astype(jnp.float32))
+        value_sums = cache.value_sums
+        if sel.branches:
+            value_sums = value_sums.at[:, at].add(v.astype(jnp.float32))
         scale = default_scale(scale, q.shape[-1])
         if t == 1:  # a generated token: its top_k blocks gathered, O(top_k * block) keys
-            out = selection.step_attention(q, keys, values, sums, position, sel, scale=scale)
-        else:  # a chunk: the prefill engine over the cache (blocks wholly before are gated)
+            out = selection.step_attention(q, keys, values, sums, position, sel, scale=scale,
+                                           value_sums=value_sums, **gates)  # fmt: skip
+        else:  # a chunk: the prefill engine over the cache (blocks wholly before are scored)
             blocks = jax.tree.map(lambda x: jnp.broadcast_to(x, (B, length)),
                                   selection.uniform_blocks(length, sel.block))  # fmt: skip
             lay = layout(q, keys, q_offset=position, within_document=True)
-            out = selection.selected_attention(
+            out = selection.branched_attention(
                 q, keys, values, sel, lay=lay, bl=blocks, means=sums / sel.block,
-                scale=scale, chunk=options["chunk"],
+                value_means=value_sums / sel.block, scale=scale, chunk=options["chunk"], **gates,
             )  # fmt: skip
         out = jnp.where(position + t > length, jnp.nan, out).astype(out.dtype)
-        return out, BlockKeyValues(keys, values, sums)
+        return out, BlockKeyValues(keys, values, sums, value_sums)
 
     return Cache(lambda **options: "kv", init, extend)
 

@@ -320,13 +320,14 @@ class LinearState:
 
 
 def check_gates(name: str, q, gates: Mapping[str, Any], axes: Mapping[str, str]) -> None:
-    """ValueError naming a gate whose shape is not its `axes` (letters of q's B, T, N, H) or,
-    when concrete, whose values leave its range (log_decay <= 0, beta in [0, 1])."""
+    """ValueError naming a gate whose shape is not its `axes` (letters of q's B, T, N, H; a
+    digit: that size) or, when concrete, whose values leave its range (log_decay <= 0, the
+    others in [0, 1])."""
     sizes = dict(zip("BTNH", q.shape, strict=True))
     for gate, x in gates.items():
         if x is None:
             continue
-        shape = tuple(sizes[a] for a in axes[gate])
+        shape = tuple(sizes[a] if a in sizes else int(a) for a in axes[gate])
         if getattr(x, "shape", None) != shape:
             raise ValueError(f"{name}: {gate} must be [{', '.join(axes[gate])}] = {shape}, "
                              f"got {getattr(x, 'shape', type(x).__name__)}")  # fmt: skip
@@ -438,66 +439,104 @@ class RecurrentState:
 
 @dataclasses.dataclass(frozen=True)
 class BlockSelection:
-    """Softmax over the key blocks each query selects by content (MoBA, `selection.py`): the
-    declaration returns a `selection.Selection` (block size, top_k) from its options.
+    """Softmax over the key blocks each query selects by content (MoBA; with NSA's compressed
+    and window branches, `selection.py`): the declaration returns a `selection.Selection`
+    (block size, top_k, forced blocks, scoring, window) from its options.
 
-    Derived: the engine (gates per block, top-k, attention over the selected blocks' keys only),
-    the reference (MoBA's brute force: every gate, a dense [T, S] mask, plain softmax), the
-    FLOP count (selected pairs plus the gates), and a KV cache that keeps each block's key sum,
-    so a decoding step gates the cached blocks without re-reading them. Causal self-attention
-    only: a non-causal call, return_lse, cross-attention and decoding offsets (decode through
-    `av.decoder`) raise NotImplementedError naming them.
+    Derived: the engine (scores per block, top-k, attention over the selected blocks' keys
+    only; NSA's branches), the reference (brute force: every block's score, a dense [T, S]
+    mask, plain softmax; NSA's branches dense), the FLOP count (selected pairs plus the
+    scores, plus NSA's branches), and a KV cache that keeps each block's key sum (and value
+    sum for NSA), so a decoding step scores the cached blocks without re-reading them. Causal
+    self-attention only: a non-causal call, return_lse, cross-attention and decoding offsets
+    (decode through `av.decoder`) raise NotImplementedError naming them.
 
     chunk: queries per step of the engine (its working set), an option.
+    branches: NSA's gated branches (the declaration's `scoring="compressed"`), whose gates are
+      the call argument `branch_gates` [B, T, N, 3] in [0, 1] (None: 1/2 each).
     """
 
     chunk: int = 128
+    branches: bool = False
 
     def build(self, name: str, declaration: Callable) -> dict[str, Any]:
         own_defaults = keyword_defaults(declaration)
+        axes = {"branch_gates": "BTN3"} if self.branches else {}
 
         def declared(options) -> selection.Selection:
-            return declaration(**_pick(options, own_defaults))
+            sel = declaration(**_pick(options, own_defaults))
+            if sel.branches != self.branches:
+                raise ValueError(f"{name}: its family serves branches={self.branches}, the "
+                                 f"declaration gave scoring={sel.scoring!r}")  # fmt: skip
+            return sel
 
         def check(**options) -> None:
             declared(options)
             check_positive(chunk=options["chunk"])
 
-        def served(q, k, v, call) -> None:
+        def served(q, k, v, call, options):
             check_inputs(q, k, v)
             _not_served(name, q, k, call, lse="the engine keeps it to itself")
             if not call["causal"]:
                 raise NotImplementedError(f"{name}: causal=False (a query selects earlier blocks)")
+            gates = {g: options.pop(g, None) for g in axes}
+            check_gates(name, q, gates, axes)
+            return gates
 
         @contract
         def engine(q, k, v, call, options):
-            """Gathers each query's selected blocks (`selection.selected_attention`)."""
-            served(q, k, v, call)
+            """Gathers each query's selected blocks (`selection.branched_attention`)."""
+            gates = served(q, k, v, call, options)
             sel, (B, T, _, H) = declared(options), q.shape
             lay = layout(q, k, segment_ids=call["segment_ids"], within_document=True)
-            return selection.selected_attention(
+            return selection.branched_attention(
                 q, k, v, sel, lay=lay, bl=selection.row_blocks(lay.k_seg, B, T, sel.block),
-                scale=default_scale(call["scale"], H), chunk=options["chunk"],
+                scale=default_scale(call["scale"], H), chunk=options["chunk"], **gates,
             )  # fmt: skip
 
         @contract
         def reference(q, k, v, call, options):
-            """MoBA's brute force: every block's gate, the top-k, a dense mask, plain softmax."""
-            served(q, k, v, call)
+            """Brute force: every block's score, the top-k, a dense mask, plain softmax; NSA's
+            compressed branch over every block mean and its window under a dense mask."""
+            gates = served(q, k, v, call, options)
+            sel, scale = declared(options), default_scale(call["scale"], q.shape[-1])
             runs = layout(q, k, segment_ids=call["segment_ids"]).q_seg
-            vis = selection.selected_mask(q, k, declared(options), runs)  # [B, N, T, S]
-            s = masked_scores(q, k, scale=call["scale"])  # [B, K, G, T, S]
-            s = jnp.where(vis.reshape(s.shape), s, -jnp.inf)
-            p = jax.nn.softmax(s, axis=-1)
-            out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32))
-            return out.reshape(q.shape).astype(q.dtype)
+            if runs is None:
+                runs = jnp.zeros(q.shape[:2], jnp.int32)
+
+            def attend(vis):  # softmax under vis [B, N, T, S]
+                s = masked_scores(q, k, scale=scale)  # [B, K, G, T, S]
+                p = jax.nn.softmax(jnp.where(vis.reshape(s.shape), s, -jnp.inf), axis=-1)
+                out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32))
+                return out.reshape(q.shape)
+
+            selected = attend(selection.selected_mask(q, k, sel, runs, scale))
+            if not sel.branches:
+                return selected.astype(q.dtype)
+            db = selection.dense_blocks(runs, sel.block)
+            p = selection.compressed_probabilities(q, k, db, scale)  # [B, N, T, S]
+            means = selection.block_mean_of_each_key(db, v)
+            means = jnp.repeat(means, q.shape[2] // k.shape[2], axis=2)
+            compressed = jnp.einsum("BNTS,BSNH->BTNH", p, means)
+            T = q.shape[1]
+            back = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]
+            band = db.same_doc & (back >= 0) & (back < sel.window)  # [B, T, S]
+            window = attend(jnp.broadcast_to(band[:, None], (*band.shape[:1], q.shape[2],
+                                                             *band.shape[1:])))  # fmt: skip
+            out = selection.gated_sum(gates["branch_gates"], compressed, selected, window)
+            return out.astype(q.dtype)
 
         def flops(B, T, S, N, H, *, causal=True, **options) -> float:
             sel = declared({**own_defaults, **options})
             i = S - T + np.arange(T, dtype=np.int64)  # queries at the end of the keys
             earlier = i // sel.block
             pairs = i % sel.block + 1 + np.minimum(sel.top_k - 1, earlier) * sel.block
-            return softmax_flops(B, N, H, float(pairs.sum())) + 2.0 * B * N * H * earlier.sum()
+            total = softmax_flops(B, N, H, float(pairs.sum())) + 2.0 * B * N * H * earlier.sum()
+            if sel.branches:  # the compressed branch (its scores again) and the window
+                whole = (i + 1) // sel.block
+                window = np.minimum(i + 1, sel.window)
+                total += softmax_flops(B, N, H, float(whole.sum() + window.sum()))
+            return total
 
         return dict(
             family="block_selection",
@@ -508,5 +547,7 @@ class BlockSelection:
             check=check,
             implementations={"jax": Implementation(engine)},
             decode=selection_cache(name, declared),
+            arguments=axes,
             causal_only=True,
+            grouped=self.branches,
         )

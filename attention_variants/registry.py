@@ -99,6 +99,9 @@ class Spec:
     # call arguments beyond the contract's (per-call gates) and their axes, e.g. {"beta": "BTN"}
     arguments: Mapping[str, str] = dataclasses.field(default_factory=dict)
     causal_only: bool = False  # a causal=False call raises NotImplementedError
+    # the query heads of a K/V head decide together (NSA's selection): GQA is then not
+    # multi-head attention over the K/V heads repeated
+    grouped: bool = False
     layer: Layer = Layer()  # what the model puts around the kernel (default: nothing)
     test_options: tuple[Mapping[str, Any], ...] = ()  # option sets the test suite also runs
 

@@ -38,18 +38,54 @@ from attention_variants.common import Layout, run_ids, run_starts
 from attention_variants.masks import Fixed, Mask, Window, check_int
 from attention_variants.tiled import block_sizes, tiled_attention
 
+SCORINGS = ("gate", "compressed")
+
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
     """What a block-selection variant declares: blocks of `block` key positions within each
-    document, `top_k` blocks per query counting its own."""
+    document and `top_k` blocks per query counting its own, among them always the document's
+    first `initial` blocks and the `local` blocks that end with its own (MoBA: 0 and 1).
+
+    scoring: how the other blocks rank. "gate" (MoBA): q . mean(K_block), unscaled, per query
+      head. "compressed" (NSA): the probability the compressed branch gives the block (softmax
+      of scale * q . mean(K_block) over the document's blocks that end at or before the query),
+      summed over the query heads of each key/value head, so a group picks together.
+    window: NSA's third branch (required with "compressed", else 0): the output is then
+      g_cmp * compressed + g_slc * selected + g_win * (a causal window of `window` keys), the
+      gates per token and head in [0, 1] (`branch_gates` [B, T, N, 3]; None: 1/2 each).
+    """
 
     block: int
     top_k: int
+    initial: int = 0
+    local: int = 1
+    scoring: str = "gate"
+    window: int = 0
 
     def __post_init__(self):
         check_int("block", self.block)
         check_int("top_k", self.top_k)
+        check_int("initial", self.initial, 0)
+        check_int("local", self.local)
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got scoring={self.scoring!r}")
+        if self.branches:
+            check_int("window", self.window)
+        elif self.window != 0:
+            raise ValueError(f"window (NSA's branch) needs scoring='compressed', got "
+                             f"window={self.window!r} with scoring={self.scoring!r}")  # fmt: skip
+        if self.initial + self.local > self.top_k:
+            raise ValueError(
+                f"top_k must be at least initial + local = {self.initial + self.local} (the "
+                f"blocks always selected), got top_k={self.top_k}"
+            )
+
+    @property
+    def branches(self) -> bool:
+        """Whether the output is NSA's gated sum of the compressed, selected and window
+        branches (else the selected blocks' attention alone)."""
+        return self.scoring == "compressed"
 
 
 class Blocks(NamedTuple):
@@ -94,37 +130,92 @@ class _Static(NamedTuple):
     groups: int  # query heads per key/value head
     tile: int  # (query, block) pairs per tile of the attention over selected blocks
     tiles: int  # tiles per row (a static bound)
+    scale: float  # the scores' (for the "compressed" scoring)
+
+
+def _candidates(own0, rows: int, S: int, Q: int, block: int):
+    """The window [w0, w0 + span) of block rows that a chunk of Q queries, the first in block
+    `own0`, can reach: every block of their documents up to theirs (at most ceil(S / block)
+    before the first query's, and one more per query)."""
+    span = min(rows, -(-S // block) + Q)
+    return jnp.clip(own0 - (span - Q), 0, rows - span), span
+
+
+def _softmax(s, axis=-1):
+    """Softmax whose all -inf rows give zeros (a query with nothing to see)."""
+    m = s.max(axis, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    return p / jnp.maximum(p.sum(axis, keepdims=True), 1e-30)
+
+
+def compressed_scores(q, q_pos, means, ids, bl: Blocks, groups: int, block: int, scale: float):
+    """NSA's compressed branch's scores [Q, N, span]: scale * q . mean(K_block) for the blocks
+    `ids` [span] (mean keys `means` [span, K, H] float32), -inf unless the block is whole
+    (`block` keys) and of the query's document, and ends at or before the query (q_pos [Q])."""
+    heads = jnp.arange(q.shape[1]) // groups
+    s = jnp.einsum("QNH,SNH->QNS", q.astype(jnp.float32), means[:, heads]) * scale
+    whole = (bl.length[ids] == block)[None] & (ids[None] >= bl.first[q_pos][:, None])
+    done = whole & (bl.start[ids][None] + block - 1 <= q_pos[:, None])
+    return jnp.where(done[:, None], s, -jnp.inf)
 
 
 def _select(st: _Static, q, q_pos, bl: Blocks, means):
     """The earlier blocks each query of a chunk picks: [Q, N, top_k - 1] block ids (-1: none).
     q [Q, N, H], q_pos [Q]; means [M, K, H] float32, one row per block."""
+    sel, (Q, N, _) = st.sel, q.shape
     own, first = bl.index[q_pos], bl.first[q_pos]
-    rows = means.shape[0]
-    span = min(rows, -(-bl.index.shape[0] // st.sel.block) + q.shape[0])
-    w0 = jnp.clip(own[0] - (span - q.shape[0]), 0, rows - span)  # the chunk's candidates
-    window = lax.dynamic_slice_in_dim(means, w0, span)  # [span, K, H]
-    heads = jnp.arange(q.shape[1]) // st.groups
-    gate = jnp.einsum("QNH,SNH->QNS", q.astype(jnp.float32), window[:, heads])
+    w0, span = _candidates(own[0], means.shape[0], bl.index.shape[0], Q, sel.block)
+    window = lax.dynamic_slice_in_dim(means, w0, span)  # [span, K, H]: the chunk's candidates
     ids = w0 + jnp.arange(span)
-    candidate = (ids[None] >= first[:, None]) & (ids[None] < own[:, None])  # [Q, span]
-    gate = jnp.where(candidate[:, None], gate, -jnp.inf)
-    top, at = lax.top_k(gate, min(st.sel.top_k - 1, span))
+    if sel.scoring == "gate":
+        heads = jnp.arange(N) // st.groups
+        gate = jnp.einsum("QNH,SNH->QNS", q.astype(jnp.float32), window[:, heads])
+    else:  # the compressed branch's probabilities, summed over each key/value head's group
+        p = _softmax(compressed_scores(q, q_pos, window, ids, bl, st.groups, sel.block, st.scale))
+        gate = jnp.repeat(p.reshape(Q, -1, st.groups, span).sum(2), st.groups, axis=1)
+    earlier = (ids[None] >= first[:, None]) & (ids[None] < own[:, None])  # [Q, span]
+    forced = (ids[None] < first[:, None] + sel.initial) | (ids[None] > own[:, None] - sel.local)
+    gate = jnp.where(forced[:, None], jnp.inf, gate)
+    gate = jnp.where(earlier[:, None], gate, -jnp.inf)
+    top, at = lax.top_k(gate, min(sel.top_k - 1, span))
     chosen = jnp.where(top > -jnp.inf, w0 + at, -1)
-    return jnp.pad(chosen, ((0, 0), (0, 0), (0, st.sel.top_k - 1 - chosen.shape[-1])),
+    return jnp.pad(chosen, ((0, 0), (0, 0), (0, sel.top_k - 1 - chosen.shape[-1])),
                    constant_values=-1)  # fmt: skip
+
+
+def chunked_queries(fn, chunk: int, q, q_pos):
+    """fn(q [chunk, ...], q_pos [chunk]) over a row's queries q [T, ...], `chunk` at a time
+    (padded queries repeat the last position), its outputs cut back to [T, ...]."""
+    T, pad = q.shape[0], -q.shape[0] % chunk
+    q = jnp.pad(q, ((0, pad),) + ((0, 0),) * (q.ndim - 1))
+    q_pos = jnp.pad(q_pos, (0, pad), mode="edge")
+    out = lax.map(lambda xs: fn(*xs), (q.reshape(-1, chunk, *q.shape[1:]),
+                                       q_pos.reshape(-1, chunk)))  # fmt: skip
+    return out.reshape(-1, *out.shape[2:])[:T]
+
+
+def compressed_attention(q, q_pos, key_means, value_means, bl: Blocks, *, block: int,
+                         groups: int, scale: float, chunk: int):  # fmt: skip
+    """NSA's compressed branch on one row: each query q [T, N, H] at q_pos [T] attends to the
+    mean keys and values [M, K, H] (float32, one row per block) of its document's whole blocks
+    that end at or before it -> [T, N, H] float32 (0 before the first block ends). `chunk`
+    queries at a time, each chunk recomputed in the backward: memory O(chunk * M)."""
+    heads = jnp.arange(q.shape[1]) // groups
+
+    @jax.checkpoint
+    def part(qc, pc):
+        w0, span = _candidates(bl.index[pc[0]], key_means.shape[0], bl.index.shape[0],
+                               qc.shape[0], block)  # fmt: skip
+        km, vm = (lax.dynamic_slice_in_dim(x, w0, span) for x in (key_means, value_means))
+        s = compressed_scores(qc, pc, km, w0 + jnp.arange(span), bl, groups, block, scale)
+        return jnp.einsum("QNS,SNH->QNH", _softmax(s), vm[:, heads])
+
+    return chunked_queries(part, min(chunk, q.shape[0]), q, q_pos)
 
 
 def selections(st: _Static, q, q_pos, bl: Blocks, means):
     """[T, N, top_k - 1] picked blocks of one row, `chunk` queries at a time."""
-    T, pad = q.shape[0], -q.shape[0] % st.chunk
-    q = jnp.pad(q, ((0, pad), (0, 0), (0, 0)))
-    q_pos = jnp.pad(q_pos, (0, pad), mode="edge")  # padded queries: the last one's blocks
-    picked = lax.map(
-        lambda xs: _select(st, *xs, bl, means),
-        (q.reshape(-1, st.chunk, *q.shape[1:]), q_pos.reshape(-1, st.chunk)),
-    )
-    return picked.reshape(-1, *picked.shape[2:])[:T]
+    return chunked_queries(lambda qc, pc: _select(st, qc, pc, bl, means), st.chunk, q, q_pos)
 
 
 class Tiles(NamedTuple):
@@ -281,7 +372,7 @@ def selected_attention(q, k, v, sel: Selection, *, lay: Layout, bl: Blocks, mean
         return own
     M = means.shape[1]
     tiles = tile_count(T, N, K, S, sel.block, sel.top_k, tile, blocks=M)
-    st = _Static(sel, min(chunk, T), N // K, tile, tiles)
+    st = _Static(sel, min(chunk, T), N // K, tile, tiles, scale)
     q_pos = jnp.broadcast_to(lay.q_abs, (B, T))
     picked = jax.vmap(functools.partial(selections, st))(q, q_pos, bl, means)
     plan = jax.vmap(lambda p: tiles_of(st, lax.stop_gradient(p), K, M))(picked)
@@ -297,32 +388,90 @@ def selected_attention(q, k, v, sel: Selection, *, lay: Layout, bl: Blocks, mean
     return (weight[..., 0, None] * own.astype(jnp.float32) + picked_out).astype(q.dtype)
 
 
-def step_attention(q, k, v, sums, position, sel: Selection, *, scale: float):
+def branched_attention(q, k, v, sel: Selection, *, lay: Layout, bl: Blocks, scale: float,
+                       chunk: int, branch_gates=None, means=None, value_means=None):  # fmt: skip
+    """`selected_attention`, and for NSA (`sel.branches`) its gated sum with the compressed
+    branch (`compressed_attention`) and a causal window of `sel.window` keys (the tiled
+    engine): out [B, T, N, H]. `branch_gates` [B, T, N, 3] (cmp, slc, win; None: 1/2 each);
+    `means`, `value_means` [B, M, K, H]: the blocks' mean keys and values (default: from k, v)."""
+    if means is None:
+        means = jax.vmap(block_means)(k, bl)
+    selected = selected_attention(q, k, v, sel, lay=lay, bl=bl, means=means, scale=scale,
+                                  chunk=chunk)  # fmt: skip
+    if not sel.branches:
+        return selected
+    if value_means is None:
+        value_means = jax.vmap(block_means)(v, bl)
+    (B, T, N, _), K = q.shape, k.shape[2]
+    q_pos = jnp.broadcast_to(lay.q_abs, (B, T))
+    compressed = jax.vmap(functools.partial(
+        compressed_attention, block=sel.block, groups=N // K, scale=scale, chunk=chunk,
+    ))(q, q_pos, means, value_means, bl)  # fmt: skip
+    band = Window(sel.window - 1, 0)
+    window = tiled_attention(q, k, v, band, lay, scale=scale,
+                             block_sizes=block_sizes(band, lay.segmented))  # fmt: skip
+    return gated_sum(branch_gates, compressed, selected, window)
+
+
+def gated_sum(branch_gates, compressed, selected, window):
+    """NSA's output: sum over the branches of gate * branch (gates [B, T, N, 3]; None: 1/2)."""
+    parts = jnp.stack([x.astype(jnp.float32) for x in (compressed, selected, window)], -1)
+    if branch_gates is None:
+        return (0.5 * parts.sum(-1)).astype(selected.dtype)
+    g = branch_gates.astype(jnp.float32)[..., None, :]
+    return jnp.sum(g * parts, -1).astype(selected.dtype)
+
+
+def step_attention(q, k, v, sums, position, sel: Selection, *, scale: float, value_sums=None,
+                   branch_gates=None):  # fmt: skip
     """One decoding step: q [B, 1, N, H], the query at `position` (a traced scalar) of a row of
     one document whose keys and values [B, L, K, H] are cached from position 0 in blocks of
     `sel.block` (block i: positions i * block onwards), with each block's key sum [B, M, K, H]
     (the cache's) -> out [B, 1, N, H]. The gates of all M blocks, then only the top_k blocks'
-    keys: O(M * H + top_k * block * H) per head, not O(L) as the tiles of a chunk of queries."""
+    keys: O(M * H + top_k * block * H) per head, not O(L) as the tiles of a chunk of queries.
+    NSA (`sel.branches`) also needs the blocks' value sums and reads the last `sel.window`
+    keys: its compressed branch is the softmax over the whole blocks' means."""
     (B, _, N, H), (L, K), b = q.shape, k.shape[1:3], sel.block
     M, G = sums.shape[1], N // K
     qf = q[:, 0].astype(jnp.float32).reshape(B, K, G, H)
-    own = position // b
+    own, ids = position // b, jnp.arange(M)
     gate = jnp.einsum("BKGH,BMKH->BKGM", qf, sums / b)  # the gate of every block, per head
-    gate = jnp.where(jnp.arange(M) < own, gate, -jnp.inf)  # only blocks wholly before its own
+    if sel.branches:  # the compressed branch over the whole blocks; its probabilities rank
+        p = _softmax(jnp.where((ids + 1) * b - 1 <= position, gate * scale, -jnp.inf))
+        compressed = jnp.einsum("BKGM,BMKH->BKGH", p, value_sums / b)
+        gate = jnp.broadcast_to(p.sum(2, keepdims=True), p.shape)
+    forced = (ids < sel.initial) | (ids > own - sel.local)
+    gate = jnp.where(forced, jnp.inf, gate)
+    gate = jnp.where(ids < own, gate, -jnp.inf)  # only blocks wholly before its own
     top, picked = lax.top_k(gate, min(sel.top_k - 1, M))  # [B, K, G, top_k - 1]
     mine = jnp.broadcast_to(own, picked.shape[:-1] + (1,))  # the own block, last
     picked = jnp.concatenate([picked, mine], -1)
     chosen = jnp.concatenate([top > -jnp.inf, jnp.ones(mine.shape, bool)], -1)
     key_pos = picked[..., None] * b + jnp.arange(b)  # [B, K, G, P, b]
+    visible = chosen[..., None] & (key_pos <= position)  # the own block up to the query
+    out = _gathered_attention(qf * scale, k, v, key_pos, visible)
+    if sel.branches:
+        W = min(sel.window, L)  # the window: the last W keys, the query's included
+        key_pos = jnp.clip(position - W + 1, 0, L - W) + jnp.arange(W)
+        key_pos = jnp.broadcast_to(key_pos, (B, K, G, 1, W))
+        visible = (key_pos <= position) & (key_pos > position - sel.window)
+        window = _gathered_attention(qf * scale, k, v, key_pos, visible)
+        out = gated_sum(None if branch_gates is None else branch_gates[:, 0].reshape(B, K, G, 3),
+                        compressed, out, window)  # fmt: skip
+    return out.reshape(B, 1, N, H).astype(q.dtype)
+
+
+def _gathered_attention(q_s, k, v, key_pos, visible):
+    """Softmax attention of scaled queries q_s [B, K, G, H] (float32) over the cached keys and
+    values [B, L, K, H] at key_pos [B, K, G, P, b] where `visible` -> [B, K, G, H] float32."""
+    B, L, K, _ = k.shape
     at = (jnp.arange(B)[:, None, None, None, None], jnp.minimum(key_pos, L - 1),
           jnp.arange(K)[None, :, None, None, None])  # fmt: skip
-    keys, values = k[at], v[at]  # [B, K, G, P, b, H]: only the picked blocks are read
-    scores = jnp.einsum("BKGH,BKGPbH->BKGPb", qf * scale, keys.astype(jnp.float32))
-    visible = chosen[..., None] & (key_pos <= position)  # the own block up to the query
-    scores = jnp.where(visible, scores, -jnp.inf).reshape(B, K, G, -1)
+    keys, values = k[at], v[at]  # [B, K, G, P, b, H]: only these positions are read
+    scores = jnp.einsum("BKGH,BKGPbH->BKGPb", q_s, keys.astype(jnp.float32))
+    scores = jnp.where(visible, scores, -jnp.inf).reshape(*visible.shape[:3], -1)
     p = jax.nn.softmax(scores, axis=-1).reshape(visible.shape)
-    out = jnp.einsum("BKGPb,BKGPbH->BKGH", p, values.astype(jnp.float32))
-    return out.reshape(B, 1, N, H).astype(q.dtype)
+    return jnp.einsum("BKGPb,BKGPbH->BKGH", p, values.astype(jnp.float32))
 
 
 def row_blocks(segment_ids, B: int, S: int, block: int) -> Blocks:
@@ -332,32 +481,74 @@ def row_blocks(segment_ids, B: int, S: int, block: int) -> Blocks:
     return jax.vmap(lambda r: blocks(r, S, block))(run_ids(segment_ids))
 
 
-def selected_mask(q, k, sel: Selection, runs=None):
-    """MoBA's brute-force selection as a dense mask [B, N, T, S] (T == S, self-attention; for
-    the reference and tests): every query's gate for every block of its document wholly before
-    its own, the top_k - 1 of them, its own block up to itself. `runs` [B, T]: document ids."""
+class DenseBlocks(NamedTuple):
+    """The blocks of self-attention rows as dense [B, T, S] relations (for references): keys
+    of one document and one block, and the keys that are the first of a whole block ending at
+    or before the query (they stand for NSA's compressed tokens); `local` [B, T] positions
+    within the documents, `same_doc` [B, T, S]."""
+
+    local: jax.Array
+    same_doc: jax.Array
+    same_block: jax.Array
+    compressed: jax.Array
+
+
+def dense_blocks(runs, block: int) -> DenseBlocks:
+    """`DenseBlocks` of rows whose documents are the runs of `runs` [B, T]."""
+    T = runs.shape[1]
+    local = jnp.arange(T) - run_starts(runs)
+    blk = local // block
+    same_doc = runs[:, :, None] == runs[:, None, :]
+    same_block = same_doc & (blk[:, :, None] == blk[:, None, :])
+    whole = (same_block.sum(-1) == block) & (local % block == 0)  # [B, S]: a whole block's first
+    ends = local[:, None, :] + block - 1 <= local[:, :, None]
+    return DenseBlocks(local, same_doc, same_block, same_doc & whole[:, None] & ends)
+
+
+def block_mean_of_each_key(db: DenseBlocks, x):
+    """x [B, S, K, H] -> [B, S, K, H] float32: the mean of each key's block."""
+    weights = db.same_block / db.same_block.sum(-1, keepdims=True)
+    return jnp.einsum("BjJ,BJKH->BjKH", weights, x.astype(jnp.float32))
+
+
+def compressed_probabilities(q, k, db: DenseBlocks, scale: float):
+    """NSA's compressed branch's softmax [B, N, T, S] (nonzero only at the keys that stand for
+    whole blocks ending at or before the query), from the block means of k [B, S, K, H]."""
+    N, K = q.shape[2], k.shape[2]
+    mean = jnp.repeat(block_mean_of_each_key(db, k), N // K, axis=2)
+    s = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32), mean) * scale
+    return _softmax(jnp.where(db.compressed[:, None], s, -jnp.inf))
+
+
+def selected_mask(q, k, sel: Selection, runs=None, scale: float | None = None):
+    """The brute-force selection as a dense mask [B, N, T, S] (T == S, self-attention; for the
+    reference and tests): every query's score for every block of its document wholly before
+    its own (MoBA's gate, or NSA's compressed probability summed over the group), the forced
+    blocks, the top_k - 1 of them, its own block up to itself. `runs` [B, T]: document ids."""
     B, T, N, _ = q.shape
     K = k.shape[2]
     runs = jnp.zeros((B, T), jnp.int32) if runs is None else runs
-    local = jnp.arange(T) - run_starts(runs)  # position within the document
-    blk = local // sel.block  # block within the document
-    same_doc = runs[:, :, None] == runs[:, None, :]  # [B, T, S]
-    same_block = same_doc & (blk[:, :, None] == blk[:, None, :])
-    mean = jnp.einsum(
-        "BjJ,BJKH->BjKH", same_block / same_block.sum(-1, keepdims=True), k.astype(jnp.float32)
-    )  # fmt: skip  (the mean key of key j's block)
-    mean = jnp.repeat(mean, N // K, axis=2)  # per query head: its key/value head's
-    gate = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32), mean)
-    first_key = (local % sel.block == 0)[:, None, :]  # one entry per block: its first key
-    earlier = (same_doc & (blk[:, None, :] < blk[:, :, None]) & first_key)[:, None]
+    db = dense_blocks(runs, sel.block)
+    blk = db.local // sel.block  # block within the document
+    if sel.scoring == "gate":
+        mean = jnp.repeat(block_mean_of_each_key(db, k), N // K, axis=2)  # per query head
+        gate = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32), mean)
+    else:
+        p = compressed_probabilities(q, k, db, scale)
+        gate = jnp.repeat(p.reshape(B, K, N // K, T, T).sum(2), N // K, axis=1)
+    first_key = (db.local % sel.block == 0)[:, None, :]  # one entry per block: its first key
+    earlier = (db.same_doc & (blk[:, None, :] < blk[:, :, None]) & first_key)[:, None]
+    forced = (blk[:, None, :] < sel.initial) | (blk[:, None, :] > blk[:, :, None] - sel.local)
+    gate = jnp.where(forced[:, None], jnp.inf, gate)
     gate = jnp.where(earlier, gate, -jnp.inf)
     picks = min(sel.top_k - 1, T)
     chosen = jnp.zeros(gate.shape, bool)
-    if picks:
-        least = lax.top_k(gate, picks)[0][..., -1:]  # the k-1-th largest gate (-inf: fewer)
-        chosen = earlier & (gate >= least)  # block starts the query picks
+    if picks:  # the block starts the query picks (ties: the earlier block, as lax.top_k)
+        at = lax.top_k(gate, picks)[1]
+        chosen = earlier & (at[..., None] == jnp.arange(T)).any(-2)
     picked = (
-        jnp.einsum("BNTJ,BjJ->BNTj", chosen.astype(jnp.float32), same_block.astype(jnp.float32)) > 0
+        jnp.einsum("BNTJ,BjJ->BNTj", chosen.astype(jnp.float32), db.same_block.astype(jnp.float32))
+        > 0
     )  # fmt: skip  (every key of them)
     causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
-    return lax.stop_gradient((same_block & causal)[:, None] | picked)
+    return lax.stop_gradient((db.same_block & causal)[:, None] | picked)

@@ -7,6 +7,8 @@ A variant declares its layer (`attention_variants.registry.Layer`) and its kerne
 * log_decay [B, T, N] (a decay per head and token): -exp(A_log) softplus(x W_a + dt_bias), the
   Mamba-2 / Gated DeltaNet parametrisation (A in [1, 16], dt in [1e-3, 1e-1] at init).
 * log_decay [B, T, N, H] (per key feature): GLA's low-rank gate logsigmoid(x W_1 W_2 + b) / 16.
+* branch_gates [B, T, N, 3] (NSA's gate per branch): sigmoid(x W_g + b), as the paper's gate
+  MLP reduced to one layer.
 
 Simplifications, named: Mamba-2's input scaling by dt (its B dt x) is left out, dt enters the
 decay only; RetNet's xPos and every variant's positions are the model's (`positions`), the same
@@ -90,6 +92,9 @@ class Gates(nn.Module):
         for gate, axes in self.axes:
             if gate == "beta":
                 gates[gate] = nn.sigmoid(dense(N, "beta", use_bias=False)(x))
+            elif gate == "branch_gates":
+                logits = dense(N * 3, "branch_gates")(x).reshape(*x.shape[:2], N, 3)
+                gates[gate] = nn.sigmoid(logits)
             elif axes == "BTN":  # -exp(A_log) softplus(x W + dt_bias)
                 a_log = self.param("A_log", a_log_init, (N,))
                 dt_bias = self.param("dt_bias", dt_bias_init, (N,))
