@@ -41,4 +41,7 @@ def get_config():
     c.options.fixed.block = 64  # 64-byte blocks, each summarised by its last 8 bytes
     c.options.fixed.summary = 8
     c.options.bigbird.block = 16  # 16-byte blocks: window of 3, 2 global, 3 random of 16
+    c.options.nsa.block = 16  # 16-byte blocks: the first, 2 local and 1 picked of 16, a
+    c.options.nsa.top_k = 4  # 32-byte window and up to 16 compressed tokens (block means)
+    c.options.nsa.window = 32
     return c
