@@ -8,8 +8,8 @@ turned into run ids, one cumulative sum), and mask patterns are laid on position
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -320,3 +320,24 @@ def widened(x, span: slice, count: int, fill=0.0, axis: int = 0):
     pad = [(0, 0)] * x.ndim
     pad[axis] = (span.start, count - span.stop)
     return jnp.pad(x, pad, constant_values=fill)
+
+
+def check_gates(name: str, q, gates: Mapping[str, Any], axes: Mapping[str, str]) -> None:
+    """ValueError naming a gate whose shape is not its `axes` (letters of q's B, T, N, H; a
+    digit: that size) or, when concrete, whose values leave its range (log_decay <= 0, the
+    others in [0, 1])."""
+    sizes = dict(zip("BTNH", q.shape, strict=True))
+    for gate, x in gates.items():
+        if x is None:
+            continue
+        shape = tuple(sizes[a] if a in sizes else int(a) for a in axes[gate])
+        if getattr(x, "shape", None) != shape:
+            raise ValueError(f"{name}: {gate} must be [{', '.join(axes[gate])}] = {shape}, "
+                             f"got {getattr(x, 'shape', type(x).__name__)}")  # fmt: skip
+        if isinstance(x, jax.core.Tracer):
+            continue
+        x = np.asarray(x, np.float32)
+        low, high = (-np.inf, 0.0) if gate == "log_decay" else (0.0, 1.0)
+        outside = ~((x >= low) & (x <= high))  # NaN too
+        if outside.any():
+            raise ValueError(f"{name}: {gate} must lie in [{low}, {high}], got {x[outside][0]}")

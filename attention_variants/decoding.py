@@ -50,6 +50,7 @@ from attention_variants import chunked, registry, selection
 from attention_variants.common import (
     Layout,
     alibi_bias,
+    check_gates,
     check_inputs,
     default_scale,
     layout,
@@ -244,10 +245,10 @@ class BlockKeyValues(NamedTuple):
     value_sums: jax.Array
 
 
-def selection_cache(name: str, declared: Callable[..., Any]) -> Cache:
+def selection_cache(name: str, declared: Callable[..., Any], arguments: dict[str, str]) -> Cache:
     """The KV cache of a block-selection variant: keys, values and each block's running key
     sum (and value sum, NSA), so a step scores the cached blocks from their sums and reads only
-    the selected ones (and NSA's window)."""
+    the selected ones (and NSA's window). `arguments`: the call's gates and their axes."""
 
     def init(batch, max_len, kv_heads, head_dim, dtype=jnp.float32, **options):
         sel = declared(options)
@@ -258,8 +259,9 @@ def selection_cache(name: str, declared: Callable[..., Any]) -> Cache:
 
     def extend(cache: BlockKeyValues, q, k, v, position, *, scale=None, **options):
         _check_step(q, k, v)
-        gates = {g: options.pop(g) for g in ("branch_gates",) if g in options}
         sel, (B, t), length = declared(options), q.shape[:2], cache.k.shape[1]
+        gates = {g: options.pop(g, None) for g in arguments}
+        check_gates(name, q, gates, arguments)
         if not isinstance(position, jax.core.Tracer) and int(position) + t > length:
             raise ValueError(full_message(length, int(position), t))
         keys, values = (lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), position, axis=1)
@@ -342,6 +344,11 @@ class Decoder:
     def extend(self, cache, q, k, v, position, *, scale=None, **gates):
         """Appends q, k, v [B, t, ., H] at `position`; `gates` are the variant's call
         arguments (`Spec.arguments`: log_decay, beta per new token; sink_logits [N])."""
+        arguments = registry.spec(self.name).arguments
+        unknown = sorted(set(gates) - set(arguments))
+        if unknown:
+            raise TypeError(f"{self.name}: unknown call argument(s) {', '.join(unknown)}; it "
+                            f"takes: {', '.join(arguments) or 'none'}")  # fmt: skip
         return self.cache.extend(cache, q, k, v, position, scale=scale, **gates, **self.options)
 
 

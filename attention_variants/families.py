@@ -31,6 +31,7 @@ from attention_variants import accelerators, chunked, recurrent, selection
 from attention_variants.common import (
     alibi_bias,
     beyond_self_attention,
+    check_gates,
     check_inputs,
     check_positive,
     contract,
@@ -319,27 +320,6 @@ class LinearState:
         )
 
 
-def check_gates(name: str, q, gates: Mapping[str, Any], axes: Mapping[str, str]) -> None:
-    """ValueError naming a gate whose shape is not its `axes` (letters of q's B, T, N, H; a
-    digit: that size) or, when concrete, whose values leave its range (log_decay <= 0, the
-    others in [0, 1])."""
-    sizes = dict(zip("BTNH", q.shape, strict=True))
-    for gate, x in gates.items():
-        if x is None:
-            continue
-        shape = tuple(sizes[a] if a in sizes else int(a) for a in axes[gate])
-        if getattr(x, "shape", None) != shape:
-            raise ValueError(f"{name}: {gate} must be [{', '.join(axes[gate])}] = {shape}, "
-                             f"got {getattr(x, 'shape', type(x).__name__)}")  # fmt: skip
-        if isinstance(x, jax.core.Tracer):
-            continue
-        x = np.asarray(x, np.float32)
-        low, high = (-np.inf, 0.0) if gate == "log_decay" else (0.0, 1.0)
-        outside = ~((x >= low) & (x <= high))  # NaN too
-        if outside.any():
-            raise ValueError(f"{name}: {gate} must lie in [{low}, {high}], got {x[outside][0]}")
-
-
 @dataclasses.dataclass(frozen=True)
 class RecurrentState:
     """Linear attention with a decaying or delta-rule state (`recurrent.py`), causal only.
@@ -546,7 +526,7 @@ class BlockSelection:
             defaults={**own_defaults, "chunk": self.chunk},
             check=check,
             implementations={"jax": Implementation(engine)},
-            decode=selection_cache(name, declared),
+            decode=selection_cache(name, declared, axes),
             arguments=axes,
             causal_only=True,
             grouped=self.branches,

@@ -16,11 +16,15 @@ With the keys of each document in blocks of `block` positions, query t's output 
 The gates g [B, T, N, 3] in [0, 1] are the call argument `branch_gates` (the model learns
 them, sigmoid(x W), `transformer/mixers.py`; None: 1/2 each). The paper's compression blocks
 (l = 32, stride d = 16) and selection blocks (l' = 64) differ; here l = d = l' = `block`, the
-case in which the paper reads the selection scores straight off the compressed branch.
+case in which the paper reads the selection scores straight off the compressed branch. The
+three branches share the layer's keys and values (the paper gives each branch its own, against
+shortcut learning between the local and the long-range branches); an ablation of that needs
+per-branch projections in the model's layer.
 Defaults as the paper's selection: block 64, top_k 16 (1 initial, 2 local), window 512.
 
 The engine (`selection.branched_attention`): MoBA's selected-block tiles for the selected
-branch, the chunked gates for the compressed one, the tiled engine's band for the window.
+branch, chunks of queries scored against the block means for the compressed one, the tiled
+engine's band for the window.
 Decoding keeps each block's key and value sums beside the KV cache: a generated token scores
 the blocks from them and reads only its top_k blocks and its window.
 """

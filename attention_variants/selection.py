@@ -6,6 +6,13 @@ g = q . mean(K_block) (unscaled, float32); it attends causally to its own block 
 `top_k - 1` highest-gated earlier blocks (all of them when there are fewer). The selection has
 no gradient; the attention over the selected keys has.
 
+NSA (Yuan et al. 2025, "Native Sparse Attention") is the same engine with another ranking and
+two more branches (`Selection.scoring="compressed"`, `branched_attention`): blocks rank by the
+probabilities of a compressed branch (attention over the whole blocks' mean keys and values,
+`compressed_attention`), summed over each key/value head's query heads; the document's first
+blocks and the local ones are always picked; a sliding window on the tiled engine is the third
+branch, and per-token gates weigh the three.
+
 The engine (`selected_attention`) never scores a key it will not use. Per row of the batch:
 1. the blocks: a block id per key position (blocks restart at every document), each block's
    start and length, and its mean key (`blocks`, `block_means`: O(S) memory);
@@ -21,7 +28,8 @@ The engine (`selected_attention`) never scores a key it will not use. Per row of
    backward and adds dK, dV into their block;
 5. the two parts merge by their log-sum-exps.
 Work is O(T * top_k * block * H) per head plus the gates' O(T * S / block * H); memory
-O(T * top_k * H).
+O(T * top_k * H). NSA's compressed branch adds O(T * S / block * H) (its scores are computed
+again for the ranking, without gradient) and its window O(T * window * H).
 """
 
 from __future__ import annotations

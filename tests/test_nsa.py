@@ -19,51 +19,62 @@ F32 = dict(rtol=2e-5, atol=2e-5)
 
 
 def attend(q, keys, values, scale):
-    """Softmax attention of q [H] over keys, values [n, H] (n = 0: zeros)."""
+    """Softmax attention of queries q [G, H] over keys, values [n, H] -> [G, H] (n = 0: 0)."""
     if keys.shape[0] == 0:
         return jnp.zeros_like(q)
-    return jax.nn.softmax(keys @ q * scale) @ values
+    return jax.nn.softmax(q @ keys.T * scale, axis=-1) @ values
 
 
-def nsa_naive(q, k, v, gates, cu_seqlens, block, top_k, window, initial, local):
-    """q [S, N, H], k, v [S, K, H], gates [S, N, 3], documents at cu_seqlens -> [S, N, H]."""
+def nsa_naive(q, k, v, gates, cu_seqlens, block, top_k, window, initial, local, picks=None):
+    """q [S, N, H], k, v [S, K, H], gates [S, N, 3], documents at cu_seqlens -> ([S, N, H],
+    the selected blocks of each (query, key/value head)). The selection has no gradient: a
+    concrete call ranks (in numpy) and returns `picks`; a call given `picks` replays them, so
+    it can be differentiated."""
     N, K, H = q.shape[1], k.shape[1], q.shape[2]
     G, scale = N // K, 1.0 / math.sqrt(H)
-    out = []
+    out, chosen_all = [], []
     for lo, hi in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True):
+        kd, vd = k[lo:hi], v[lo:hi]
+        blocks = (hi - lo) // block  # whole blocks: the compressed tokens (block means)
+        kc, vc = ([x[i * block : (i + 1) * block].mean(0) for i in range(blocks)] for x in (kd, vd))
         for t in range(hi - lo):
             whole = (t + 1) // block  # compressed tokens: whole blocks ending at or before t
             own = t // block
             row = []
             for h in range(K):
-                kd, vd = k[lo : lo + t + 1, h], v[lo : lo + t + 1, h]
-                kc = jnp.stack([kd[i * block : (i + 1) * block].mean(0) for i in range(whole)]
-                               or [jnp.zeros(H)])[:whole]  # fmt: skip
-                vc = jnp.stack([vd[i * block : (i + 1) * block].mean(0) for i in range(whole)]
-                               or [jnp.zeros(H)])[:whole]  # fmt: skip
                 heads = q[lo + t, h * G : (h + 1) * G]  # the group's queries [G, H]
-                p = [jax.nn.softmax(kc @ x * scale) if whole else jnp.zeros(0) for x in heads]
-                score = jax.lax.stop_gradient(sum(p))  # [whole]: the group's importance
-                rank = jnp.where(jnp.arange(whole) < initial, jnp.inf, score)
-                rank = jnp.where(jnp.arange(whole) > own - local, jnp.inf, rank)[:own]
-                picks = np.argsort(-np.asarray(rank), kind="stable")[: top_k - 1]
-                chosen = sorted([*map(int, picks), own])
+                if whole:
+                    keys_c = jnp.stack([x[h] for x in kc[:whole]])
+                    p = jax.nn.softmax(heads @ keys_c.T * scale, axis=-1)  # [G, whole]
+                    cmp = p @ jnp.stack([x[h] for x in vc[:whole]])
+                else:
+                    p, cmp = jnp.zeros((G, 0)), jnp.zeros((G, H))
+                if picks is None:  # rank: forced blocks first, then the group's summed p
+                    score = np.asarray(p).sum(0)[:own]
+                    ids = np.arange(own)
+                    score[(ids < initial) | (ids > own - local)] = np.inf
+                    top = np.argsort(-score, kind="stable")[: top_k - 1]
+                    chosen = sorted([*map(int, top), own])
+                else:
+                    chosen = picks[len(chosen_all)]
+                chosen_all.append(chosen)
                 keys = np.concatenate([np.arange(b * block, min((b + 1) * block, t + 1))
                                        for b in chosen])  # fmt: skip
+                slc = attend(heads, kd[keys, h], vd[keys, h], scale)
                 lo_w = max(0, t - window + 1)
-                for g, x in enumerate(heads):
-                    cmp = vc.T @ p[g] if whole else jnp.zeros(H)
-                    slc = attend(x, kd[keys], vd[keys], scale)
-                    win = attend(x, kd[lo_w:], vd[lo_w:], scale)
-                    a = gates[lo + t, h * G + g]
-                    row.append(a[0] * cmp + a[1] * slc + a[2] * win)
-            out.append(jnp.stack(row))
-    return jnp.stack(out)
+                win = attend(heads, kd[lo_w : t + 1, h], vd[lo_w : t + 1, h], scale)
+                a = gates[lo + t, h * G : (h + 1) * G]  # [G, 3]
+                row.append(a[:, :1] * cmp + a[:, 1:2] * slc + a[:, 2:] * win)
+            out.append(jnp.concatenate(row))
+    return jnp.stack(out), chosen_all
 
 
-def naive_rows(q, k, v, gates, lengths, **options):
+def naive_rows(q, k, v, gates, lengths, picks=None, **options):
+    """nsa_naive per row of a batch, each row packing documents of `lengths`."""
     cu = np.concatenate([[0], np.cumsum(lengths)])
-    return jnp.stack([nsa_naive(*x, cu, **options) for x in zip(q, k, v, gates, strict=True)])
+    rows = [nsa_naive(*x, cu, **options, picks=None if picks is None else picks[i])
+            for i, x in enumerate(zip(q, k, v, gates, strict=True))]  # fmt: skip
+    return jnp.stack([o for o, _ in rows]), [p for _, p in rows]
 
 
 def inputs(T, N=4, K=2, H=8, seed=0):
@@ -75,28 +86,29 @@ def inputs(T, N=4, K=2, H=8, seed=0):
 
 @pytest.mark.parametrize(
     "lengths,options",
-    [([23], dict(block=4, top_k=3, window=5, initial=1, local=2)),  # GQA, T % block != 0
-     ([9, 14], dict(block=4, top_k=4, window=3, initial=1, local=2))],  # packed rows
+    [([30], dict(block=4, top_k=4, window=5, initial=1, local=2)),  # GQA; 1 block by score
+     ([13, 19], dict(block=3, top_k=5, window=4, initial=1, local=1))],  # packed; 3 by score
 )  # fmt: skip
 def test_nsa_equals_the_papers_definition(lengths, options):
-    """Forward on the naive transcription (concrete: its ranking runs in numpy); gradients
-    of the engine against the family's dense reference, both on the same random gates."""
+    """Forward and gradients (q, k, v, gates; the naive replaying its own selection)."""
     T = sum(lengths)
     q, k, v, gates = inputs(T, seed=T)
     ids = jnp.asarray(np.repeat(np.arange(len(lengths)), lengths)[None].repeat(2, 0))
     call = {} if len(lengths) == 1 else {"segment_ids": ids}
     kernel = functools.partial(av.get("nsa", chunk=8, **options), **call)
-    want = naive_rows(q, k, v, gates, lengths, **options)
+    want, picks = naive_rows(q, k, v, gates, lengths, **options)
+    assert max(lengths) > options["top_k"] * options["block"]  # some queries rank blocks
     np.testing.assert_allclose(kernel(q, k, v, branch_gates=gates), want, **F32)
 
-    reference = functools.partial(av.spec("nsa").bound_reference(**options), **call)
     cot = jax.random.normal(jax.random.key(3), q.shape)
 
     def loss(fn, q, k, v, gates):
-        return jnp.sum(fn(q, k, v, branch_gates=gates) * cot)
+        return jnp.sum(fn(q, k, v, gates) * cot)
 
+    ours = lambda q, k, v, g: kernel(q, k, v, branch_gates=g)  # noqa: E731
+    theirs = lambda q, k, v, g: naive_rows(q, k, v, g, lengths, picks, **options)[0]  # noqa: E731
     grads = [jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3)))(q, k, v, gates)
-             for fn in (kernel, reference)]  # fmt: skip
+             for fn in (ours, theirs)]  # fmt: skip
     for a, b, what in zip(*grads, ("dq", "dk", "dv", "dgates"), strict=True):
         np.testing.assert_allclose(a, b, **F32, err_msg=what)
 
@@ -121,22 +133,25 @@ def test_a_group_selects_together_and_forced_blocks_are_kept():
 
 def test_decoding_token_by_token_and_in_chunks_equals_the_full_forward():
     """A step scores the cached blocks from their key and value sums, reads its top_k
-    blocks and its window; a chunk runs the prefill engine over the cache."""
-    options = dict(block=4, top_k=3, window=6)
-    q, k, v, gates = inputs(21)
+    blocks and its window; a chunk runs the prefill engine over the cache. From position 16
+    one of the top_k = 4 blocks is picked by score (the first and 2 local ones are forced)."""
+    options = dict(block=4, top_k=4, window=6)
+    q, k, v, gates = inputs(27)
     decoder = av.decoder("nsa", **options)
-    cache, extend = decoder.init(2, 23, 2, 8), jax.jit(decoder.extend)
+    cache, extend = decoder.init(2, 29, 2, 8), jax.jit(decoder.extend)
     outs = []
-    for t in range(0, 8):  # one token at a time (the position is traced: one compilation)
-        x = (q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1])
-        out, cache = extend(cache, *x, t, branch_gates=gates[:, t : t + 1])
+    for lo, hi in [(t, t + 1) for t in range(8)] + [(8, 20)] + [(t, t + 1) for t in range(20, 27)]:
+        x = (q[:, lo:hi], k[:, lo:hi], v[:, lo:hi])  # steps share one compilation
+        out, cache = extend(cache, *x, lo, branch_gates=gates[:, lo:hi])
         outs.append(out)
-    out, cache = extend(cache, q[:, 8:], k[:, 8:], v[:, 8:], 8, branch_gates=gates[:, 8:])
-    outs.append(out)
     full = av.get("nsa", chunk=8, **options)(q, k, v, branch_gates=gates)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, **F32)
-    sums = jnp.pad(v, ((0, 0), (0, 3), (0, 0), (0, 0))).reshape(2, 6, 4, 2, 8).sum(2)
+    sums = jnp.pad(v, ((0, 0), (0, 5), (0, 0), (0, 0))).reshape(2, 8, 4, 2, 8).sum(2)
     np.testing.assert_allclose(cache.value_sums, sums, **F32)
+    with pytest.raises(ValueError, match=r"branch_gates must be \[B, T, N, 3\]"):
+        decoder.extend(cache, *x, 26, branch_gates=gates[:, :1, :, :2])
+    with pytest.raises(TypeError, match="moba: unknown call argument.s. branch_gates"):
+        av.decoder("moba").extend(cache, *x, 26, branch_gates=gates[:, :1])
 
 
 @pytest.mark.parametrize(
