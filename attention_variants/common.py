@@ -249,6 +249,14 @@ def log_sum_exp(s):
     return lse.transpose(0, 3, 1, 2).reshape(B, T, K * G)
 
 
+def softmax_or_zeros(s, axis: int = -1):
+    """Softmax of scores `s` over `axis` whose rows of all -inf give zeros (nothing to see)."""
+    m = jnp.max(s, axis=axis, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = jnp.sum(p, axis=axis, keepdims=True)
+    return p / jnp.where(denom == 0, 1.0, denom)
+
+
 def softmax_attention(q, k, v, *, visible=None, scale=None, return_lse=False, bias=None,
                       softcap=None, sink_logits=None):  # fmt: skip
     """Plain softmax attention that materialises the [B, N, T, S] scores (the reference math).
@@ -265,10 +273,7 @@ def softmax_attention(q, k, v, *, visible=None, scale=None, return_lse=False, bi
         sink = jnp.broadcast_to(sink_logits.astype(jnp.float32).reshape(1, K, N // K, 1, 1),
                                 (B, K, N // K, T, 1))  # fmt: skip
         s = jnp.concatenate([s, sink], axis=-1)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom == 0, 1.0, denom)
+    p = softmax_or_zeros(s)
     p = p if sink_logits is None else p[..., :-1]
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     out = out.reshape(B, T, N, H).astype(q.dtype)

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from attention_variants.common import Layout, run_ids, run_starts
+from attention_variants.common import Layout, run_ids, run_starts, softmax_or_zeros
 from attention_variants.masks import Fixed, Mask, Window, check_int
 from attention_variants.tiled import block_sizes, tiled_attention
 
@@ -149,13 +149,6 @@ def _candidates(own0, rows: int, S: int, Q: int, block: int):
     return jnp.clip(own0 - (span - Q), 0, rows - span), span
 
 
-def _softmax(s, axis=-1):
-    """Softmax whose all -inf rows give zeros (a query with nothing to see)."""
-    m = s.max(axis, keepdims=True)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-    return p / jnp.maximum(p.sum(axis, keepdims=True), 1e-30)
-
-
 def compressed_scores(q, q_pos, means, ids, bl: Blocks, groups: int, block: int, scale: float):
     """NSA's compressed branch's scores [Q, N, span]: scale * q . mean(K_block) for the blocks
     `ids` [span] (mean keys `means` [span, K, H] float32), -inf unless the block is whole
@@ -179,7 +172,8 @@ def _select(st: _Static, q, q_pos, bl: Blocks, means):
         heads = jnp.arange(N) // st.groups
         gate = jnp.einsum("QNH,SNH->QNS", q.astype(jnp.float32), window[:, heads])
     else:  # the compressed branch's probabilities, summed over each key/value head's group
-        p = _softmax(compressed_scores(q, q_pos, window, ids, bl, st.groups, sel.block, st.scale))
+        s = compressed_scores(q, q_pos, window, ids, bl, st.groups, sel.block, st.scale)
+        p = softmax_or_zeros(s)
         gate = jnp.repeat(p.reshape(Q, -1, st.groups, span).sum(2), st.groups, axis=1)
     earlier = (ids[None] >= first[:, None]) & (ids[None] < own[:, None])  # [Q, span]
     forced = (ids[None] < first[:, None] + sel.initial) | (ids[None] > own[:, None] - sel.local)
@@ -216,7 +210,7 @@ def compressed_attention(q, q_pos, key_means, value_means, bl: Blocks, *, block:
                                qc.shape[0], block)  # fmt: skip
         km, vm = (lax.dynamic_slice_in_dim(x, w0, span) for x in (key_means, value_means))
         s = compressed_scores(qc, pc, km, w0 + jnp.arange(span), bl, groups, block, scale)
-        return jnp.einsum("QNS,SNH->QNH", _softmax(s), vm[:, heads])
+        return jnp.einsum("QNS,SNH->QNH", softmax_or_zeros(s), vm[:, heads])
 
     return chunked_queries(part, min(chunk, q.shape[0]), q, q_pos)
 
@@ -445,7 +439,7 @@ def step_attention(q, k, v, sums, position, sel: Selection, *, scale: float, val
     own, ids = position // b, jnp.arange(M)
     gate = jnp.einsum("BKGH,BMKH->BKGM", qf, sums / b)  # the gate of every block, per head
     if sel.branches:  # the compressed branch over the whole blocks; its probabilities rank
-        p = _softmax(jnp.where((ids + 1) * b - 1 <= position, gate * scale, -jnp.inf))
+        p = softmax_or_zeros(jnp.where((ids + 1) * b - 1 <= position, gate * scale, -jnp.inf))
         compressed = jnp.einsum("BKGM,BMKH->BKGH", p, value_sums / b)
         gate = jnp.broadcast_to(p.sum(2, keepdims=True), p.shape)
     forced = (ids < sel.initial) | (ids > own - sel.local)
@@ -525,7 +519,7 @@ def compressed_probabilities(q, k, db: DenseBlocks, scale: float):
     N, K = q.shape[2], k.shape[2]
     mean = jnp.repeat(block_mean_of_each_key(db, k), N // K, axis=2)
     s = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32), mean) * scale
-    return _softmax(jnp.where(db.compressed[:, None], s, -jnp.inf))
+    return softmax_or_zeros(jnp.where(db.compressed[:, None], s, -jnp.inf))
 
 
 def selected_mask(q, k, sel: Selection, runs=None, scale: float | None = None):
