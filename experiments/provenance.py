@@ -22,12 +22,13 @@ def _git(*args: str) -> str | None:
 
 
 def code_version() -> str:
-    """The version of the measured code, recorded in each row as `git_commit`: `git describe
-    --always` of the checkout, plus `-dirty+<hash>` of the uncommitted changes to the code
-    (edits and new files under CODE) when there are any, so a rerun of the same edit resumes
-    and any other edit re-measures (an edit of the docs alone changes nothing). Outside git,
-    a hash of the packages' sources."""
-    described = (_git("describe", "--always") or "").strip()
+    """The version of the measured code, recorded in each row as `git_commit`: the newest
+    commit that changed the code (CODE and setup.cfg; a commit of the docs alone changes
+    nothing, so a sweep or run interrupted across it resumes), plus `-dirty+<hash>` of the
+    uncommitted changes to the code (edits and new files under CODE) when there are any, so a
+    rerun of the same edit resumes and any other edit re-measures. Outside git (or with no
+    commit of the code), a hash of the packages' sources."""
+    described = (_git("log", "-1", "--format=%h", "--", *CODE, "setup.cfg") or "").strip()
     if not described:
         digest = hashlib.sha1()
         for path in sorted(p for name in CODE for p in (ROOT / name).rglob("*.py")):

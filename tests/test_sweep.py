@@ -200,7 +200,7 @@ def test_rows_of_other_code_are_measured_again_unless_reuse_stale(
 
 
 def test_the_code_version_changes_with_an_edit_of_the_code_only(tmp_path, monkeypatch):
-    git = {"describe": "abc1234\n", "diff": "", "ls-files": ""}  # a clean checkout
+    git = {"log": "abc1234\n", "diff": "", "ls-files": ""}  # a clean checkout
     monkeypatch.setattr(provenance, "_git", lambda command, *args: git[command])
     assert provenance.code_version() == "abc1234"  # docs edits are not in `diff -- CODE`
     git["diff"] = "+x = 1\n"
@@ -211,8 +211,29 @@ def test_the_code_version_changes_with_an_edit_of_the_code_only(tmp_path, monkey
     assert second != first
     git["ls-files"] = "attention_variants/new_variant.py\n"  # a new, untracked kernel file
     assert provenance.code_version() not in (first, second)
-    git["describe"] = None  # not a git checkout: a hash of the sources
+    git["log"] = None  # not a git checkout: a hash of the sources
     assert provenance.code_version().startswith("source-")
+
+
+def test_a_commit_of_the_docs_alone_keeps_the_code_version(tmp_path, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)  # fmt: skip
+
+    def commit(path, text):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text(text)
+        git("add", path)
+        git("commit", "-m", path)
+
+    git("init")
+    monkeypatch.setattr(provenance, "ROOT", tmp_path)
+    commit("experiments/train.py", "x = 1\n")
+    code = provenance.code_version()
+    commit("docs/quality.md", "a result\n")  # a sweep interrupted across it resumes
+    assert provenance.code_version() == code and not code.startswith("source-")
+    commit("experiments/train.py", "x = 2\n")
+    assert provenance.code_version() != code
 
 
 def test_error_rows_are_retried(tmp_path, monkeypatch, no_gemm):
