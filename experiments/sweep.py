@@ -6,8 +6,9 @@
 Rows are appended to DIR/results.jsonl (default DIR: results/<config name>) as each cell is
 measured. Lengths ascend, the baselines first at each. A rerun with the same DIR resumes:
   - it reuses the `ok` and `oom` rows measured by the same code (`git_commit`: the newest
-    commit of the code, with a hash of uncommitted changes to it; and `jax_version`); rows of other code are measured again unless
-    `--reuse_stale`; `error` and `skipped` cells are tried again;
+    commit of the code, with a hash of uncommitted changes to it; and `jax_version`); rows of
+    other code are measured again unless `--reuse_stale`; `error` and `skipped` cells are tried
+    again;
   - a cell that was running when the process died (e.g. killed by the host's out-of-memory
     killer) becomes a `crashed` row, and like an `oom` its variant is not tried at longer
     lengths;
