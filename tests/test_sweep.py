@@ -217,8 +217,8 @@ def test_the_code_version_changes_with_an_edit_of_the_code_only(tmp_path, monkey
 
 def test_a_commit_of_the_docs_alone_keeps_the_code_version(tmp_path, monkeypatch):
     def git(*args):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
-                       check=True, capture_output=True)  # fmt: skip
+        identity = ["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+        subprocess.run(["git", *identity, *args], cwd=tmp_path, check=True, capture_output=True)
 
     def commit(path, text):
         (tmp_path / path).parent.mkdir(exist_ok=True)
